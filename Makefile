@@ -1,0 +1,54 @@
+# Capacity Platform. `make help` lists the targets.
+SHELL := /usr/bin/env bash
+.DEFAULT_GOAL := help
+VENV_BIN = $(shell hack/dev-env | tail -n 1)
+
+.PHONY: help
+help: ## Show this help
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: run
+run: ## Run the platform: local control plane (unless KUBECONFIG is set), CRDs, example claims
+	hack/run
+
+.PHONY: test
+test: ## Run every test (lint, types, unit, integration) with all set-up included
+	hack/test
+
+.PHONY: unit
+unit: ## Lint, type check and unit tests only (no cluster)
+	hack/test unit
+
+.PHONY: lint
+lint: ## ruff check and format check
+	$(VENV_BIN)/ruff check . && $(VENV_BIN)/ruff format --check .
+
+.PHONY: fmt
+fmt: ## Format the code and apply safe ruff fixes
+	$(VENV_BIN)/ruff format . && $(VENV_BIN)/ruff check --fix .
+
+.PHONY: typecheck
+typecheck: ## mypy (strict on capacity_api) and the import-layer contracts
+	$(VENV_BIN)/mypy api/capacity_api node-agent/capacity_agent operator/capacity_operator
+	$(VENV_BIN)/lint-imports
+
+.PHONY: crds
+crds: ## Regenerate crds/ from the pydantic models
+	$(VENV_BIN)/python -m capacity_api.crdgen crds/
+
+.PHONY: control-plane-up
+control-plane-up: ## Start (or reuse) the local kube-apiserver + etcd; prints the kubeconfig
+	hack/control-plane up
+
+.PHONY: control-plane-down
+control-plane-down: ## Stop the local control plane
+	hack/control-plane down
+
+.PHONY: tools
+tools: ## Build the pinned Kubernetes binaries into the cache (kube-apiserver, etcd, kubectl, ...)
+	hack/kube-tools ensure
+
+.PHONY: bench
+bench: ## Run the benchmarks in tests/bench (print figures, write JSON to tests/bench/results)
+	@ls tests/bench/bench_*.py >/dev/null 2>&1 || { echo "no benchmarks yet"; exit 0; }
+	for b in tests/bench/bench_*.py; do $(VENV_BIN)/python $$b || exit 1; done

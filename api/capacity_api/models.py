@@ -1,0 +1,491 @@
+"""Pydantic models of the CapacityNode and CapacityClaim custom resources.
+
+These models are the single source of truth for the CRDs: ``capacity_api.crdgen`` turns them into
+``crds/*.yaml`` (attribute docstrings become schema descriptions), and the agent and operator parse
+and build objects with them. Field names are camelCase on the wire, snake_case in Python.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+from capacity_api import API_VERSION
+from capacity_api.quantity import Quantity
+
+# Kubernetes object names: DNS-1123 subdomain.
+NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+NodeName = Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTERN)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+MAX_VOTERS = 32
+"""Upper bound on replicas + witnesses of one claim (voters of one proposal)."""
+
+
+class Model(BaseModel):
+    """Base of every wire model: camelCase aliases, docstrings as descriptions."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+        extra="ignore",
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The JSON-ready dict as the API server stores it (aliases, no unset optionals)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Enumerations
+
+
+class Substrate(StrEnum):
+    """A measured kind of capacity on a node."""
+
+    HOST = "host"
+    GPU = "gpu"
+    STORAGE = "storage"
+    NETWORK = "network"
+    DATABASE = "database"
+    THERMAL = "thermal"
+
+
+class ClaimSubstrate(StrEnum):
+    """The substrate a claim asks for; ``auto`` derives it from the requested resources."""
+
+    HOST = "host"
+    GPU = "gpu"
+    STORAGE = "storage"
+    NETWORK = "network"
+    DATABASE = "database"
+    AUTO = "auto"
+
+
+class Phase(StrEnum):
+    """Lifecycle phase of a CapacityClaim."""
+
+    PENDING = "Pending"
+    VOTING = "Voting"
+    ADMITTED = "Admitted"
+    REJECTED = "Rejected"
+    RECOVERING = "Recovering"
+    FAILED = "Failed"
+    RELEASED = "Released"
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class VoteValue(StrEnum):
+    YES = "YES"
+    NO = "NO"
+
+
+class VoterRole(StrEnum):
+    PLACEMENT = "placement"
+    WITNESS = "witness"
+
+
+class RecoveryPolicy(StrEnum):
+    REPLACE = "Replace"
+    NONE = "None"
+
+
+class SelectorOperator(StrEnum):
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+class Condition(Model):
+    """A condition in the shape every Kubernetes API uses (metav1.Condition)."""
+
+    model_config = ConfigDict(json_schema_extra={"required": ["type", "status"]})
+
+    type: str = Field(min_length=1, max_length=316)
+    """Type of the condition, e.g. Ready or Admitted."""
+    status: ConditionStatus
+    """True, False or Unknown."""
+    reason: str | None = Field(default=None, max_length=1024)
+    """A CamelCase reason for the last transition, one of the constants in capacity_api.reasons."""
+    message: str | None = Field(default=None, max_length=32768)
+    """A human-readable explanation of the last transition."""
+    last_transition_time: datetime | None = None
+    """When the status last changed."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the condition was computed from."""
+
+
+class LabelSelectorRequirement(Model):
+    """One requirement of a label selector."""
+
+    key: str = Field(min_length=1, max_length=317)
+    """The label key the requirement applies to."""
+    operator: SelectorOperator
+    """How the key relates to the values."""
+    values: list[Annotated[str, Field(max_length=63)]] | None = Field(default=None, max_length=64)
+    """Values for In and NotIn; must be empty for Exists and DoesNotExist."""
+
+
+class LabelSelector(Model):
+    """Selects the pods that consume a claim (metav1.LabelSelector)."""
+
+    match_labels: dict[str, Annotated[str, Field(max_length=63)]] | None = None
+    """Labels a pod must carry, all of them."""
+    match_expressions: list[LabelSelectorRequirement] | None = Field(default=None, max_length=16)
+    """Set-based requirements, all of which must hold."""
+
+
+# ---------------------------------------------------------------------------------------------
+# CapacityClaim
+
+
+class ClaimResources(Model):
+    """Requested amounts as Kubernetes quantities; at least one must be given."""
+
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    cpu: Quantity | None = None
+    """Logical CPUs, e.g. "500m" or 2."""
+    memory: Quantity | None = None
+    """Memory in bytes, e.g. "4Gi"."""
+    nvidia_gpu: Quantity | None = Field(default=None, alias="nvidia.com/gpu")
+    """Whole GPUs."""
+    storage_iops: Quantity | None = Field(default=None, alias="storage-iops")
+    """Sustained storage operations per second."""
+    network_bandwidth: Quantity | None = Field(default=None, alias="network-bandwidth")
+    """Network bandwidth in bytes per second."""
+    db_connections: Quantity | None = Field(default=None, alias="db-connections")
+    """Database pool connections."""
+
+
+class RecoverySpec(Model):
+    """What happens to the claim when a node it is placed on fails."""
+
+    policy: RecoveryPolicy = RecoveryPolicy.REPLACE
+    """Replace re-admits the lost part on healthy nodes; None marks the claim Failed."""
+    max_recoveries: int = Field(default=3, ge=0, le=100)
+    """How many recoveries are attempted before the claim is Failed."""
+
+
+class CapacityClaimSpec(Model):
+    """What a workload asks for before it runs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.resources) != (has(self.cGeo) || has(self.cInt))",
+                    "message": "exactly one of spec.resources or spec.cGeo/spec.cInt must be set",
+                    "reason": "FieldValueInvalid",
+                },
+                {
+                    "rule": "!has(self.witnesses) || self.replicas + self.witnesses <= "
+                    f"{MAX_VOTERS}",
+                    "message": (
+                        f"spec.replicas + spec.witnesses must not exceed {MAX_VOTERS} voters"
+                    ),
+                    "fieldPath": ".witnesses",
+                    "reason": "FieldValueInvalid",
+                },
+            ]
+        }
+    )
+
+    resources: ClaimResources | None = None
+    """Requested amounts as Kubernetes quantities. Exclusive with cGeo/cInt."""
+    c_geo: Fraction | None = Field(default=None, alias="cGeo")
+    """Geometric share in [0,1] of one node's substrate: things held (cores, memory,
+    GPUs, connections)."""
+    c_int: Fraction | None = Field(default=None, alias="cInt")
+    """Integration share in [0,1] of one node's substrate: things consumed per unit time
+    (bandwidth, IOPS)."""
+    substrate: ClaimSubstrate = ClaimSubstrate.AUTO
+    """The substrate the claim is judged on; auto derives it from the requested resources."""
+    replicas: int = Field(default=1, ge=1, le=MAX_VOTERS)
+    """How many nodes the workload spans; each placement node holds the full request."""
+    witnesses: int | None = Field(default=None, ge=0, le=MAX_VOTERS)
+    """Extra voters besides the placement nodes. Unset means enough for at least 3 voters where
+    the cluster has that many nodes."""
+    workload_selector: LabelSelector | None = None
+    """The pods that consume this claim."""
+    recovery: RecoverySpec | None = None
+    """Recovery behaviour when a placement node fails (default: Replace, 3 recoveries)."""
+
+
+class Proposal(Model):
+    """One epoch of the two-phase admission protocol."""
+
+    epoch: int = Field(ge=1)
+    """Monotonic epoch; votes carrying another epoch never count."""
+    placement: list[NodeName] = Field(max_length=MAX_VOTERS)
+    """Nodes the workload would run on."""
+    voters: list[NodeName] = Field(max_length=MAX_VOTERS)
+    """Every node asked to vote: the placement nodes and the witnesses."""
+    deadline: datetime
+    """Votes arriving after this time do not count; the epoch is aborted."""
+    share: Fraction | None = None
+    """The requested fraction of each placement node's substrate."""
+    substrate: Substrate | None = None
+    """The substrate the proposal is judged on."""
+
+
+class Vote(Model):
+    """One node's vote on a proposal."""
+
+    vote: VoteValue
+    """YES or NO."""
+    role: VoterRole
+    """placement nodes vote on fit, witnesses on whether the placement nodes are alive."""
+    epoch: int = Field(ge=1)
+    """The proposal epoch this vote is for."""
+    reason: str | None = Field(default=None, max_length=1024)
+    """Why, naming the failing gate for a NO."""
+    readings: dict[str, float] | None = None
+    """The gate readings the vote was decided on."""
+    time: datetime | None = None
+    """When the vote was cast."""
+
+
+class Placement(Model):
+    """Where an admitted claim holds capacity."""
+
+    node: NodeName
+    """The node holding the share."""
+    substrate: Substrate
+    """The substrate the share is taken from."""
+    share: Fraction
+    """Fraction of the node's substrate allocated to this claim."""
+    epoch: int | None = Field(default=None, ge=1)
+    """The epoch that committed this placement."""
+
+
+class Recovery(Model):
+    """One move of a claim's share away from a failed node."""
+
+    from_node: NodeName = Field(alias="from")
+    """The failed node."""
+    to_node: NodeName | None = Field(default=None, alias="to")
+    """The node that took the share over, if any."""
+    at: datetime
+    """When the recovery committed."""
+    reason: str = Field(max_length=1024)
+    """Why the share was moved."""
+    epoch: int | None = Field(default=None, ge=1)
+    """The admission epoch of the recovery."""
+
+
+class CapacityClaimStatus(Model):
+    """Observed state of a claim, written by the operator and by voting agents."""
+
+    phase: Phase | None = None
+    """Pending, Voting, Admitted, Rejected, Recovering, Failed or Released."""
+    reason: str | None = Field(default=None, max_length=1024)
+    """Short CamelCase reason of the current phase."""
+    message: str | None = Field(default=None, max_length=32768)
+    """Why the claim is in its phase, in one sentence."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the status reflects."""
+    proposal: Proposal | None = None
+    """The open (or last) proposal."""
+    votes: dict[str, Vote] | None = None
+    """Votes of the current epoch, keyed by node name."""
+    placements: list[Placement] | None = Field(default=None, max_length=MAX_VOTERS)
+    """Committed placements; the allocation ledger is derived from these."""
+    recoveries: list[Recovery] | None = Field(default=None, max_length=100)
+    """Every recovery of this claim."""
+    attempts: int | None = Field(default=None, ge=0)
+    """Proposals tried for the current admission."""
+    nodes: str | None = Field(default=None, max_length=4096)
+    """Placement nodes, comma-separated (for kubectl get)."""
+    vote_count: str | None = Field(default=None, max_length=16)
+    """YES votes over votes needed, e.g. 2/3 (for kubectl get)."""
+    conditions: list[Condition] | None = None
+    """Admitted, Recovered and Falsified."""
+
+
+class ObjectMeta(Model):
+    """The subset of metav1.ObjectMeta the platform reads."""
+
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    resource_version: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+    creation_timestamp: datetime | None = None
+    deletion_timestamp: datetime | None = None
+    finalizers: list[str] | None = None
+
+
+class CapacityClaim(Model):
+    """A workload's request for capacity, admitted by a quorum of nodes."""
+
+    kind: ClassVar[str] = "CapacityClaim"
+    plural: ClassVar[str] = "capacityclaims"
+    singular: ClassVar[str] = "capacityclaim"
+    short_names: ClassVar[list[str]] = ["cc"]
+    namespaced: ClassVar[bool] = True
+
+    api_version: str = API_VERSION
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: CapacityClaimSpec
+    status: CapacityClaimStatus | None = None
+
+    def wire(self) -> dict[str, Any]:
+        body = super().wire()
+        body["kind"] = self.kind
+        return body
+
+
+# ---------------------------------------------------------------------------------------------
+# CapacityNode
+
+
+class Geometry(Model):
+    """The discrete units a substrate is made of."""
+
+    units: int = Field(ge=0)
+    """host: logical CPUs; gpu: SMs x tensor cores per SM x warp size; database: pool size."""
+    detail: dict[str, int] | None = None
+    """The factors behind units, e.g. sms, tensorCoresPerSm, warpSize, devices."""
+
+
+class CapacityNodeSpec(Model):
+    """What the node agent measures on this node."""
+
+    node_name: NodeName
+    """The Kubernetes node this object describes."""
+    substrates: list[Substrate] = Field(default_factory=list, max_length=6)
+    """Substrates present and measured on the node."""
+    geometry: dict[str, Geometry] | None = None
+    """Geometry per substrate."""
+    capacity: dict[str, Quantity] | None = None
+    """Capacity totals: cpu, memory, nvidia.com/gpu, storage-iops, network-bandwidth,
+    db-connections."""
+
+
+class SignalSummary(Model):
+    """Summary of one signal over the measurement window."""
+
+    mean: float
+    """Mean over the window."""
+    p95: float
+    """95th percentile over the window."""
+    max: float
+    """Maximum over the window."""
+
+
+class PressureReading(Model):
+    """Linux pressure stall information for one resource (percent of time, as the kernel
+    reports)."""
+
+    some_avg10: float | None = None
+    some_avg60: float | None = None
+    full_avg10: float | None = None
+    full_avg60: float | None = None
+
+
+class CgroupLimits(Model):
+    """Effective cgroup limits of the measured scope."""
+
+    version: int | None = Field(default=None, ge=1, le=2)
+    """cgroup version, 1 or 2."""
+    memory_limit_bytes: int | None = Field(default=None, ge=0)
+    """Memory limit; absent when unlimited."""
+    cpu_limit_cores: float | None = Field(default=None, ge=0)
+    """CPU quota in cores; absent when unlimited."""
+    cpu_throttled_fraction: float | None = Field(default=None, ge=0, le=1)
+    """Share of CPU periods throttled over the window."""
+
+
+class SubstrateReading(Model):
+    """The latest window summary of one substrate."""
+
+    load: SignalSummary
+    """The substrate's load series u in [0,1] (worst dimension)."""
+    signals: dict[str, SignalSummary] | None = None
+    """Every signal of the substrate, summarised."""
+    fingerprint: list[Fraction] | None = Field(default=None, max_length=32)
+    """Normalised power spectrum of the load (32 bins)."""
+    pressure: dict[str, PressureReading] | None = None
+    """PSI for cpu, memory and io (host only)."""
+    cgroup: CgroupLimits | None = None
+    """cgroup limits (host only)."""
+    observed_at: datetime
+    """When the newest sample was taken."""
+    samples: int = Field(ge=0)
+    """Samples in the window."""
+
+
+class GateReading(Model):
+    """Unconditional gate readings of one substrate, all in [0,1]."""
+
+    headroom: Fraction
+    """min(1 - allocated, 1 - p95(load))."""
+    gluing_delta: Fraction
+    """Drift between the newest and oldest quarter of the window."""
+    lambda1: Fraction
+    """Periodicity: largest spectral bin over total power."""
+    lambda_int: Fraction
+    """Burstiness: upper half of the spectrum over total power."""
+    entropy: Fraction
+    """Normalised spectral entropy."""
+
+
+class Allocation(Model):
+    """What admitted claims hold on one substrate of the node."""
+
+    share: Fraction
+    """Sum of the shares of admitted claims placed here."""
+    claims: int = Field(ge=0)
+    """How many claims hold a share."""
+
+
+class CapacityNodeStatus(Model):
+    """Measured state of a node (agent) and its allocation (operator)."""
+
+    readings: dict[str, SubstrateReading] | None = None
+    """Latest window summary per substrate."""
+    gates: dict[str, GateReading] | None = None
+    """Current gate readings per substrate."""
+    allocated: dict[str, Allocation] | None = None
+    """Allocation per substrate, owned by the operator and derived from claim status."""
+    conditions: list[Condition] | None = None
+    """Ready, MemoryPressure, CPUPressure, IOPressure and Stale."""
+    observed_generation: int | None = Field(default=None, ge=0)
+    """The metadata.generation the status reflects."""
+
+
+class CapacityNode(Model):
+    """One node's measured capacity, published by its agent."""
+
+    kind: ClassVar[str] = "CapacityNode"
+    plural: ClassVar[str] = "capacitynodes"
+    singular: ClassVar[str] = "capacitynode"
+    short_names: ClassVar[list[str]] = ["cn"]
+    namespaced: ClassVar[bool] = False
+
+    api_version: str = API_VERSION
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: CapacityNodeSpec
+    status: CapacityNodeStatus | None = None
+
+    def wire(self) -> dict[str, Any]:
+        body = super().wire()
+        body["kind"] = self.kind
+        return body

@@ -1,0 +1,1 @@
+"""The node agent: substrate collectors, measurement window, publisher and voter."""

@@ -1,0 +1,1 @@
+"""The kopf operator: quorum admission, recovery, calibration and the pod webhook."""

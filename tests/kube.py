@@ -1,0 +1,119 @@
+"""Helpers shared by the integration, e2e and benchmark tiers: which cluster to use, CRDs, kubectl.
+
+The tests run against the local control plane that ``hack/control-plane up`` starts (real etcd and
+kube-apiserver), or against the cluster in ``CAPACITY_TEST_KUBECONFIG``. They refuse a kubeconfig
+whose current context does not look like a test cluster, because they create and delete objects.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import yaml
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+REPO = Path(__file__).resolve().parent.parent
+CRD_DIR = REPO / "crds"
+TEST_CONTEXT_PREFIXES = ("kind-", "capacity-local")
+LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+class NotATestClusterError(RuntimeError):
+    """The kubeconfig points somewhere the tests must not touch."""
+
+
+def control_plane_up() -> Path:
+    """Start (or reuse) the local control plane; return its admin kubeconfig."""
+    out = subprocess.run(
+        [str(REPO / "hack" / "control-plane"), "up"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,  # the first run builds kube-apiserver and etcd from source
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def check_test_context(kubeconfig: Path) -> str:
+    """Return the current context name, or raise when it does not look like a test cluster.
+
+    Accepted: contexts named kind-* or capacity-local, or any context whose API server is on a
+    loopback address. ``CAPACITY_TEST_ALLOW_CONTEXT=<name>`` accepts one more context by name.
+    """
+    data = yaml.safe_load(kubeconfig.read_text())
+    name = data.get("current-context", "")
+    allowed = os.environ.get("CAPACITY_TEST_ALLOW_CONTEXT")
+    if name.startswith(TEST_CONTEXT_PREFIXES) or (allowed and name == allowed):
+        return str(name)
+    contexts = {c["name"]: c["context"] for c in data.get("contexts", [])}
+    clusters = {c["name"]: c["cluster"] for c in data.get("clusters", [])}
+    cluster = clusters.get(contexts.get(name, {}).get("cluster", ""), {})
+    host = urlparse(cluster.get("server", "")).hostname or ""
+    if host in LOOPBACK:
+        return str(name)
+    raise NotATestClusterError(
+        f"refusing to run tests against context {name!r} (server {cluster.get('server')!r}): "
+        "it is not kind-*, capacity-local or on loopback; set CAPACITY_TEST_ALLOW_CONTEXT="
+        f"{name} if it really is a throwaway test cluster"
+    )
+
+
+def test_kubeconfig() -> Path:
+    """The kubeconfig the test session uses (checked), starting the local control plane if
+    none is given."""
+    given = os.environ.get("CAPACITY_TEST_KUBECONFIG")
+    path = Path(given) if given else control_plane_up()
+    check_test_context(path)
+    return path
+
+
+def api_client(kubeconfig: Path) -> client.ApiClient:
+    return config.new_client_from_config(config_file=str(kubeconfig))
+
+
+def apply_crds(api: client.ApiClient, timeout: float = 60.0) -> list[str]:
+    """Create or update every CRD in crds/ and wait until each is Established."""
+    ext = client.ApiextensionsV1Api(api)
+    names: list[str] = []
+    for path in sorted(CRD_DIR.glob("*.yaml")):
+        body: dict[str, Any] = yaml.safe_load(path.read_text())
+        name = body["metadata"]["name"]
+        names.append(name)
+        try:
+            live = ext.read_custom_resource_definition(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            ext.create_custom_resource_definition(body)
+        else:
+            body["metadata"]["resourceVersion"] = live.metadata.resource_version
+            ext.replace_custom_resource_definition(name, body)
+    deadline = time.monotonic() + timeout
+    for name in names:
+        while True:
+            crd = ext.read_custom_resource_definition(name)
+            conditions = {c.type: c.status for c in (crd.status.conditions or [])}
+            if conditions.get("Established") == "True":
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not Established after {timeout}s")
+            time.sleep(0.2)
+    return names
+
+
+def kubectl_path() -> Path:
+    """kubectl of the same release as the control plane (built once by hack/kube-tools)."""
+    out = subprocess.run(
+        [str(REPO / "hack" / "kube-tools"), "path", "kubectl"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
