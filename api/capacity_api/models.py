@@ -309,6 +309,9 @@ class CapacityClaimStatus(Model):
     """Every recovery of this claim."""
     attempts: int | None = Field(default=None, ge=0)
     """Proposals tried for the current admission."""
+    refusals: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    """Nodes that refused the claim in an earlier epoch of this admission, with their reasons;
+    they are not proposed again."""
     nodes: str | None = Field(default=None, max_length=4096)
     """Placement nodes, comma-separated (for kubectl get)."""
     vote_count: str | None = Field(default=None, max_length=16)
@@ -447,13 +450,33 @@ class GateReading(Model):
     """Normalised spectral entropy."""
 
 
+MAX_HOLDERS = 512
+"""Upper bound on claims holding a share of one substrate of one node (keeps objects small)."""
+
+
+class Holder(Model):
+    """One claim's share of a node's substrate, written by the operator when it commits."""
+
+    claim: str = Field(min_length=3, max_length=317)
+    """namespace/name of the claim."""
+    uid: str = Field(min_length=1, max_length=64)
+    """metadata.uid of the claim, so a re-created claim of the same name is a different holder."""
+    epoch: int = Field(ge=1)
+    """The admission epoch that committed the share."""
+    share: Fraction
+    """Fraction of the substrate held."""
+
+
 class Allocation(Model):
     """What admitted claims hold on one substrate of the node."""
 
     share: Fraction
-    """Sum of the shares of admitted claims placed here."""
+    """Sum of the holders' shares (never above 1: no promise beyond capacity)."""
     claims: int = Field(ge=0)
     """How many claims hold a share."""
+    holders: list[Holder] = Field(default_factory=list, max_length=MAX_HOLDERS)
+    """The claims holding a share; derived from the claims' status and rebuilt from it on
+    operator start."""
 
 
 class CapacityNodeStatus(Model):

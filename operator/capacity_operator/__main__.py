@@ -4,16 +4,51 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-log = logging.getLogger("capacity_operator")
+import kopf
+
+from capacity_operator.settings import OperatorSettings
+
+
+def parse_args(argv: list[str] | None) -> OperatorSettings:
+    parser = argparse.ArgumentParser(prog="capacity-operator", description=__doc__)
+    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
+    parser.add_argument("--namespace", help="platform namespace (leases, calibration)")
+    parser.add_argument("--vote-timeout", type=float, dest="vote_timeout_seconds")
+    parser.add_argument("--max-attempts", type=int)
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        default=None,
+        help="run without peering (never in production)",
+    )
+    parser.add_argument("--priority", type=int, help="kopf peering priority")
+    parser.add_argument("--peering", help="kopf peering name")
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k != "verbose"}
+    settings = OperatorSettings(**overrides)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="capacity-operator", description=__doc__)
-    parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    log.info("capacity-operator: admission is not implemented yet")
+    settings = parse_args(argv)
+    if settings.kubeconfig:
+        os.environ["KUBECONFIG"] = settings.kubeconfig
+    import capacity_operator.handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
+
+    kopf.run(
+        clusterwide=True,
+        standalone=settings.standalone,
+        priority=settings.priority,
+        peering_name=settings.peering,
+        memo=kopf.Memo(settings=settings),
+    )
     return 0
 
 

@@ -28,7 +28,7 @@ def test_check_mode_fails_on_drift_and_regeneration_is_idempotent(tmp_path: Path
     first = {p.name: p.read_text() for p in tmp_path.iterdir()}
     assert crdgen.main([str(tmp_path)]) == 0
     assert {p.name: p.read_text() for p in tmp_path.iterdir()} == first
-    victim = next(iter(tmp_path.iterdir()))
+    victim = tmp_path / "capacity.platform.dev_capacityclaims.yaml"
     victim.write_text(victim.read_text().replace("minimum: 1", "minimum: 2"))
     assert crdgen.main(["--check", str(tmp_path)]) == 1
 

@@ -1,0 +1,441 @@
+"""Pure decisions of the quorum admission protocol (DESIGN section 5).
+
+Nothing here talks to the API server: the operator reads objects, calls these functions and writes
+what they return with compare-and-swap. Every function is deterministic given its inputs (the
+clock is a parameter), so the protocol's invariants are unit-tested without a cluster.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import StrEnum
+
+from capacity_api.models import (
+    Allocation,
+    CapacityClaim,
+    CapacityClaimSpec,
+    CapacityNode,
+    ClaimSubstrate,
+    ConditionStatus,
+    Holder,
+    Phase,
+    Proposal,
+    Substrate,
+    Vote,
+    VoterRole,
+    VoteValue,
+)
+from capacity_api.quantity import parse_quantity
+
+EPSILON = 1e-9
+"""Slack for float sums of shares: a + r <= 1 + EPSILON is still within capacity."""
+
+RESOURCE_SUBSTRATE: Mapping[str, Substrate] = {
+    "cpu": Substrate.HOST,
+    "memory": Substrate.HOST,
+    "nvidia.com/gpu": Substrate.GPU,
+    "storage-iops": Substrate.STORAGE,
+    "network-bandwidth": Substrate.NETWORK,
+    "db-connections": Substrate.DATABASE,
+}
+"""Which substrate each requestable resource belongs to (its capacity key on the node)."""
+
+
+class ClaimError(ValueError):
+    """A claim the schema accepted but the platform can never hold as written."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def requested_resources(spec: CapacityClaimSpec) -> dict[str, Decimal]:
+    """The claim's resources as exact base-unit amounts, keyed by wire name."""
+    if spec.resources is None:
+        return {}
+    wire = spec.resources.model_dump(by_alias=True, exclude_none=True)
+    return {name: parse_quantity(value) for name, value in wire.items()}
+
+
+def claim_substrate(spec: CapacityClaimSpec) -> Substrate:
+    """The substrate a claim is judged on; ``auto`` derives it from the requested resources."""
+    if spec.substrate is not ClaimSubstrate.AUTO:
+        substrate = Substrate(spec.substrate.value)
+    else:
+        kinds = {RESOURCE_SUBSTRATE[name] for name in requested_resources(spec)}
+        special = kinds - {Substrate.HOST}
+        if len(special) > 1:
+            names = ", ".join(sorted(s.value for s in special))
+            raise ClaimError(
+                "AmbiguousSubstrate",
+                f"spec.resources spans several substrates ({names}); set spec.substrate",
+            )
+        substrate = special.pop() if special else Substrate.HOST
+    foreign = sorted(
+        name for name in requested_resources(spec) if RESOURCE_SUBSTRATE[name] is not substrate
+    )
+    if foreign:
+        raise ClaimError(
+            "ResourceSubstrateMismatch",
+            f"spec.resources {', '.join(foreign)} do not belong to substrate {substrate.value}",
+        )
+    return substrate
+
+
+def node_share(spec: CapacityClaimSpec, substrate: Substrate, node: CapacityNode) -> float | None:
+    """The fraction r of ``node``'s substrate the claim asks for (worst dimension).
+
+    None when the node does not offer what is asked (substrate absent, or a requested resource
+    has no capacity there). A value above 1 means the node can never hold the claim.
+    """
+    if substrate not in node.spec.substrates:
+        return None
+    resources = requested_resources(spec)
+    if not resources:
+        return max(spec.c_geo or 0.0, spec.c_int or 0.0)
+    capacity = node.spec.capacity or {}
+    worst = 0.0
+    for name, amount in resources.items():
+        if name not in capacity:
+            return None
+        total = parse_quantity(capacity[name])
+        if total <= 0:
+            return None if amount > 0 else worst
+        worst = max(worst, float(amount / total))
+    return worst
+
+
+# ---------------------------------------------------------------------------------------------
+# Node view and the ledger
+
+
+@dataclass(frozen=True, slots=True)
+class NodeView:
+    """What the operator knows of one node when it places a claim."""
+
+    name: str
+    node: CapacityNode
+    lease_live: bool
+    """The node's Lease has been renewed within its duration."""
+    fresh: bool
+    """The node is Ready and its readings are recent."""
+    reserved: Mapping[str, float] = field(default_factory=dict)
+    """Shares of open proposals on this node, per substrate (not yet committed)."""
+
+    def allocated(self, substrate: Substrate) -> float:
+        return allocated_share(self.node, substrate) + self.reserved.get(substrate.value, 0.0)
+
+    def headroom(self, substrate: Substrate) -> float:
+        """min(1 - a, 1 - p95(u)) from the node's own reading, measured and promised."""
+        a = self.allocated(substrate)
+        status = self.node.status
+        reading = (status.readings or {}).get(substrate.value) if status else None
+        p95 = reading.load.p95 if reading else 1.0
+        return max(0.0, min(1.0 - a, 1.0 - p95))
+
+
+def allocated_share(node: CapacityNode, substrate: Substrate) -> float:
+    """Sum of the holders' shares on one substrate of the node."""
+    status = node.status
+    allocation = (status.allocated or {}).get(substrate.value) if status else None
+    if allocation is None:
+        return 0.0
+    return sum(h.share for h in allocation.holders)
+
+
+def allocation(holders: Iterable[Holder]) -> Allocation:
+    """The Allocation summary for a set of holders (sorted, so equal sets compare equal)."""
+    ordered = sorted(holders, key=lambda h: (h.claim, h.uid, h.epoch))
+    return Allocation(
+        share=min(1.0, sum(h.share for h in ordered)), claims=len(ordered), holders=ordered
+    )
+
+
+def claim_key(claim: CapacityClaim) -> str:
+    return f"{claim.metadata.namespace}/{claim.metadata.name}"
+
+
+def holder_valid(holder: Holder, node: str, claim: CapacityClaim | None) -> bool:
+    """Whether a holder on ``node`` is backed by its claim's status.
+
+    Valid when the claim (same uid) is Admitted or Recovering with a placement on this node at
+    the holder's epoch, or is Voting at exactly that epoch (a commit in flight: its reconcile
+    finishes or aborts it). Everything else, a deleted claim included, is a leak.
+    """
+    if claim is None or claim.metadata.uid != holder.uid or claim.status is None:
+        return False
+    status = claim.status
+    if status.phase in (Phase.ADMITTED, Phase.RECOVERING):
+        return any(p.node == node and p.epoch == holder.epoch for p in status.placements or [])
+    if status.phase is Phase.VOTING and status.proposal is not None:
+        return status.proposal.epoch == holder.epoch and node in status.proposal.placement
+    return False
+
+
+def expected_holders(claims: Iterable[CapacityClaim]) -> dict[tuple[str, str], list[Holder]]:
+    """The holders every (node, substrate) must carry for the admitted claims: the ledger as a
+    pure function of the claims' status."""
+    ledger: dict[tuple[str, str], list[Holder]] = {}
+    for claim in claims:
+        status = claim.status
+        if status is None or status.phase not in (Phase.ADMITTED, Phase.RECOVERING):
+            continue
+        for placement in status.placements or []:
+            ledger.setdefault((placement.node, placement.substrate.value), []).append(
+                Holder(
+                    claim=claim_key(claim),
+                    uid=claim.metadata.uid or "",
+                    epoch=placement.epoch or 1,
+                    share=placement.share,
+                )
+            )
+    return ledger
+
+
+def rebuild_allocations(
+    node: CapacityNode, claims_by_uid: Mapping[str, CapacityClaim]
+) -> dict[str, Allocation]:
+    """The node's ``status.allocated`` recomputed from the claims.
+
+    Keeps in-flight holders (claim Voting at their epoch), drops leaked ones, and adds holders of
+    admitted claims that the node lost (for example when its CapacityNode was re-created).
+    """
+    name = node.metadata.name or node.spec.node_name
+    current = (node.status.allocated or {}) if node.status else {}
+    result: dict[str, list[Holder]] = {}
+    for substrate, alloc in current.items():
+        kept = [h for h in alloc.holders if holder_valid(h, name, claims_by_uid.get(h.uid))]
+        if kept:
+            result[substrate] = kept
+    for (node_name, substrate), holders in expected_holders(claims_by_uid.values()).items():
+        if node_name != name:
+            continue
+        present = {(h.uid, h.epoch) for h in result.get(substrate, [])}
+        result.setdefault(substrate, []).extend(
+            h for h in holders if (h.uid, h.epoch) not in present
+        )
+    return {substrate: allocation(holders) for substrate, holders in result.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Placement
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPlan:
+    placement: list[str]
+    witnesses: list[str]
+    share: float
+
+    @property
+    def voters(self) -> list[str]:
+        return [*self.placement, *self.witnesses]
+
+
+@dataclass(frozen=True, slots=True)
+class NoPlacement:
+    """No proposal can be made now. ``final`` means no node could ever hold the claim."""
+
+    reason: str
+    message: str
+    final: bool
+    wait: bool = False
+    """True when the cluster has no usable node at all yet: keep the claim Pending."""
+
+
+def default_witnesses(replicas: int) -> int:
+    """Witnesses so that at least 3 nodes vote (where the cluster has them)."""
+    return max(0, 3 - replicas)
+
+
+def plan_placement(
+    spec: CapacityClaimSpec,
+    substrate: Substrate,
+    nodes: Sequence[NodeView],
+    excluded: Iterable[str] = (),
+) -> PlacementPlan | NoPlacement:
+    """Rank nodes by headroom and choose placement nodes and witnesses for one epoch."""
+    excluded_set = set(excluded)
+    shares = {view.name: node_share(spec, substrate, view.node) for view in nodes}
+    offering = {name: r for name, r in shares.items() if r is not None}
+    if not offering:
+        return NoPlacement(
+            "NoNodeOffersSubstrate",
+            f"no node offers substrate {substrate.value} with the requested resources",
+            final=bool(nodes),
+            wait=not nodes,
+        )
+    can_ever = sorted(name for name, r in offering.items() if r <= 1.0 + EPSILON)
+    if len(can_ever) < spec.replicas:
+        smallest = min(offering.values())
+        return NoPlacement(
+            "ExceedsNodeCapacity",
+            f"the request is {smallest:.2f} of the largest {substrate.value} node's capacity; "
+            f"{len(can_ever)} node(s) could ever hold it, {spec.replicas} needed",
+            final=True,
+        )
+    usable = [v for v in nodes if v.fresh and v.lease_live]
+    if not usable:
+        return NoPlacement(
+            "NoReadyNodes",
+            "no node has fresh readings and a live lease yet",
+            final=False,
+            wait=True,
+        )
+    reasons: list[str] = []
+    candidates: list[NodeView] = []
+    for view in usable:
+        r = offering.get(view.name)
+        if r is None:
+            continue
+        a = view.allocated(substrate)
+        if view.name in excluded_set:
+            reasons.append(f"{view.name}: voted NO earlier")
+        elif a + r > 1.0 + EPSILON:
+            reasons.append(f"{view.name}: allocated {a:.2f} + request {r:.2f} exceeds capacity")
+        else:
+            candidates.append(view)
+    if len(candidates) < spec.replicas:
+        stale = sorted(v.name for v in nodes if not (v.fresh and v.lease_live))
+        if stale:
+            reasons.append(f"not ready or lease expired: {', '.join(stale)}")
+        return NoPlacement(
+            "InsufficientCapacity",
+            f"{len(candidates)} of {spec.replicas} placement node(s) available; "
+            + "; ".join(reasons),
+            final=False,
+        )
+    candidates.sort(key=lambda v: (-v.headroom(substrate), v.name))
+    placement = [v.name for v in candidates[: spec.replicas]]
+    wanted = spec.witnesses if spec.witnesses is not None else default_witnesses(spec.replicas)
+    others = sorted(
+        (v for v in usable if v.name not in placement),
+        key=lambda v: (v.name in excluded_set, -v.headroom(substrate), v.name),
+    )
+    witnesses = [v.name for v in others[:wanted]]
+    share = max(offering[name] for name in placement)
+    return PlacementPlan(placement=placement, witnesses=witnesses, share=share)
+
+
+def new_proposal(
+    previous: Proposal | None,
+    plan: PlacementPlan,
+    substrate: Substrate,
+    now: datetime,
+    vote_timeout: timedelta,
+) -> Proposal:
+    """The next epoch's proposal: epochs only grow, so votes for an older one never count."""
+    return Proposal(
+        epoch=(previous.epoch + 1) if previous else 1,
+        placement=plan.placement,
+        voters=plan.voters,
+        deadline=now + vote_timeout,
+        share=plan.share,
+        substrate=substrate,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Tally
+
+
+class Outcome(StrEnum):
+    WAIT = "Wait"
+    COMMIT = "Commit"
+    ABORT = "Abort"
+
+
+@dataclass(frozen=True, slots=True)
+class Tally:
+    outcome: Outcome
+    yes: int
+    needed: int
+    voters: int
+    counted: dict[str, Vote] = field(default_factory=dict)
+    """Votes that count: from a voter of this proposal, for this epoch."""
+    refused_by: list[str] = field(default_factory=list)
+    """Placement nodes that voted NO."""
+    reason: str = ""
+
+    @property
+    def vote_count(self) -> str:
+        return f"{self.yes}/{self.needed}"
+
+
+def quorum(voters: int) -> int:
+    """floor(n/2) + 1."""
+    return voters // 2 + 1
+
+
+def tally(proposal: Proposal, votes: Mapping[str, Vote] | None, now: datetime) -> Tally:
+    """Decide an epoch from its votes.
+
+    Only votes from the proposal's voters carrying its epoch count. Commit when every placement
+    node said YES and YES reaches a majority of the voters; abort as soon as a placement node
+    says NO or a majority can no longer be reached, or when the deadline has passed.
+    """
+    voters = list(dict.fromkeys(proposal.voters))
+    counted = {
+        node: vote
+        for node, vote in (votes or {}).items()
+        if node in voters and vote.epoch == proposal.epoch
+    }
+    needed = quorum(len(voters))
+    yes = sum(1 for v in counted.values() if v.vote is VoteValue.YES)
+    no = len(counted) - yes
+    placement_yes = all(
+        n in counted and counted[n].vote is VoteValue.YES for n in proposal.placement
+    )
+    refused = sorted(
+        n for n in proposal.placement if n in counted and counted[n].vote is VoteValue.NO
+    )
+
+    def result(outcome: Outcome, reason: str = "", refused_by: Sequence[str] = ()) -> Tally:
+        return Tally(
+            outcome,
+            yes=yes,
+            needed=needed,
+            voters=len(voters),
+            counted=counted,
+            refused_by=list(refused_by),
+            reason=reason,
+        )
+
+    if placement_yes and yes >= needed:
+        return result(Outcome.COMMIT, "quorum reached")
+    if refused:
+        return result(Outcome.ABORT, vote_reasons(counted, refused), refused)
+    if len(voters) - no < needed:
+        why = vote_reasons(counted, sorted(counted))
+        return result(Outcome.ABORT, f"quorum can no longer be reached: {why}")
+    if now >= proposal.deadline:
+        missing = ", ".join(sorted(n for n in voters if n not in counted))
+        return result(
+            Outcome.ABORT, f"deadline passed with {yes}/{needed} YES; no vote from {missing}"
+        )
+    return result(Outcome.WAIT)
+
+
+def vote_reasons(votes: Mapping[str, Vote], nodes: Iterable[str]) -> str:
+    """ "node-a: fit_error 0.31 > theta_fit 0.165; node-b: ..." for the NO votes among nodes."""
+    parts = [
+        f"{n}: {votes[n].reason or 'NO'}"
+        for n in nodes
+        if n in votes and votes[n].vote is VoteValue.NO
+    ]
+    return "; ".join(parts)
+
+
+def role_of(proposal: Proposal, node: str) -> VoterRole | None:
+    if node in proposal.placement:
+        return VoterRole.PLACEMENT
+    if node in proposal.voters:
+        return VoterRole.WITNESS
+    return None
+
+
+def condition_status(value: bool) -> ConditionStatus:
+    return ConditionStatus.TRUE if value else ConditionStatus.FALSE

@@ -1,0 +1,32 @@
+"""Condition types and CamelCase reasons, in one place for the operator, agents and printers."""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Claim condition types
+ADMITTED: Final = "Admitted"
+RECOVERED: Final = "Recovered"
+FALSIFIED: Final = "Falsified"
+
+# Node condition types
+READY: Final = "Ready"
+MEMORY_PRESSURE: Final = "MemoryPressure"
+CPU_PRESSURE: Final = "CPUPressure"
+IO_PRESSURE: Final = "IOPressure"
+STALE: Final = "Stale"
+PRESSURE_CONDITIONS: Final = (MEMORY_PRESSURE, CPU_PRESSURE, IO_PRESSURE)
+
+# Claim reasons
+PROPOSED: Final = "Proposed"
+QUORUM_REACHED: Final = "QuorumReached"
+VOTE_REFUSED: Final = "VoteRefused"
+DEADLINE_PASSED: Final = "DeadlinePassed"
+ATTEMPTS_EXHAUSTED: Final = "AttemptsExhausted"
+WAITING_FOR_NODES: Final = "WaitingForNodes"
+INSUFFICIENT_CAPACITY: Final = "InsufficientCapacity"
+EXCEEDS_NODE_CAPACITY: Final = "ExceedsNodeCapacity"
+NO_NODE_OFFERS_SUBSTRATE: Final = "NoNodeOffersSubstrate"
+CAPACITY_TAKEN: Final = "CapacityTaken"
+SPEC_CHANGED: Final = "SpecChanged"
+RELEASED: Final = "Released"

@@ -1,0 +1,445 @@
+"""The agent's side of quorum admission: see proposals that name this node, vote, reserve.
+
+One :class:`Voter` serves every node hosted by the process (one node for a DaemonSet pod, many
+for a simulation), with a single watch on CapacityClaims. For each open proposal that names a
+hosted node and lacks its vote for the current epoch, the node decides:
+
+- as a **placement** node, on fit: its own window of the proposal's substrate, through
+  :func:`capacity_api.gates.evaluate_fit`, with the allocation already committed to it plus the
+  shares it has promised to other open proposals (its local reservations) counted as allocated;
+- as a **witness**, on whether each placement node looks alive from here: a Lease renewed within
+  its duration and a Ready CapacityNode with fresh readings.
+
+The vote is merged into ``status.votes`` with a JSON patch whose first operation tests
+``status.proposal.epoch``: a vote can never land on another epoch, and the patch touches no
+other voter's entry. A YES reserves the share until the deadline, or until the claim leaves that
+epoch (committed, aborted or deleted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import numpy as np
+from kubernetes import client, watch
+from kubernetes.client.rest import ApiException
+
+from capacity_api import GROUP, VERSION
+from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds, evaluate_fit
+from capacity_api.models import (
+    CapacityClaim,
+    CapacityNode,
+    Phase,
+    Substrate,
+    Vote,
+    VoterRole,
+    VoteValue,
+)
+from capacity_api.reasons import READY
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+CACHE_SECONDS = 1.0
+THRESHOLDS_SECONDS = 5.0
+
+
+class Measurements(Protocol):
+    """What a node's measurement loop offers the voter."""
+
+    def series(self, substrate: Substrate) -> np.ndarray[Any, Any]: ...
+
+    def samples(self, substrate: Substrate) -> int: ...
+
+    def newest_time(self, substrate: Substrate) -> float | None: ...
+
+    def pressure_conditions(self) -> list[str]: ...
+
+
+@dataclass
+class Reservation:
+    substrate: str
+    share: float
+    deadline: float
+
+
+@dataclass
+class VoterNode:
+    """One hosted node as the voter sees it."""
+
+    name: str
+    measurements: Measurements
+    lease_renewed_at: Callable[[], float | None]
+    """Unix time of this node's last successful Lease renewal (None: never)."""
+    lease_duration: float = 40.0
+    reservations: dict[tuple[str, int], Reservation] = field(default_factory=dict)
+
+    def reserved(self, substrate: str, now: float, excluding: tuple[str, int]) -> float:
+        for key in [k for k, r in self.reservations.items() if r.deadline < now]:
+            del self.reservations[key]
+        return sum(
+            r.share
+            for key, r in self.reservations.items()
+            if r.substrate == substrate and key != excluding
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Ballot:
+    vote: Vote
+    reserve: Reservation | None
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _allocated(node: CapacityNode | None, substrate: str) -> float:
+    if node is None or node.status is None:
+        return 0.0
+    alloc = (node.status.allocated or {}).get(substrate)
+    return sum(h.share for h in alloc.holders) if alloc else 0.0
+
+
+def decide_placement(
+    *,
+    node: VoterNode,
+    claim_uid: str,
+    epoch: int,
+    substrate: Substrate,
+    share: float,
+    deadline: float,
+    committed: float,
+    thresholds: Thresholds,
+    now: float,
+) -> Ballot:
+    """A placement node's vote on fit (pure given its inputs)."""
+    renewed = node.lease_renewed_at()
+    if renewed is None or now - renewed > node.lease_duration:
+        vote = Vote(
+            vote=VoteValue.NO,
+            role=VoterRole.PLACEMENT,
+            epoch=epoch,
+            reason="own lease expired: this node cannot vote YES",
+            time=datetime.fromtimestamp(now, UTC),
+        )
+        return Ballot(vote, None)
+    samples = node.measurements.samples(substrate)
+    newest = node.measurements.newest_time(substrate)
+    age = math.inf if newest is None else now - newest
+    key = (claim_uid, epoch)
+    reserved = node.reserved(substrate.value, now, excluding=key)
+    decision = evaluate_fit(
+        u=node.measurements.series(substrate),
+        allocated=min(1.0, committed + reserved),
+        request=share,
+        samples=samples,
+        age_seconds=age,
+        pressure=node.measurements.pressure_conditions(),
+        thresholds=thresholds,
+    )
+    readings = {k: round(float(v), 4) for k, v in decision.readings.items() if math.isfinite(v)}
+    readings["reserved"] = round(reserved, 4)
+    vote = Vote(
+        vote=VoteValue.YES if decision.yes else VoteValue.NO,
+        role=VoterRole.PLACEMENT,
+        epoch=epoch,
+        reason=decision.reason,
+        readings=readings,
+        time=datetime.fromtimestamp(now, UTC),
+    )
+    reserve = Reservation(substrate.value, share, deadline) if decision.yes else None
+    return Ballot(vote, reserve)
+
+
+def decide_witness(
+    *,
+    epoch: int,
+    placement: Sequence[str],
+    leases: Mapping[str, tuple[float | None, float]],
+    nodes: Mapping[str, CapacityNode | None],
+    max_age: float,
+    now: float,
+) -> Vote:
+    """A witness's vote: are the placement nodes alive as seen from here? (pure)"""
+    problems: list[str] = []
+    for name in placement:
+        renewed, duration = leases.get(name, (None, 0.0))
+        if renewed is None:
+            problems.append(f"{name}: no lease")
+        elif now - renewed > duration:
+            problems.append(f"{name}: lease expired {now - renewed - duration:.0f}s ago")
+        node = nodes.get(name)
+        if node is None or node.status is None:
+            problems.append(f"{name}: no CapacityNode status")
+            continue
+        ready = any(
+            c.type == READY and c.status.value == "True" for c in node.status.conditions or []
+        )
+        newest = max(
+            (r.observed_at.timestamp() for r in (node.status.readings or {}).values()), default=None
+        )
+        if not ready:
+            problems.append(f"{name}: not Ready")
+        elif newest is None or now - newest > max_age:
+            problems.append(f"{name}: readings stale")
+    return Vote(
+        vote=VoteValue.NO if problems else VoteValue.YES,
+        role=VoterRole.WITNESS,
+        epoch=epoch,
+        reason="; ".join(problems)
+        if problems
+        else "placement nodes alive: " + ", ".join(placement),
+        time=datetime.fromtimestamp(now, UTC),
+    )
+
+
+class Voter:
+    """Watches claims once for all hosted nodes and casts their votes."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        nodes: Mapping[str, VoterNode],
+        namespace: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.api = api
+        self.custom = client.CustomObjectsApi(api)
+        self.coordination = client.CoordinationV1Api(api)
+        self.core = client.CoreV1Api(api)
+        self.nodes = dict(nodes)
+        self.namespace = namespace
+        self.clock = clock
+        self.cast: dict[tuple[str, int, str], float] = {}
+        self.votes_cast = 0
+        self.votes_dropped = 0
+        self._thresholds: tuple[float, Thresholds] | None = None
+        self._node_cache: dict[str, tuple[float, CapacityNode | None]] = {}
+        self._lease_cache: tuple[float, dict[str, tuple[float | None, float]]] | None = None
+        self._stop = threading.Event()
+
+    # -- the watch --------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[JSON] = asyncio.Queue()
+        thread = threading.Thread(
+            target=self._watch, args=(loop, queue), name="claims-watch", daemon=True
+        )
+        thread.start()
+        pending: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                body = await queue.get()
+                task = asyncio.create_task(self.handle(body))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+        finally:
+            self._stop.set()
+            for task in pending:
+                task.cancel()
+
+    def _watch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[JSON]) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            try:
+                listing = self.custom.list_cluster_custom_object(GROUP, VERSION, "capacityclaims")
+                for item in listing.get("items", []):
+                    loop.call_soon_threadsafe(queue.put_nowait, item)
+                version = listing["metadata"]["resourceVersion"]
+                while not self._stop.is_set():
+                    stream = watch.Watch().stream(
+                        self.custom.list_cluster_custom_object,
+                        GROUP,
+                        VERSION,
+                        "capacityclaims",
+                        resource_version=version,
+                        timeout_seconds=120,
+                        allow_watch_bookmarks=True,
+                    )
+                    for event in stream:
+                        obj = event["object"]
+                        version = obj.get("metadata", {}).get("resourceVersion", version)
+                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                            if event["type"] == "DELETED":
+                                obj = {**obj, "_deleted": True}
+                            loop.call_soon_threadsafe(queue.put_nowait, obj)
+                        if self._stop.is_set():
+                            return
+                backoff = 0.5
+            except ApiException as exc:
+                if exc.status != 410:  # 410 Gone: the version expired, list again at once
+                    log.warning("claims watch failed (%s); retrying in %.1fs", exc.status, backoff)
+                    self._stop.wait(backoff)
+                    backoff = min(30.0, backoff * 2)
+            except Exception as exc:  # the watch must survive API outages of any shape
+                log.warning("claims watch broke (%s); retrying in %.1fs", exc, backoff)
+                self._stop.wait(backoff)
+                backoff = min(30.0, backoff * 2)
+
+    # -- decisions ---------------------------------------------------------------------------
+
+    async def handle(self, body: JSON) -> None:
+        """React to one claim state: release reservations it no longer needs, vote if asked."""
+        uid = body.get("metadata", {}).get("uid", "")
+        status = body.get("status") or {}
+        proposal = status.get("proposal")
+        voting = status.get("phase") == Phase.VOTING.value and not body.get("_deleted")
+        epoch = int(proposal["epoch"]) if voting and proposal else -1
+        for hosted in self.nodes.values():
+            for stale in [k for k in hosted.reservations if k[0] == uid and k[1] != epoch]:
+                del hosted.reservations[stale]
+        if epoch < 0:
+            return
+        claim = CapacityClaim.model_validate(body)
+        assert claim.status is not None
+        assert claim.status.proposal is not None
+        votes = claim.status.votes or {}
+        for name in claim.status.proposal.voters:
+            node = self.nodes.get(name)
+            if node is None:
+                continue
+            key = (uid, epoch, name)
+            existing = votes.get(name)
+            if key in self.cast or (existing is not None and existing.epoch == epoch):
+                continue
+            self.cast[key] = self.clock()
+            await self._vote(claim, node)
+        self._forget_old_casts()
+
+    async def _vote(self, claim: CapacityClaim, node: VoterNode) -> None:
+        assert claim.status is not None
+        proposal = claim.status.proposal
+        assert proposal is not None
+        now = self.clock()
+        if node.name in proposal.placement:
+            substrate = proposal.substrate or Substrate.HOST
+            committed = _allocated(await self._capacity_node(node.name), substrate.value)
+            ballot = decide_placement(
+                node=node,
+                claim_uid=claim.metadata.uid or "",
+                epoch=proposal.epoch,
+                substrate=substrate,
+                share=proposal.share or 0.0,
+                deadline=proposal.deadline.timestamp(),
+                committed=committed,
+                thresholds=await self._current_thresholds(),
+                now=now,
+            )
+            if ballot.reserve is not None:
+                node.reservations[(claim.metadata.uid or "", proposal.epoch)] = ballot.reserve
+            vote = ballot.vote
+        else:
+            thresholds = await self._current_thresholds()
+            leases = await self._leases()
+            nodes = {n: await self._capacity_node(n) for n in proposal.placement}
+            vote = decide_witness(
+                epoch=proposal.epoch,
+                placement=proposal.placement,
+                leases=leases,
+                nodes=nodes,
+                max_age=thresholds.max_age_seconds,
+                now=now,
+            )
+        await self._cast(claim, node.name, vote)
+
+    async def _cast(self, claim: CapacityClaim, node: str, vote: Vote) -> None:
+        assert claim.status is not None
+        assert claim.status.proposal is not None
+        ops = [
+            {"op": "test", "path": "/status/proposal/epoch", "value": claim.status.proposal.epoch},
+            {"op": "add", "path": f"/status/votes/{node}", "value": vote.wire()},
+        ]
+        path = (
+            f"/apis/{GROUP}/{VERSION}/namespaces/{claim.metadata.namespace}/capacityclaims/"
+            f"{claim.metadata.name}/status"
+        )
+        try:
+            await asyncio.to_thread(
+                self.api.call_api,
+                path,
+                "PATCH",
+                header_params={
+                    "Content-Type": "application/json-patch+json",
+                    "Accept": "application/json",
+                },
+                body=ops,
+                response_type="object",
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            # 422: the epoch moved on (the test op failed); 404: the claim is gone
+            self.votes_dropped += 1
+            log.info("vote of %s on %s dropped (%s)", node, claim.metadata.name, exc.status)
+            return
+        self.votes_cast += 1
+        log.debug("%s voted %s on %s: %s", node, vote.vote.value, claim.metadata.name, vote.reason)
+
+    def _forget_old_casts(self) -> None:
+        horizon = self.clock() - 600
+        for key in [k for k, t in self.cast.items() if t < horizon]:
+            del self.cast[key]
+
+    # -- cached reads -------------------------------------------------------------------------
+
+    async def _capacity_node(self, name: str) -> CapacityNode | None:
+        now = self.clock()
+        cached = self._node_cache.get(name)
+        if cached and now - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        try:
+            body = await asyncio.to_thread(
+                self.custom.get_cluster_custom_object, GROUP, VERSION, "capacitynodes", name
+            )
+            node: CapacityNode | None = CapacityNode.model_validate(body)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            node = None
+        self._node_cache[name] = (now, node)
+        return node
+
+    async def _leases(self) -> dict[str, tuple[float | None, float]]:
+        now = self.clock()
+        if self._lease_cache and now - self._lease_cache[0] < CACHE_SECONDS:
+            return self._lease_cache[1]
+        out = await asyncio.to_thread(self.coordination.list_namespaced_lease, self.namespace)
+        leases: dict[str, tuple[float | None, float]] = {}
+        for item in out.items:
+            renew = item.spec.renew_time if item.spec else None
+            if isinstance(renew, datetime) and renew.tzinfo is None:
+                renew = renew.replace(tzinfo=UTC)
+            duration = float((item.spec.lease_duration_seconds if item.spec else None) or 40)
+            leases[item.metadata.name] = (renew.timestamp() if renew else None, duration)
+        self._lease_cache = (now, leases)
+        return leases
+
+    async def _current_thresholds(self) -> Thresholds:
+        now = self.clock()
+        if self._thresholds and now - self._thresholds[0] < THRESHOLDS_SECONDS:
+            return self._thresholds[1]
+        data: Mapping[str, str] | None
+        try:
+            cm = await asyncio.to_thread(
+                self.core.read_namespaced_config_map, CALIBRATION_CONFIGMAP, self.namespace
+            )
+            data = cm.data or {}
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            data = None
+        parsed = Thresholds.from_configmap(data)
+        for warning in parsed.warnings:
+            log.warning("calibration ConfigMap: %s", warning)
+        self._thresholds = (now, parsed.thresholds)
+        return parsed.thresholds

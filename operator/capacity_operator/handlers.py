@@ -1,0 +1,149 @@
+"""kopf registrations: thin handlers that hand objects to the admission engine.
+
+Claims are handled level-based through ``on.event`` (every change, our own writes and the
+agents' votes included, leads to one reconcile) plus timers for deadlines and waiting claims;
+CapacityNodes and node Leases only feed the engine's caches. Deletion goes through a finalizer
+under our API group that frees the claim's allocation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import kopf
+from kubernetes import client, config
+
+from capacity_api import GROUP, VERSION
+from capacity_api.models import Phase
+from capacity_api.reasons import WAITING_FOR_NODES
+from capacity_operator.kube import JSON, Kube, lease_from_dict
+from capacity_operator.protocol import Engine
+from capacity_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+CLAIMS = (GROUP, VERSION, "capacityclaims")
+NODES = (GROUP, VERSION, "capacitynodes")
+
+
+def _emit(body: JSON, type_: str, reason: str, message: str) -> None:
+    # kopf posts events for any mapping with apiVersion, kind and metadata; Body is its own wrapper
+    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)
+
+
+def _engine(memo: kopf.Memo) -> Engine:
+    engine: Engine = memo["engine"]
+    return engine
+
+
+def _api_client(cfg: OperatorSettings) -> client.ApiClient:
+    if cfg.kubeconfig:
+        return config.new_client_from_config(config_file=cfg.kubeconfig)
+    configuration = client.Configuration()
+    config.load_incluster_config(client_configuration=configuration)
+    return client.ApiClient(configuration)
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    cfg: OperatorSettings = memo["settings"]
+    # kopf's own bookkeeping under our API group, from day one
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING  # our Events are posted explicitly
+    settings.execution.max_workers = cfg.threads
+    settings.watching.server_timeout = 300
+    settings.peering.name = cfg.peering
+    settings.peering.priority = cfg.priority
+    settings.peering.mandatory = not cfg.standalone
+    settings.peering.standalone = cfg.standalone
+    settings.peering.clusterwide = True
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="kube")
+    )
+    api = _api_client(cfg)
+    engine = Engine(Kube(api), cfg, _emit)
+    memo["api"] = api
+    memo["engine"] = engine
+    await engine.start()
+    log.info(
+        "admission engine ready: %d nodes, %d leases cached, ledger rebuilt from claims",
+        len(engine.nodes),
+        len(engine.leases),
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    api = memo.get("api")
+    if api is not None:
+        api.close()
+
+
+@kopf.on.login()
+def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+    cfg: OperatorSettings = memo["settings"]
+    if cfg.kubeconfig:
+        return kopf.login_with_kubeconfig(**kwargs)
+    return kopf.login_with_service_account(**kwargs)
+
+
+# -- claims -------------------------------------------------------------------------------------
+
+
+@kopf.on.event(*CLAIMS)
+async def claim_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    if event["type"] == "DELETED":
+        return
+    engine = _engine(memo)
+    await engine.ready.wait()
+    await engine.reconcile(dict(body))
+
+
+def _voting(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == Phase.VOTING.value
+
+
+def _waiting(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == Phase.PENDING.value and status.get("reason") == WAITING_FOR_NODES
+
+
+@kopf.timer(*CLAIMS, interval=1.0, when=_voting)
+async def voting_deadline(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Aborts epochs whose deadline passed without a decision."""
+    await _engine(memo).reconcile(dict(body))
+
+
+@kopf.timer(*CLAIMS, interval=2.0, when=_waiting)
+async def waiting_for_nodes(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await _engine(memo).reconcile(dict(body))
+
+
+@kopf.on.delete(*CLAIMS)
+async def claim_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    engine = _engine(memo)
+    await engine.ready.wait()
+    await engine.release(dict(body))
+
+
+# -- caches -------------------------------------------------------------------------------------
+
+
+@kopf.on.event(*NODES)
+def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    _engine(memo).observe_node(dict(event["object"]), deleted=event["type"] == "DELETED")
+
+
+@kopf.on.event("coordination.k8s.io", "v1", "leases")
+def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    engine = _engine(memo)
+    obj = event["object"]
+    if obj.get("metadata", {}).get("namespace") != engine.settings.namespace:
+        return
+    engine.observe_lease(lease_from_dict(dict(obj)), deleted=event["type"] == "DELETED")

@@ -1,0 +1,697 @@
+"""The operator's side of quorum admission (DESIGN section 5).
+
+:class:`Engine` is level-based: :meth:`Engine.reconcile` looks at a claim as it is now and takes
+the one step its phase calls for (propose, commit, abort, reject), writing with compare-and-swap.
+A conflict means someone else moved the object: re-read and decide again. Decisions come from the
+pure functions in :mod:`capacity_api.admission`; this module only reads, writes and remembers.
+
+The allocation ledger lives in each CapacityNode's ``status.allocated`` as a list of holders. A
+commit adds the claim's holder to every placement node (compare-and-swap, refusing when the
+holders would exceed capacity) before it marks the claim Admitted, so no node is ever promised
+past its capacity, whatever runs concurrently. The holders are a pure function of the claims'
+status (``rebuild_allocations``), recomputed on start before anything is admitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from capacity_api import reasons
+from capacity_api.admission import (
+    EPSILON,
+    ClaimError,
+    NodeView,
+    NoPlacement,
+    Outcome,
+    Tally,
+    allocation,
+    claim_key,
+    claim_substrate,
+    new_proposal,
+    plan_placement,
+    quorum,
+    rebuild_allocations,
+    tally,
+)
+from capacity_api.models import (
+    Allocation,
+    CapacityClaim,
+    CapacityNode,
+    Holder,
+    Phase,
+    Placement,
+    Proposal,
+    Substrate,
+)
+from capacity_operator.kube import (
+    JSON,
+    ConflictError,
+    Kube,
+    LeaseInfo,
+    NotFoundError,
+    parse_claim,
+    parse_node,
+)
+from capacity_operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[JSON, str, str, str], None]
+"""(object body, type Normal|Warning, reason, message) -> None."""
+
+MAX_MESSAGE = 1000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _clip(text: str, limit: int = MAX_MESSAGE) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+@dataclass(frozen=True, slots=True)
+class Inflight:
+    """An open proposal of this operator: its share counts against placement of others."""
+
+    substrate: str
+    nodes: tuple[str, ...]
+    share: float
+    deadline: datetime
+
+
+class Engine:
+    """Admission state of one operator process: caches, locks and the protocol steps."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: OperatorSettings,
+        emit: EventSink,
+        clock: Callable[[], datetime] = _now,
+    ) -> None:
+        self.kube = kube
+        self.settings = settings
+        self.emit = emit
+        self.clock = clock
+        self.nodes: dict[str, CapacityNode] = {}
+        self.node_versions: dict[str, str] = {}
+        self.leases: dict[str, LeaseInfo] = {}
+        self.inflight: dict[str, Inflight] = {}
+        self._node_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._claim_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self.ready = asyncio.Event()
+
+    # -- caches --------------------------------------------------------------------------------
+
+    def observe_node(self, body: JSON, deleted: bool = False) -> None:
+        name = body["metadata"]["name"]
+        if deleted:
+            self.nodes.pop(name, None)
+            self.node_versions.pop(name, None)
+            return
+        version = body["metadata"].get("resourceVersion", "")
+        known = self.node_versions.get(name)
+        if known is not None and _rv_older(version, known):
+            return  # an event older than what our own write returned
+        self.nodes[name] = parse_node(body)
+        self.node_versions[name] = version
+
+    def observe_lease(self, lease: LeaseInfo, deleted: bool = False) -> None:
+        if deleted:
+            self.leases.pop(lease.name, None)
+        else:
+            self.leases[lease.name] = lease
+
+    def views(self, exclude_claim: str | None = None) -> list[NodeView]:
+        """Every known node as the placement sees it, open proposals of others included."""
+        now = self.clock()
+        reserved: defaultdict[str, defaultdict[str, float]] = defaultdict(
+            lambda: defaultdict(float)
+        )
+        for uid, flight in self.inflight.items():
+            if uid == exclude_claim or flight.deadline < now:
+                continue
+            for target in flight.nodes:
+                reserved[target][flight.substrate] += flight.share
+        views = []
+        for name, node in sorted(self.nodes.items()):
+            lease = self.leases.get(name)
+            views.append(
+                NodeView(
+                    name=name,
+                    node=node,
+                    lease_live=lease is not None and lease.live(now),
+                    fresh=node_fresh(node, now, self.settings.node_max_age_seconds),
+                    reserved=dict(reserved.get(name, {})),
+                )
+            )
+        return views
+
+    # -- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load caches and rebuild the ledger from the claims, before anything is admitted."""
+        for body in await self.kube.list_nodes():
+            self.observe_node(body)
+        for lease in await self.kube.list_leases(self.settings.namespace):
+            self.observe_lease(lease)
+        await self.rebuild_ledger()
+        self.ready.set()
+
+    async def rebuild_ledger(self) -> int:
+        """Make every node's holders what the claims' status says; return nodes rewritten."""
+        claims = [parse_claim(b) for b in await self.kube.list_claims()]
+        by_uid = {c.metadata.uid or "": c for c in claims}
+        rewritten = 0
+        for name in sorted(self.nodes):
+            for _ in range(self.settings.commit_retries):
+                node = await self._fresh_node(name)
+                if node is None:
+                    break
+                wanted = rebuild_allocations(node, by_uid)
+                current = (node.status.allocated or {}) if node.status else {}
+                if _same_allocations(current, wanted):
+                    break
+                patch: JSON = {s: a.wire() for s, a in wanted.items()}
+                patch.update({s: None for s in current if s not in wanted})
+                try:
+                    await self._write_node(name, node, {"allocated": patch})
+                except ConflictError:
+                    continue
+                rewritten += 1
+                log.info("ledger of %s rebuilt from claims: %s", name, _summary(wanted))
+                break
+        return rewritten
+
+    # -- reconcile -----------------------------------------------------------------------------
+
+    async def reconcile(self, body: JSON) -> None:
+        """Take the next protocol step for a claim, re-reading on conflicts."""
+        uid = body["metadata"].get("uid", "")
+        async with self._claim_locks[uid]:
+            for _ in range(self.settings.commit_retries):
+                claim = parse_claim(body)
+                if claim.metadata.deletion_timestamp is not None:
+                    return
+                try:
+                    await self._step(claim, body)
+                except ConflictError:
+                    try:
+                        body = await self.kube.get_claim(
+                            claim.metadata.namespace or "", claim.metadata.name or ""
+                        )
+                    except NotFoundError:
+                        return
+                    continue
+                return
+            log.warning("claim %s: gave up after repeated conflicts", claim_key(claim))
+
+    async def _step(self, claim: CapacityClaim, body: JSON) -> None:
+        status = claim.status
+        phase = status.phase if status else None
+        if phase in (None, Phase.PENDING):
+            await self._propose(claim, body)
+        elif phase is Phase.VOTING:
+            await self._voting(claim, body)
+        elif phase is Phase.ADMITTED:
+            await self._admitted(claim, body)
+
+    async def _voting(self, claim: CapacityClaim, body: JSON) -> None:
+        status = claim.status
+        assert status is not None
+        assert status.proposal is not None
+        if claim.metadata.generation != status.observed_generation:
+            await self._abort(
+                claim,
+                body,
+                reasons.SPEC_CHANGED,
+                "the spec changed while voting; admission starts over",
+                refused={},
+                restart=True,
+            )
+            return
+        result = tally(status.proposal, status.votes, self.clock())
+        self._track(claim, status.proposal)
+        if result.outcome is Outcome.COMMIT:
+            await self._commit(claim, body, result)
+        elif result.outcome is Outcome.ABORT:
+            refused = {n: result.counted[n].reason or "voted NO" for n in result.refused_by}
+            reason = reasons.VOTE_REFUSED if refused else reasons.DEADLINE_PASSED
+            await self._abort(claim, body, reason, result.reason, refused=refused)
+        elif status.vote_count != result.vote_count:
+            await self._write_claim(claim, {"voteCount": result.vote_count})
+
+    async def _admitted(self, claim: CapacityClaim, body: JSON) -> None:
+        status = claim.status
+        assert status is not None
+        generation = claim.metadata.generation
+        if generation is None or generation == status.observed_generation:
+            return
+        message = (
+            f"spec changes after admission are not applied (generation {generation}); the "
+            "admission stands as committed; delete and re-create the claim to change it"
+        )
+        await self._write_claim(
+            claim,
+            {
+                "observedGeneration": generation,
+                "conditions": _conditions(
+                    claim,
+                    type_=reasons.ADMITTED,
+                    value=True,
+                    reason=reasons.SPEC_CHANGED,
+                    message=message,
+                    generation=generation,
+                ),
+            },
+        )
+        self.emit(body, "Warning", reasons.SPEC_CHANGED, message)
+
+    # -- propose -------------------------------------------------------------------------------
+
+    async def _propose(
+        self,
+        claim: CapacityClaim,
+        body: JSON,
+        *,
+        refused: dict[str, str] | None = None,
+        attempts: int | None = None,
+        cleared_votes: Iterable[str] = (),
+        note: str = "",
+    ) -> None:
+        status = claim.status
+        refusals = (
+            dict(status.refusals or {}) if status and refused is None else dict(refused or {})
+        )
+        tries = attempts if attempts is not None else (status.attempts or 0) if status else 0
+        try:
+            substrate = claim_substrate(claim.spec)
+        except ClaimError as exc:
+            await self._reject(claim, body, exc.reason, str(exc))
+            return
+        uid = claim.metadata.uid or ""
+        plan = plan_placement(claim.spec, substrate, self.views(exclude_claim=uid), refusals)
+        if isinstance(plan, NoPlacement):
+            if plan.wait:
+                await self._wait_for_nodes(claim, plan)
+                return
+            message = plan.message
+            if refusals:
+                message += "; refused by " + "; ".join(f"{n}: {r}" for n, r in refusals.items())
+            await self._reject(claim, body, plan.reason, message, refusals=refusals)
+            return
+        previous = status.proposal if status else None
+        proposal = new_proposal(
+            previous,
+            plan,
+            substrate,
+            self.clock(),
+            timedelta(seconds=self.settings.vote_timeout_seconds),
+        )
+        message = (
+            f"epoch {proposal.epoch}: asking {', '.join(plan.voters)} to vote on "
+            f"{plan.share:.3f} of {substrate.value} on {', '.join(plan.placement)}"
+        )
+        if note:
+            message += f" (after: {note})"
+        votes: JSON = dict.fromkeys(cleared_votes)
+        await self._write_claim(
+            claim,
+            {
+                "phase": Phase.VOTING.value,
+                "proposal": proposal.wire(),
+                "votes": votes,
+                "attempts": tries + 1,
+                "refusals": refusals or None,
+                "reason": reasons.PROPOSED,
+                "message": _clip(message),
+                "nodes": None,
+                "voteCount": f"0/{quorum(len(plan.voters))}",
+                "observedGeneration": claim.metadata.generation,
+            },
+        )
+        self._track(claim, proposal)
+        self.emit(body, "Normal", reasons.PROPOSED, _clip(message))
+
+    async def _wait_for_nodes(self, claim: CapacityClaim, plan: NoPlacement) -> None:
+        status = claim.status
+        if status and status.phase is Phase.PENDING and status.reason == reasons.WAITING_FOR_NODES:
+            return
+        await self._write_claim(
+            claim,
+            {
+                "phase": Phase.PENDING.value,
+                "reason": reasons.WAITING_FOR_NODES,
+                "message": plan.message,
+                "observedGeneration": claim.metadata.generation,
+            },
+        )
+
+    def _track(self, claim: CapacityClaim, proposal: Proposal) -> None:
+        uid = claim.metadata.uid or ""
+        if proposal.substrate is None or proposal.share is None:
+            return
+        self.inflight[uid] = Inflight(
+            substrate=proposal.substrate.value,
+            nodes=tuple(proposal.placement),
+            share=proposal.share,
+            deadline=proposal.deadline,
+        )
+
+    # -- commit --------------------------------------------------------------------------------
+
+    async def _commit(self, claim: CapacityClaim, body: JSON, result: Tally) -> None:
+        status = claim.status
+        assert status is not None
+        assert status.proposal is not None
+        proposal = status.proposal
+        substrate = proposal.substrate or Substrate.HOST
+        share = proposal.share or 0.0
+        holder = Holder(
+            claim=claim_key(claim), uid=claim.metadata.uid or "", epoch=proposal.epoch, share=share
+        )
+        for node in sorted(proposal.placement):
+            taken = await self._add_holder(node, substrate, holder)
+            if taken is not None:
+                await self._remove_holders(holder.uid, proposal.epoch, proposal.placement)
+                await self._abort(
+                    claim,
+                    body,
+                    reasons.CAPACITY_TAKEN,
+                    f"{node}: {taken}",
+                    refused={**(status.refusals or {}), node: taken},
+                )
+                return
+        placements = [
+            Placement(node=n, substrate=substrate, share=share, epoch=proposal.epoch)
+            for n in proposal.placement
+        ]
+        message = (
+            f"admitted on {', '.join(proposal.placement)} with {result.yes}/{result.needed} YES "
+            f"votes (epoch {proposal.epoch})"
+        )
+        await self._write_claim(
+            claim,
+            {
+                "phase": Phase.ADMITTED.value,
+                "placements": [p.wire() for p in placements],
+                "reason": reasons.QUORUM_REACHED,
+                "message": message,
+                "nodes": ",".join(proposal.placement),
+                "voteCount": result.vote_count,
+                "refusals": None,
+                "observedGeneration": claim.metadata.generation,
+                "conditions": _conditions(
+                    claim,
+                    type_=reasons.ADMITTED,
+                    value=True,
+                    reason=reasons.QUORUM_REACHED,
+                    message=message,
+                    generation=claim.metadata.generation,
+                ),
+            },
+        )
+        self.inflight.pop(holder.uid, None)
+        self.emit(body, "Normal", reasons.QUORUM_REACHED, message)
+
+    async def _add_holder(self, node: str, substrate: Substrate, holder: Holder) -> str | None:
+        """Add the holder to the node's ledger; None on success, else why it cannot."""
+        async with self._node_locks[node]:
+            for _ in range(self.settings.commit_retries):
+                cn = await self._fresh_node(node)
+                if cn is None:
+                    return "its CapacityNode is gone"
+                current = _holders(cn, substrate)
+                if any(h.uid == holder.uid and h.epoch == holder.epoch for h in current):
+                    return None
+                held = sum(h.share for h in current)
+                if held + holder.share > 1.0 + EPSILON:
+                    return (
+                        f"allocated {held:.3f} + request {holder.share:.3f} exceeds capacity "
+                        "(taken by claims committed meanwhile)"
+                    )
+                alloc = allocation([*current, holder])
+                try:
+                    await self._write_node(node, cn, {"allocated": {substrate.value: alloc.wire()}})
+                except ConflictError:
+                    continue
+                return None
+        raise ConflictError(f"node {node} kept changing")
+
+    async def _remove_holders(self, uid: str, epoch: int | None, nodes: Iterable[str]) -> None:
+        """Drop the claim's holders (of one epoch, or all) from the given nodes' ledgers."""
+        for node in sorted(set(nodes)):
+            async with self._node_locks[node]:
+                for _ in range(self.settings.commit_retries):
+                    cn = await self._fresh_node(node)
+                    if cn is None or cn.status is None:
+                        break
+                    patch: JSON = {}
+                    for substrate, alloc in (cn.status.allocated or {}).items():
+                        kept = [
+                            h
+                            for h in alloc.holders
+                            if not (h.uid == uid and (epoch is None or h.epoch == epoch))
+                        ]
+                        if len(kept) != len(alloc.holders):
+                            patch[substrate] = allocation(kept).wire() if kept else None
+                    if not patch:
+                        break
+                    try:
+                        await self._write_node(node, cn, {"allocated": patch})
+                    except ConflictError:
+                        continue
+                    break
+
+    # -- abort, reject, release ----------------------------------------------------------------
+
+    async def _abort(
+        self,
+        claim: CapacityClaim,
+        body: JSON,
+        reason: str,
+        message: str,
+        *,
+        refused: dict[str, str],
+        restart: bool = False,
+    ) -> None:
+        status = claim.status
+        assert status is not None
+        proposal = status.proposal
+        uid = claim.metadata.uid or ""
+        self.inflight.pop(uid, None)
+        if proposal is not None:
+            await self._remove_holders(uid, proposal.epoch, proposal.placement)
+        refusals = {} if restart else {**(status.refusals or {}), **refused}
+        attempts = 0 if restart else (status.attempts or 0)
+        self.emit(body, "Warning" if refused else "Normal", reason, _clip(message))
+        if attempts >= self.settings.max_attempts:
+            await self._reject(
+                claim,
+                body,
+                reasons.ATTEMPTS_EXHAUSTED,
+                f"no quorum after {attempts} proposals; last: {message}",
+                refusals=refusals,
+            )
+            return
+        await self._propose(
+            claim,
+            body,
+            refused=refusals,
+            attempts=attempts,
+            cleared_votes=(status.votes or {}).keys(),
+            note=message,
+        )
+
+    async def _reject(
+        self,
+        claim: CapacityClaim,
+        body: JSON,
+        reason: str,
+        message: str,
+        *,
+        refusals: dict[str, str] | None = None,
+    ) -> None:
+        self.inflight.pop(claim.metadata.uid or "", None)
+        await self._write_claim(
+            claim,
+            {
+                "phase": Phase.REJECTED.value,
+                "reason": reason,
+                "message": _clip(message),
+                "refusals": refusals or None,
+                "nodes": None,
+                "observedGeneration": claim.metadata.generation,
+                "conditions": _conditions(
+                    claim,
+                    type_=reasons.ADMITTED,
+                    value=False,
+                    reason=reason,
+                    message=_clip(message),
+                    generation=claim.metadata.generation,
+                ),
+            },
+        )
+        self.emit(body, "Warning", reason, _clip(message))
+
+    async def release(self, body: JSON) -> None:
+        """The claim is being deleted: free its holders everywhere, then mark it Released."""
+        claim = parse_claim(body)
+        uid = claim.metadata.uid or ""
+        async with self._claim_locks[uid]:
+            self.inflight.pop(uid, None)
+            holding = [
+                name
+                for name, node in self.nodes.items()
+                if node.status
+                and any(
+                    h.uid == uid for a in (node.status.allocated or {}).values() for h in a.holders
+                )
+            ]
+            placed = [p.node for p in (claim.status.placements or [])] if claim.status else []
+            await self._remove_holders(uid, None, [*holding, *placed])
+            if claim.status is not None and claim.status.phase is not Phase.RELEASED:
+                # the claim may have moved on or be gone: its holders are freed either way
+                with contextlib.suppress(ConflictError, NotFoundError):
+                    await self._write_claim(
+                        claim,
+                        {
+                            "phase": Phase.RELEASED.value,
+                            "reason": reasons.RELEASED,
+                            "message": "deleted; its allocation is freed",
+                            "nodes": None,
+                        },
+                    )
+            self.emit(body, "Normal", reasons.RELEASED, "allocation freed")
+        self._claim_locks.pop(uid, None)
+
+    # -- writes --------------------------------------------------------------------------------
+
+    async def _write_claim(self, claim: CapacityClaim, status: JSON) -> JSON:
+        return await self.kube.patch_claim_status_cas(
+            claim.metadata.namespace or "",
+            claim.metadata.name or "",
+            claim.metadata.resource_version or "",
+            status,
+        )
+
+    async def _fresh_node(self, name: str) -> CapacityNode | None:
+        try:
+            body = await self.kube.get_node(name)
+        except NotFoundError:
+            self.nodes.pop(name, None)
+            return None
+        self.observe_node(body)
+        return parse_node(body)
+
+    async def _write_node(self, name: str, node: CapacityNode, status: JSON) -> None:
+        body = await self.kube.patch_node_status_cas(
+            name, node.metadata.resource_version or "", status
+        )
+        self.observe_node(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def node_fresh(node: CapacityNode, now: datetime, max_age: float) -> bool:
+    """Ready and with at least one reading newer than ``max_age`` seconds."""
+    status = node.status
+    if status is None:
+        return False
+    ready = any(
+        c.type == reasons.READY and c.status.value == "True" for c in status.conditions or []
+    )
+    if not ready:
+        return False
+    newest = max((r.observed_at for r in (status.readings or {}).values()), default=None)
+    if newest is None:
+        return False
+    if newest.tzinfo is None:
+        newest = newest.replace(tzinfo=UTC)
+    return (now - newest).total_seconds() <= max_age
+
+
+def _holders(node: CapacityNode, substrate: Substrate) -> list[Holder]:
+    status = node.status
+    alloc = (status.allocated or {}).get(substrate.value) if status else None
+    return list(alloc.holders) if alloc else []
+
+
+def _same_allocations(a: dict[str, Allocation], b: dict[str, Allocation]) -> bool:
+    def key(d: dict[str, Allocation]) -> dict[str, list[tuple[str, str, int, float]]]:
+        return {
+            s: sorted((h.claim, h.uid, h.epoch, round(h.share, 9)) for h in alloc.holders)
+            for s, alloc in d.items()
+            if alloc.holders
+        }
+
+    return key(a) == key(b)
+
+
+def _summary(allocs: dict[str, Allocation]) -> str:
+    return ", ".join(f"{s}={a.share:.3f} ({a.claims} claims)" for s, a in sorted(allocs.items()))
+
+
+def _rv_older(candidate: str, known: str) -> bool:
+    try:
+        return int(candidate) < int(known)
+    except ValueError:
+        return False
+
+
+def _conditions(
+    claim: CapacityClaim,
+    *,
+    type_: str,
+    value: bool,
+    reason: str,
+    message: str,
+    generation: int | None,
+) -> list[JSON]:
+    """The claim's conditions with one replaced; lastTransitionTime kept unless status flips."""
+    now = _iso(_now())
+    status_value = "True" if value else "False"
+    out: list[JSON] = []
+    replaced = False
+    for cond in (claim.status.conditions or []) if claim.status else []:
+        wire = cond.wire()
+        if cond.type == type_:
+            replaced = True
+            wire.update(
+                status=status_value,
+                reason=reason,
+                message=message,
+                observedGeneration=generation,
+                lastTransitionTime=wire.get("lastTransitionTime", now)
+                if cond.status.value == status_value
+                else now,
+            )
+        out.append(wire)
+    if not replaced:
+        out.append(
+            {
+                "type": type_,
+                "status": status_value,
+                "reason": reason,
+                "message": message,
+                "observedGeneration": generation,
+                "lastTransitionTime": now,
+            }
+        )
+    return out
+
+
+__all__ = ["Engine", "Inflight", "node_fresh"]

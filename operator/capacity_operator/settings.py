@@ -1,0 +1,35 @@
+"""Operator settings: one pydantic-settings object per process (env prefix CAPACITY_OPERATOR_)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    """Every knob of the operator; flags of ``capacity-operator`` override the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="CAPACITY_OPERATOR_", extra="ignore")
+
+    namespace: str = "capacity-system"
+    """Platform namespace: node Leases and the calibration ConfigMap live here."""
+    kubeconfig: str | None = None
+    """Kubeconfig file; in-cluster configuration when unset."""
+    vote_timeout_seconds: float = Field(default=10.0, gt=0)
+    """How long voters have to answer a proposal before the epoch is aborted."""
+    max_attempts: int = Field(default=5, ge=1, le=50)
+    """Proposals tried for one admission before the claim is Rejected."""
+    node_max_age_seconds: float = Field(default=30.0, gt=0)
+    """Readings older than this make a node unusable for placement."""
+    peering: str = "capacity-platform"
+    """kopf peering name; a second operator copy with the same name stays idle."""
+    standalone: bool = False
+    """Run without peering (tests and local experiments only)."""
+    priority: int = 0
+    """kopf peering priority of this copy."""
+    threads: int = Field(default=16, ge=1, le=256)
+    """Worker threads for blocking Kubernetes client calls."""
+    commit_retries: int = Field(default=20, ge=1)
+    """Compare-and-swap retries on a conflicting write before giving up for this event."""
+    wait_interval_seconds: float = Field(default=2.0, gt=0)
+    """How often a Pending claim waiting for nodes is looked at again."""

@@ -1,0 +1,353 @@
+"""Pure decisions of quorum admission: shares, placement, tally and the ledger."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from capacity_api.admission import (
+    ClaimError,
+    NodeView,
+    NoPlacement,
+    Outcome,
+    PlacementPlan,
+    claim_substrate,
+    expected_holders,
+    new_proposal,
+    node_share,
+    plan_placement,
+    quorum,
+    rebuild_allocations,
+    tally,
+)
+from capacity_api.models import (
+    CapacityClaim,
+    CapacityClaimSpec,
+    CapacityNode,
+    Holder,
+    Proposal,
+    Substrate,
+    Vote,
+    VoterRole,
+    VoteValue,
+)
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def spec(**kw: Any) -> CapacityClaimSpec:
+    return CapacityClaimSpec.model_validate(kw)
+
+
+def node(
+    name: str,
+    *,
+    cpu: str = "8",
+    memory: str = "32Gi",
+    p95: float = 0.2,
+    holders: list[Holder] | None = None,
+    substrates: tuple[str, ...] = ("host",),
+    extra_capacity: dict[str, str] | None = None,
+) -> CapacityNode:
+    status: dict[str, Any] = {
+        "readings": {
+            "host": {
+                "load": {"mean": p95, "p95": p95, "max": p95},
+                "observedAt": NOW.isoformat(),
+                "samples": 64,
+            }
+        }
+    }
+    if holders:
+        share = sum(h.share for h in holders)
+        status["allocated"] = {
+            "host": {
+                "share": share,
+                "claims": len(holders),
+                "holders": [h.model_dump(by_alias=True) for h in holders],
+            }
+        }
+    return CapacityNode.model_validate(
+        {
+            "metadata": {"name": name},
+            "spec": {
+                "nodeName": name,
+                "substrates": list(substrates),
+                "capacity": {"cpu": cpu, "memory": memory, **(extra_capacity or {})},
+            },
+            "status": status,
+        }
+    )
+
+
+def view(n: CapacityNode, *, fresh: bool = True, lease: bool = True) -> NodeView:
+    return NodeView(name=n.metadata.name or "", node=n, lease_live=lease, fresh=fresh)
+
+
+def holder(uid: str, share: float, epoch: int = 1, claim: str = "ns/c") -> Holder:
+    return Holder(claim=claim, uid=uid, epoch=epoch, share=share)
+
+
+# -- shares and substrates ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("claim_spec", "expected"),
+    [
+        ({"resources": {"cpu": "2", "memory": "4Gi"}}, Substrate.HOST),
+        ({"resources": {"nvidia.com/gpu": 1}}, Substrate.GPU),
+        ({"resources": {"db-connections": 10}}, Substrate.DATABASE),
+        ({"cGeo": 0.3}, Substrate.HOST),
+        ({"cInt": 0.3, "substrate": "network"}, Substrate.NETWORK),
+    ],
+)
+def test_claim_substrate(claim_spec: dict[str, Any], expected: Substrate) -> None:
+    assert claim_substrate(spec(**claim_spec)) is expected
+
+
+@pytest.mark.parametrize(
+    ("claim_spec", "reason"),
+    [
+        ({"resources": {"nvidia.com/gpu": 1, "db-connections": 3}}, "AmbiguousSubstrate"),
+        ({"resources": {"cpu": "1"}, "substrate": "gpu"}, "ResourceSubstrateMismatch"),
+    ],
+)
+def test_claim_substrate_refuses(claim_spec: dict[str, Any], reason: str) -> None:
+    with pytest.raises(ClaimError) as info:
+        claim_substrate(spec(**claim_spec))
+    assert info.value.reason == reason
+
+
+def test_node_share_is_the_worst_dimension() -> None:
+    n = node("a", cpu="8", memory="32Gi")
+    assert node_share(spec(resources={"cpu": "2", "memory": "16Gi"}), Substrate.HOST, n) == 0.5
+    assert node_share(spec(resources={"cpu": "500m"}), Substrate.HOST, n) == pytest.approx(1 / 16)
+    assert node_share(spec(cGeo=0.2, cInt=0.3), Substrate.HOST, n) == 0.3
+    assert node_share(spec(resources={"nvidia.com/gpu": 1}), Substrate.GPU, n) is None
+
+
+# -- placement ---------------------------------------------------------------------------------
+
+
+def test_placement_ranks_by_headroom_and_adds_witnesses() -> None:
+    nodes = [view(node("a", p95=0.5)), view(node("b", p95=0.1)), view(node("c", p95=0.3))]
+    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, nodes)
+    assert isinstance(plan, PlacementPlan)
+    assert plan.placement == ["b"]
+    assert plan.witnesses == ["c", "a"]  # at least 3 voters by default
+    assert plan.share == pytest.approx(0.2)
+
+
+def test_placement_counts_holders_and_skips_stale_and_refusing_nodes() -> None:
+    full = node("full", p95=0.0, holders=[holder("x", 0.9)])
+    stale = node("stale", p95=0.0)
+    ok = node("ok", p95=0.6)
+    refused = node("refused", p95=0.0)
+    nodes = [view(full), view(stale, fresh=False), view(ok), view(refused)]
+    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, nodes, excluded=["refused"])
+    assert isinstance(plan, PlacementPlan)
+    assert plan.placement == ["ok"]
+
+
+def test_claim_bigger_than_any_node_is_final() -> None:
+    nodes = [view(node("a", cpu="8")), view(node("b", cpu="16"))]
+    plan = plan_placement(spec(resources={"cpu": "64"}), Substrate.HOST, nodes)
+    assert isinstance(plan, NoPlacement)
+    assert plan.final
+    assert plan.reason == "ExceedsNodeCapacity"
+    assert "4.00 of the largest host node" in plan.message
+
+
+def test_no_usable_node_waits_instead_of_rejecting() -> None:
+    plan = plan_placement(spec(cGeo=0.1), Substrate.HOST, [view(node("a"), lease=False)])
+    assert isinstance(plan, NoPlacement)
+    assert plan.wait
+    assert not plan.final
+    empty = plan_placement(spec(cGeo=0.1), Substrate.HOST, [])
+    assert isinstance(empty, NoPlacement)
+    assert empty.wait
+
+
+def test_full_cluster_is_insufficient_capacity_with_per_node_reasons() -> None:
+    nodes = [view(node("a", holders=[holder("x", 0.95)]))]
+    plan = plan_placement(spec(cGeo=0.1), Substrate.HOST, nodes)
+    assert isinstance(plan, NoPlacement)
+    assert plan.reason == "InsufficientCapacity"
+    assert "a: allocated 0.95 + request 0.10 exceeds capacity" in plan.message
+
+
+def test_reserved_shares_of_open_proposals_count() -> None:
+    n = node("a", p95=0.0)
+    reserved = NodeView(name="a", node=n, lease_live=True, fresh=True, reserved={"host": 0.95})
+    plan = plan_placement(spec(cGeo=0.1), Substrate.HOST, [reserved])
+    assert isinstance(plan, NoPlacement)
+
+
+# -- tally -------------------------------------------------------------------------------------
+
+
+def proposal(placement: list[str], voters: list[str], epoch: int = 2) -> Proposal:
+    return Proposal(
+        epoch=epoch, placement=placement, voters=voters, deadline=NOW + timedelta(seconds=10)
+    )
+
+
+def vote(value: str, epoch: int = 2, role: str = "placement", reason: str = "") -> Vote:
+    return Vote(
+        vote=VoteValue(value), role=VoterRole(role), epoch=epoch, reason=reason or None, time=NOW
+    )
+
+
+def test_commit_needs_every_placement_yes_and_a_majority() -> None:
+    p = proposal(["a"], ["a", "b", "c"])
+    assert tally(p, {"a": vote("YES"), "b": vote("YES", role="witness")}, NOW).outcome is (
+        Outcome.COMMIT
+    )
+    assert tally(p, {"a": vote("YES")}, NOW).outcome is Outcome.WAIT
+    assert tally(p, {"b": vote("YES"), "c": vote("YES")}, NOW).outcome is Outcome.WAIT
+
+
+def test_placement_no_aborts_with_its_reason() -> None:
+    p = proposal(["a"], ["a", "b", "c"])
+    result = tally(p, {"a": vote("NO", reason="fit_error 0.31 > theta_fit 0.165")}, NOW)
+    assert result.outcome is Outcome.ABORT
+    assert result.refused_by == ["a"]
+    assert "a: fit_error 0.31 > theta_fit 0.165" in result.reason
+
+
+def test_old_epoch_and_foreign_votes_never_count() -> None:
+    p = proposal(["a"], ["a", "b", "c"], epoch=3)
+    votes = {
+        "a": vote("YES", epoch=2),
+        "b": vote("YES", epoch=3, role="witness"),
+        "x": vote("YES", epoch=3, role="witness"),
+        "y": vote("YES", epoch=3),
+    }
+    result = tally(p, votes, NOW)
+    assert result.outcome is Outcome.WAIT
+    assert set(result.counted) == {"b"}
+    assert result.vote_count == "1/2"
+
+
+def test_deadline_aborts_and_lost_majority_aborts_early() -> None:
+    p = proposal(["a"], ["a", "b", "c"])
+    late = tally(p, {"a": vote("YES")}, NOW + timedelta(seconds=11))
+    assert late.outcome is Outcome.ABORT
+    assert "no vote from b, c" in late.reason
+    lost = tally(
+        p,
+        {
+            "b": vote("NO", role="witness", reason="a: lease expired"),
+            "c": vote("NO", role="witness", reason="a: lease expired"),
+        },
+        NOW,
+    )
+    assert lost.outcome is Outcome.ABORT
+
+
+@given(n=st.integers(min_value=1, max_value=40))
+def test_quorum_is_a_strict_majority(n: int) -> None:
+    q = quorum(n)
+    assert q > n / 2
+    assert q - 1 <= n / 2
+
+
+def test_epochs_only_grow() -> None:
+    plan = PlacementPlan(placement=["a"], witnesses=["b"], share=0.1)
+    first = new_proposal(None, plan, Substrate.HOST, NOW, timedelta(seconds=5))
+    second = new_proposal(first, plan, Substrate.HOST, NOW, timedelta(seconds=5))
+    assert (first.epoch, second.epoch) == (1, 2)
+    assert second.deadline == NOW + timedelta(seconds=5)
+
+
+# -- the ledger ---------------------------------------------------------------------------------
+
+
+def claim(
+    uid: str,
+    phase: str,
+    *,
+    epoch: int = 1,
+    nodes: tuple[str, ...] = ("a",),
+    share: float = 0.2,
+    name: str = "c",
+) -> CapacityClaim:
+    status: dict[str, Any] = {"phase": phase}
+    if phase in ("Admitted", "Recovering"):
+        status["placements"] = [
+            {"node": n, "substrate": "host", "share": share, "epoch": epoch} for n in nodes
+        ]
+    if phase == "Voting":
+        status["proposal"] = {
+            "epoch": epoch,
+            "placement": list(nodes),
+            "voters": list(nodes),
+            "deadline": NOW.isoformat(),
+            "share": share,
+            "substrate": "host",
+        }
+    return CapacityClaim.model_validate(
+        {
+            "metadata": {"name": name, "namespace": "ns", "uid": uid},
+            "spec": {"cGeo": share},
+            "status": status,
+        }
+    )
+
+
+def test_rebuild_keeps_backed_holders_drops_leaks_and_restores_lost_ones() -> None:
+    claims = {
+        "admitted": claim("admitted", "Admitted", epoch=2, name="admitted"),
+        "inflight": claim("inflight", "Voting", epoch=4, name="inflight"),
+        "aborted": claim("aborted", "Voting", epoch=5, name="aborted"),
+        "rejected": claim("rejected", "Rejected", name="rejected"),
+        "lost": claim("lost", "Admitted", epoch=1, share=0.3, name="lost"),
+    }
+    n = node(
+        "a",
+        holders=[
+            holder("admitted", 0.2, epoch=2, claim="ns/admitted"),
+            holder("inflight", 0.2, epoch=4, claim="ns/inflight"),
+            holder("aborted", 0.2, epoch=4, claim="ns/aborted"),  # an older epoch's leftover
+            holder("rejected", 0.2, epoch=1, claim="ns/rejected"),
+            holder("deleted", 0.1, epoch=1, claim="ns/deleted"),
+        ],
+    )
+    rebuilt = rebuild_allocations(n, claims)
+    kept = sorted((h.uid, h.epoch) for h in rebuilt["host"].holders)
+    assert kept == [("admitted", 2), ("inflight", 4), ("lost", 1)]
+    assert rebuilt["host"].share == pytest.approx(0.7)
+    assert rebuilt["host"].claims == 3
+
+
+def test_expected_holders_is_a_function_of_admitted_claims() -> None:
+    ledger = expected_holders(
+        [
+            claim("u1", "Admitted", nodes=("a", "b"), share=0.25),
+            claim("u2", "Rejected"),
+            claim("u3", "Recovering", nodes=("b",), share=0.5),
+        ]
+    )
+    assert {k: sorted(h.uid for h in v) for k, v in ledger.items()} == {
+        ("a", "host"): ["u1"],
+        ("b", "host"): ["u1", "u3"],
+    }
+
+
+@settings(max_examples=50)
+@given(shares=st.lists(st.floats(min_value=0.01, max_value=0.6), min_size=1, max_size=30))
+def test_greedy_placement_never_promises_past_capacity(shares: list[float]) -> None:
+    """Admitting in sequence with the placement's own view never over-allocates a node."""
+    holders: dict[str, list[Holder]] = {"a": [], "b": []}
+    for i, share in enumerate(shares):
+        nodes = [view(node(name, p95=0.0, holders=hs or None)) for name, hs in holders.items()]
+        plan = plan_placement(spec(cGeo=share), Substrate.HOST, nodes)
+        if isinstance(plan, PlacementPlan):
+            for name in plan.placement:
+                holders[name].append(holder(f"u{i}", share))
+    for hs in holders.values():
+        assert sum(h.share for h in hs) <= 1.0 + 1e-9
