@@ -256,8 +256,15 @@ def plan_placement(
     substrate: Substrate,
     nodes: Sequence[NodeView],
     excluded: Iterable[str] = (),
+    min_isolation: float = 0.0,
 ) -> PlacementPlan | NoPlacement:
-    """Rank nodes by headroom and choose placement nodes and witnesses for one epoch."""
+    """Rank nodes by headroom and choose placement nodes and witnesses for one epoch.
+
+    A node is a candidate when it has fresh readings and a live lease, did not refuse earlier,
+    keeps the hard rule a + r <= 1, and leaves at least ``min_isolation`` promised slack
+    (1 - a - r, the isolation gate: a function of promises only, so the operator knows it as well
+    as the voter does and need not ask a node that must refuse).
+    """
     excluded_set = set(excluded)
     shares = {view.name: node_share(spec, substrate, view.node) for view in nodes}
     offering = {name: r for name, r in shares.items() if r is not None}
@@ -296,6 +303,11 @@ def plan_placement(
             reasons.append(f"{view.name}: voted NO earlier")
         elif a + r > 1.0 + EPSILON:
             reasons.append(f"{view.name}: allocated {a:.2f} + request {r:.2f} exceeds capacity")
+        elif 1.0 - a - r < min_isolation - EPSILON:
+            reasons.append(
+                f"{view.name}: isolation {max(0.0, 1.0 - a - r):.2f} < theta_iso "
+                f"{min_isolation:.2f} (allocated {a:.2f} + request {r:.2f})"
+            )
         else:
             candidates.append(view)
     if len(candidates) < spec.replicas:

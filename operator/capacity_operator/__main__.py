@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import secrets
 import sys
 
 import kopf
@@ -42,12 +43,21 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["KUBECONFIG"] = settings.kubeconfig
     import capacity_operator.handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
 
+    priority = settings.priority
+    if priority is None:
+        priority = secrets.randbelow(1_000_000) + 1
+    logging.getLogger("capacity_operator").info(
+        "peering %r with priority %d%s",
+        settings.peering,
+        priority,
+        " (standalone: peering off)" if settings.standalone else "",
+    )
     kopf.run(
         clusterwide=True,
         standalone=settings.standalone,
-        priority=settings.priority,
+        priority=priority,
         peering_name=settings.peering,
-        memo=kopf.Memo(settings=settings),
+        memo=kopf.Memo(settings=settings, priority=priority),
     )
     return 0
 

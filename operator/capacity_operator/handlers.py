@@ -15,10 +15,11 @@ from typing import Any, cast
 
 import kopf
 from kubernetes import client, config
+from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
 from capacity_api.models import Phase
-from capacity_api.reasons import WAITING_FOR_NODES
+from capacity_api.reasons import WAITING_FOR_CAPACITY, WAITING_FOR_NODES
 from capacity_operator.kube import JSON, Kube, lease_from_dict
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
@@ -60,7 +61,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.execution.max_workers = cfg.threads
     settings.watching.server_timeout = 300
     settings.peering.name = cfg.peering
-    settings.peering.priority = cfg.priority
+    settings.peering.priority = memo["priority"]
+    settings.peering.lifetime = cfg.peering_lifetime_seconds
     settings.peering.mandatory = not cfg.standalone
     settings.peering.standalone = cfg.standalone
     settings.peering.clusterwide = True
@@ -68,6 +70,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="kube")
     )
     api = _api_client(cfg)
+    if not cfg.standalone:
+        await asyncio.to_thread(_ensure_peering_object, api, cfg.peering)
     engine = Engine(Kube(api), cfg, _emit)
     memo["api"] = api
     memo["engine"] = engine
@@ -77,6 +81,19 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         len(engine.nodes),
         len(engine.leases),
     )
+
+
+def _ensure_peering_object(api: client.ApiClient, name: str) -> None:
+    """kopf reads peers from a ClusterKopfPeering object it does not create itself; without it,
+    copies cannot see each other and would all act."""
+    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
+    try:
+        client.CustomObjectsApi(api).create_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", body
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
 
 
 @kopf.on.cleanup()
@@ -111,7 +128,10 @@ def _voting(status: kopf.Status, **_: Any) -> bool:
 
 
 def _waiting(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") == Phase.PENDING.value and status.get("reason") == WAITING_FOR_NODES
+    return status.get("phase") == Phase.PENDING.value and status.get("reason") in (
+        WAITING_FOR_NODES,
+        WAITING_FOR_CAPACITY,
+    )
 
 
 @kopf.timer(*CLAIMS, interval=1.0, when=_voting)
@@ -120,7 +140,7 @@ async def voting_deadline(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _engine(memo).reconcile(dict(body))
 
 
-@kopf.timer(*CLAIMS, interval=2.0, when=_waiting)
+@kopf.timer(*CLAIMS, interval=1.0, when=_waiting)
 async def waiting_for_nodes(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _engine(memo).reconcile(dict(body))
 

@@ -29,6 +29,7 @@ from capacity_api.admission import (
     NodeView,
     NoPlacement,
     Outcome,
+    PlacementPlan,
     Tally,
     allocation,
     claim_key,
@@ -39,6 +40,7 @@ from capacity_api.admission import (
     rebuild_allocations,
     tally,
 )
+from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds
 from capacity_api.models import (
     Allocation,
     CapacityClaim,
@@ -111,6 +113,7 @@ class Engine:
         self._node_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._claim_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.ready = asyncio.Event()
+        self._thresholds: tuple[datetime, Thresholds] | None = None
 
     # -- caches --------------------------------------------------------------------------------
 
@@ -133,17 +136,20 @@ class Engine:
         else:
             self.leases[lease.name] = lease
 
-    def views(self, exclude_claim: str | None = None) -> list[NodeView]:
+    def views(
+        self, exclude_claim: str | None = None, *, ignore_inflight: bool = False
+    ) -> list[NodeView]:
         """Every known node as the placement sees it, open proposals of others included."""
         now = self.clock()
         reserved: defaultdict[str, defaultdict[str, float]] = defaultdict(
             lambda: defaultdict(float)
         )
         for uid, flight in self.inflight.items():
-            if uid == exclude_claim or flight.deadline < now:
+            if ignore_inflight or uid == exclude_claim or flight.deadline < now:
                 continue
             for target in flight.nodes:
-                reserved[target][flight.substrate] += flight.share
+                if not _holds(self.nodes.get(target), uid):  # committed: counted as a holder
+                    reserved[target][flight.substrate] += flight.share
         views = []
         for name, node in sorted(self.nodes.items()):
             lease = self.leases.get(name)
@@ -157,6 +163,18 @@ class Engine:
                 )
             )
         return views
+
+    async def thresholds(self) -> Thresholds:
+        """Gate thresholds from the calibration ConfigMap (re-read at most every 5 s)."""
+        now = self.clock()
+        if self._thresholds is not None and (now - self._thresholds[0]).total_seconds() < 5:
+            return self._thresholds[1]
+        data = await self.kube.get_configmap_data(self.settings.namespace, CALIBRATION_CONFIGMAP)
+        parsed = Thresholds.from_configmap(data)
+        for warning in parsed.warnings:
+            log.warning("calibration ConfigMap: %s", warning)
+        self._thresholds = (now, parsed.thresholds)
+        return parsed.thresholds
 
     # -- start ---------------------------------------------------------------------------------
 
@@ -301,10 +319,26 @@ class Engine:
             await self._reject(claim, body, exc.reason, str(exc))
             return
         uid = claim.metadata.uid or ""
-        plan = plan_placement(claim.spec, substrate, self.views(exclude_claim=uid), refusals)
+        iso = (await self.thresholds()).theta_iso
+        plan = plan_placement(
+            claim.spec, substrate, self.views(exclude_claim=uid), refusals, min_isolation=iso
+        )
+        if isinstance(plan, NoPlacement) and not plan.final and not plan.wait:
+            # Only open proposals of other claims in the way? They may still abort: wait.
+            unreserved = plan_placement(
+                claim.spec, substrate, self.views(ignore_inflight=True), refusals, min_isolation=iso
+            )
+            if isinstance(unreserved, PlacementPlan):
+                plan = NoPlacement(
+                    reasons.WAITING_FOR_CAPACITY,
+                    "waiting for open proposals of other claims to commit or abort; "
+                    + plan.message,
+                    final=False,
+                    wait=True,
+                )
         if isinstance(plan, NoPlacement):
             if plan.wait:
-                await self._wait_for_nodes(claim, plan)
+                await self._wait(claim, plan)
                 return
             message = plan.message
             if refusals:
@@ -326,33 +360,44 @@ class Engine:
         if note:
             message += f" (after: {note})"
         votes: JSON = dict.fromkeys(cleared_votes)
-        await self._write_claim(
-            claim,
-            {
-                "phase": Phase.VOTING.value,
-                "proposal": proposal.wire(),
-                "votes": votes,
-                "attempts": tries + 1,
-                "refusals": refusals or None,
-                "reason": reasons.PROPOSED,
-                "message": _clip(message),
-                "nodes": None,
-                "voteCount": f"0/{quorum(len(plan.voters))}",
-                "observedGeneration": claim.metadata.generation,
-            },
-        )
+        # reserve before the write, so concurrent proposals of other claims already see it
         self._track(claim, proposal)
+        try:
+            await self._write_claim(
+                claim,
+                {
+                    "phase": Phase.VOTING.value,
+                    "proposal": proposal.wire(),
+                    "votes": votes,
+                    "attempts": tries + 1,
+                    "refusals": refusals or None,
+                    "reason": reasons.PROPOSED,
+                    "message": _clip(message),
+                    "nodes": None,
+                    "voteCount": f"0/{quorum(len(plan.voters))}",
+                    "observedGeneration": claim.metadata.generation,
+                },
+            )
+        except BaseException:
+            self.inflight.pop(uid, None)
+            raise
         self.emit(body, "Normal", reasons.PROPOSED, _clip(message))
 
-    async def _wait_for_nodes(self, claim: CapacityClaim, plan: NoPlacement) -> None:
+    async def _wait(self, claim: CapacityClaim, plan: NoPlacement) -> None:
+        """Keep the claim Pending (a timer looks again) while the cluster cannot decide yet."""
+        reason = (
+            plan.reason
+            if plan.reason == reasons.WAITING_FOR_CAPACITY
+            else (reasons.WAITING_FOR_NODES)
+        )
         status = claim.status
-        if status and status.phase is Phase.PENDING and status.reason == reasons.WAITING_FOR_NODES:
+        if status and status.phase is Phase.PENDING and status.reason == reason:
             return
         await self._write_claim(
             claim,
             {
                 "phase": Phase.PENDING.value,
-                "reason": reasons.WAITING_FOR_NODES,
+                "reason": reason,
                 "message": plan.message,
                 "observedGeneration": claim.metadata.generation,
             },
@@ -423,6 +468,7 @@ class Engine:
             },
         )
         self.inflight.pop(holder.uid, None)
+        log.info("claim %s %s", holder.claim, message)
         self.emit(body, "Normal", reasons.QUORUM_REACHED, message)
 
     async def _add_holder(self, node: str, substrate: Substrate, holder: Holder) -> str | None:
@@ -622,6 +668,12 @@ def node_fresh(node: CapacityNode, now: datetime, max_age: float) -> bool:
     if newest.tzinfo is None:
         newest = newest.replace(tzinfo=UTC)
     return (now - newest).total_seconds() <= max_age
+
+
+def _holds(node: CapacityNode | None, uid: str) -> bool:
+    if node is None or node.status is None:
+        return False
+    return any(h.uid == uid for a in (node.status.allocated or {}).values() for h in a.holders)
 
 
 def _holders(node: CapacityNode, substrate: Substrate) -> list[Holder]:

@@ -25,11 +25,12 @@ class OperatorSettings(BaseSettings):
     """kopf peering name; a second operator copy with the same name stays idle."""
     standalone: bool = False
     """Run without peering (tests and local experiments only)."""
-    priority: int = 0
-    """kopf peering priority of this copy."""
+    priority: int | None = None
+    """kopf peering priority of this copy. Unset: a random one, so that of two accidental copies
+    exactly one acts (kopf pauses every copy when the highest priority is shared)."""
+    peering_lifetime_seconds: int = Field(default=15, ge=5)
+    """How long a copy that died without saying goodbye (SIGKILL) blocks the others."""
     threads: int = Field(default=16, ge=1, le=256)
     """Worker threads for blocking Kubernetes client calls."""
     commit_retries: int = Field(default=20, ge=1)
     """Compare-and-swap retries on a conflicting write before giving up for this event."""
-    wait_interval_seconds: float = Field(default=2.0, gt=0)
-    """How often a Pending claim waiting for nodes is looked at again."""

@@ -351,3 +351,12 @@ def test_greedy_placement_never_promises_past_capacity(shares: list[float]) -> N
                 holders[name].append(holder(f"u{i}", share))
     for hs in holders.values():
         assert sum(h.share for h in hs) <= 1.0 + 1e-9
+
+
+def test_placement_skips_nodes_the_isolation_gate_would_refuse() -> None:
+    half = node("half", p95=0.0, holders=[holder("x", 0.5)])
+    plan = plan_placement(spec(cGeo=0.4), Substrate.HOST, [view(half)], min_isolation=0.15)
+    assert isinstance(plan, NoPlacement)
+    assert "half: isolation 0.10 < theta_iso 0.15" in plan.message
+    ok = plan_placement(spec(cGeo=0.3), Substrate.HOST, [view(half)], min_isolation=0.15)
+    assert isinstance(ok, PlacementPlan)
