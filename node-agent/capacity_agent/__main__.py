@@ -1,20 +1,94 @@
-"""Entry point of the node agent (``capacity-agent`` / ``python -m capacity_agent``)."""
+"""Entry point of the node agent (``capacity-agent`` / ``python -m capacity_agent``).
+
+Settings come from the environment (``CAPACITY_AGENT_*``, see
+:class:`capacity_agent.settings.AgentSettings`); flags given on the command line override them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+from collections.abc import Sequence
+from typing import Any
+
+from kubernetes import client
+from pydantic import ValidationError
+
+from capacity_agent.agent import NodeAgent, api_client, run_agents
+from capacity_agent.settings import AgentSettings
+from capacity_agent.voter import Voter, VoterNode
 
 log = logging.getLogger("capacity_agent")
 
 
-def main(argv: list[str] | None = None) -> int:
+async def start_voter(agents: Sequence[NodeAgent], api: client.ApiClient) -> None:
+    """The voter for every hosted node (the runtime's ``voter_factory``)."""
+    nodes = {
+        agent.name: VoterNode(
+            name=agent.name,
+            measurements=agent.measurements,
+            lease_renewed_at=agent.lease.last_renewed,
+            lease_duration=float(agent.settings.lease_duration_seconds),
+        )
+        for agent in agents
+    }
+    namespace = agents[0].settings.lease_namespace if agents else "capacity-system"
+    await Voter(api, nodes, namespace).run()
+
+
+def parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="capacity-agent", description=__doc__)
-    parser.add_argument("--node-name", required=True, help="the node this agent measures")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    log.info("capacity-agent for node %s: measurement is not implemented yet", args.node_name)
+    add = parser.add_argument
+    add("--node-name", help="the node measured (env CAPACITY_AGENT_NODE_NAME)")
+    add("--substrates", help="comma-separated substrates to measure (default: all present)")
+    add("--interval", type=float, help="seconds between samples (default 1)")
+    add("--publish-interval", type=float, help="minimum seconds between writes (default 10)")
+    add("--source", help="live | replay:FILE | synthetic:KIND | prometheus:URL (default live)")
+    add("--prometheus-instance", help="node-exporter instance label for a prometheus: source")
+    add("--simulate", type=int, help="run N simulated nodes named <node-name>-<i>")
+    add("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    add("--lease-namespace", help="namespace of the node Leases (default capacity-system)")
+    add(
+        "--lease-duration",
+        type=int,
+        dest="lease_duration_seconds",
+        help="seconds a Lease stays valid without renewal (default 40)",
+    )
+    add("--lease-renew-interval", type=float, help="seconds between Lease renewals (default 10)")
+    add("--health-port", type=int, help="port of /metrics and /healthz (0 disables)")
+    add("--proc-root", help="the host's /proc as mounted (default /proc)")
+    add("--sys-root", help="the host's /sys as mounted (default /sys)")
+    add("--threads", type=int, help="worker threads for blocking calls")
+    add("--no-vote", dest="vote", action="store_false", default=None, help="do not vote")
+    add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    args = vars(parser.parse_args(argv))
+    overrides = {key: value for key, value in args.items() if value is not None}
+    if "substrates" in overrides:
+        overrides["substrates"] = [s.strip() for s in overrides["substrates"].split(",") if s]
+    return overrides
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    overrides = parse_args(argv)
+    try:
+        settings = AgentSettings(**overrides)
+    except ValidationError as exc:
+        print(f"capacity-agent: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    api = api_client(settings)
+    try:
+        asyncio.run(run_agents(settings, api, voter_factory=start_voter if settings.vote else None))
+    except RuntimeError as exc:
+        log.error("capacity-agent stopped: %s", exc, exc_info=exc.__cause__ is not None)
+        return 1
+    finally:
+        api.close()
     return 0
 
 
