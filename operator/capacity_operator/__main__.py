@@ -28,6 +28,12 @@ def parse_args(argv: list[str] | None) -> OperatorSettings:
     parser.add_argument("--priority", type=int, help="kopf peering priority")
     parser.add_argument("--peering", help="kopf peering name")
     parser.add_argument("--threads", type=int)
+    parser.add_argument(
+        "--claim-namespace",
+        action="append",
+        dest="claim_namespaces",
+        help="serve claims of this namespace only (repeatable; default: all namespaces)",
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "verbose"}
@@ -52,8 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         priority,
         " (standalone: peering off)" if settings.standalone else "",
     )
+    scoped = bool(settings.claim_namespaces)
     kopf.run(
-        clusterwide=True,
+        clusterwide=not scoped,
+        namespaces=[*settings.claim_namespaces, settings.namespace] if scoped else (),
         standalone=settings.standalone,
         priority=priority,
         peering_name=settings.peering,

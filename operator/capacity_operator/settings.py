@@ -30,6 +30,8 @@ class OperatorSettings(BaseSettings):
     exactly one acts (kopf pauses every copy when the highest priority is shared)."""
     peering_lifetime_seconds: int = Field(default=15, ge=5)
     """How long a copy that died without saying goodbye (SIGKILL) blocks the others."""
+    claim_namespaces: list[str] = Field(default_factory=list)
+    """Serve claims of these namespaces only (empty: every namespace)."""
     threads: int = Field(default=16, ge=1, le=256)
     """Worker threads for blocking Kubernetes client calls."""
     commit_retries: int = Field(default=20, ge=1)

@@ -11,6 +11,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from capacity_api import GROUP, VERSION
 from tests import kube
 
 
@@ -41,6 +42,20 @@ def namespace(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
     core = client.CoreV1Api(api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
+    # claims left behind carry the operator's finalizer; nothing serves this namespace any more
+    custom = client.CustomObjectsApi(api)
+    for item in custom.list_namespaced_custom_object(GROUP, VERSION, name, "capacityclaims")[
+        "items"
+    ]:
+        if item["metadata"].get("finalizers"):
+            custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                name,
+                "capacityclaims",
+                item["metadata"]["name"],
+                {"metadata": {"finalizers": None}},
+            )
     try:
         core.delete_namespace(name)
     except ApiException as exc:  # already gone is fine

@@ -1,0 +1,287 @@
+"""Admission benchmark: claims created at a steady rate against N simulated nodes.
+
+Runs the real operator and one real agent process hosting N simulated nodes (synthetic sources)
+against the local control plane (or CAPACITY_TEST_KUBECONFIG), creates claims at a fixed rate,
+and measures, per scenario: admission latency (create -> Admitted or Rejected, observed through a
+watch) p50/p90/p99, sustained throughput, operator CPU and RSS, and API requests per admission
+(from kube-apiserver's own request counters, split by resource).
+
+    python tests/bench/bench_admission.py                 # 10, 50, 100 nodes; 1000 claims; 10/s
+    BENCH_NODES=100 BENCH_CLAIMS=1000 BENCH_RATE=40 python tests/bench/bench_admission.py
+
+Prints a table and writes tests/bench/results/admission.json. Figures, not pass/fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import psutil
+from kubernetes import client, watch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from capacity_api import GROUP, VERSION  # noqa: E402
+from tests import kube  # noqa: E402
+from tests.cluster import Cluster, agents_proc, operator_proc, unique  # noqa: E402
+
+RESULTS = REPO / "tests" / "bench" / "results"
+FINAL = {"Admitted", "Rejected"}
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def apiserver_requests(api: client.ApiClient) -> dict[str, float]:
+    """kube-apiserver's apiserver_request_total, summed per resource and verb."""
+    text = api.call_api(
+        "/metrics",
+        "GET",
+        response_type="str",
+        auth_settings=["BearerToken"],
+        _return_http_data_only=True,
+        _preload_content=False,
+    ).data.decode()
+    totals: dict[str, float] = {}
+    pattern = re.compile(r"^apiserver_request_total\{(.*)\} (\S+)$")
+    for line in text.splitlines():
+        match = pattern.match(line)
+        if not match:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+        key = f"{labels.get('resource', '')}/{labels.get('subresource', '')}:{labels.get('verb')}"
+        totals[key] = totals.get(key, 0.0) + float(match.group(2))
+    return totals
+
+
+class Watcher(threading.Thread):
+    """Records when each claim first reaches a final phase."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        super().__init__(daemon=True)
+        self.custom = client.CustomObjectsApi(api)
+        self.namespace = namespace
+        self.done: dict[str, tuple[float, str]] = {}
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        version = None
+        while not self.stop_flag.is_set():
+            stream = watch.Watch().stream(
+                self.custom.list_namespaced_custom_object,
+                GROUP,
+                VERSION,
+                self.namespace,
+                "capacityclaims",
+                timeout_seconds=30,
+                resource_version=version,
+            )
+            for event in stream:
+                obj = event["object"]
+                version = obj["metadata"]["resourceVersion"]
+                phase = (obj.get("status") or {}).get("phase")
+                name = obj["metadata"]["name"]
+                if phase in FINAL and name not in self.done:
+                    self.done[name] = (time.time(), phase)
+                if self.stop_flag.is_set():
+                    return
+
+
+class Sampler(threading.Thread):
+    """CPU and RSS of a process tree, once a second."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.proc = psutil.Process(pid)
+        self.cpu: list[float] = []
+        self.rss: list[float] = []
+        self.stop_flag = threading.Event()
+
+    def run(self) -> None:
+        last = self.proc.cpu_times()
+        last_t = time.monotonic()
+        while not self.stop_flag.wait(1.0):
+            try:
+                now = self.proc.cpu_times()
+                rss = self.proc.memory_info().rss
+            except psutil.Error:
+                return
+            t = time.monotonic()
+            used = (now.user + now.system) - (last.user + last.system)
+            self.cpu.append(100.0 * used / (t - last_t))
+            self.rss.append(rss / 2**20)
+            last, last_t = now, t
+
+
+def scenario(
+    api: client.ApiClient, kubeconfig: Path, *, nodes: int, claims: int, rate: float, workdir: Path
+) -> dict[str, Any]:
+    cluster = Cluster(api)
+    core = client.CoreV1Api(api)
+    platform, namespace, prefix = unique("bench-platform"), unique("bench"), unique("bn")
+    for ns in (platform, namespace):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=ns)))
+    publish = 2.0 if nodes <= 10 else 5.0
+    agents = agents_proc(
+        kubeconfig,
+        platform,
+        workdir / f"agents-{nodes}.log",
+        prefix=prefix,
+        count=nodes,
+        interval=0.5,
+        publish_interval=publish,
+        lease_duration=40,
+        lease_renew_interval=10,
+        extra=["--threads", "16"],
+    )
+    op = operator_proc(
+        kubeconfig,
+        platform,
+        workdir / f"operator-{nodes}.log",
+        claim_namespace=namespace,
+        vote_timeout=15,
+    )
+    # each node holds at most 0.85 (isolation 0.15); size the claims so all of them fit
+    share = round(min(0.2, 0.8 * nodes / claims), 4)
+    result: dict[str, Any] = {
+        "nodes": nodes,
+        "claims": claims,
+        "offered_rate": rate,
+        "share": share,
+    }
+    try:
+        agents.start()
+        cluster.wait_nodes_ready(prefix, nodes, timeout=180)
+        op.start()
+        time.sleep(5)  # operator started, caches filled, ledger rebuilt
+        watcher = Watcher(api, namespace)
+        watcher.start()
+        sampler = Sampler(op.popen.pid if op.popen else 0)
+        sampler.start()
+        before = apiserver_requests(api)
+        created: dict[str, float] = {}
+        start = time.time()
+        with ThreadPoolExecutor(8) as pool:
+            futures = []
+            for i in range(claims):
+                due = start + i / rate
+                delay = due - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                name = f"b{i:05d}"
+                created[name] = time.time()
+                futures.append(pool.submit(cluster.create_claim, namespace, name, cGeo=share))
+            for f in futures:
+                f.result()
+        offered_for = time.time() - start
+        deadline = time.time() + 300
+        while len(watcher.done) < claims and time.time() < deadline:
+            time.sleep(0.5)
+        after = apiserver_requests(api)
+        sampler.stop_flag.set()
+        watcher.stop_flag.set()
+        latencies = [watcher.done[n][0] - created[n] for n in created if n in watcher.done]
+        phases = [p for _, p in watcher.done.values()]
+        finish = max((t for t, _ in watcher.done.values()), default=start)
+        delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+        by_resource: dict[str, float] = {}
+        for key, value in delta.items():
+            resource = key.split(":")[0]
+            by_resource[resource] = by_resource.get(resource, 0.0) + value
+        done = len(watcher.done)
+        result.update(
+            {
+                "completed": done,
+                "admitted": phases.count("Admitted"),
+                "rejected": phases.count("Rejected"),
+                "offered_seconds": round(offered_for, 1),
+                "latency_p50_s": round(percentile(latencies, 50), 3),
+                "latency_p90_s": round(percentile(latencies, 90), 3),
+                "latency_p99_s": round(percentile(latencies, 99), 3),
+                "throughput_per_s": round(done / max(1e-9, finish - start), 2),
+                "operator_cpu_median_pct": round(statistics.median(sampler.cpu), 1)
+                if sampler.cpu
+                else None,
+                "operator_cpu_p90_pct": round(percentile(sampler.cpu, 90), 1),
+                "operator_rss_peak_mib": round(max(sampler.rss), 1) if sampler.rss else None,
+                "api_requests_per_claim": round(sum(delta.values()) / max(1, done), 2),
+                "api_requests_by_resource_per_claim": {
+                    k: round(v / max(1, done), 2)
+                    for k, v in sorted(by_resource.items(), key=lambda kv: -kv[1])
+                    if v > 0
+                },
+            }
+        )
+    finally:
+        op.stop()
+        agents.stop()
+        for name in cluster.nodes(prefix):
+            cluster.custom.delete_cluster_custom_object(GROUP, VERSION, "capacitynodes", name)
+        custom = client.CustomObjectsApi(api)
+        for item in cluster.claims(namespace):
+            custom.patch_namespaced_custom_object(
+                GROUP,
+                VERSION,
+                namespace,
+                "capacityclaims",
+                item["metadata"]["name"],
+                {"metadata": {"finalizers": None}},
+            )
+        for ns in (platform, namespace):
+            core.delete_namespace(ns)
+    return result
+
+
+def main() -> int:
+    kubeconfig = kube.test_kubeconfig()
+    api = kube.api_client(kubeconfig)
+    kube.apply_crds(api)
+    node_counts = [int(n) for n in os.environ.get("BENCH_NODES", "10,50,100").split(",")]
+    claims = int(os.environ.get("BENCH_CLAIMS", "1000"))
+    rate = float(os.environ.get("BENCH_RATE", "10"))
+    workdir = RESULTS / "logs"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for nodes in node_counts:
+        print(f"-- {nodes} nodes, {claims} claims at {rate}/s", flush=True)
+        outcome = scenario(api, kubeconfig, nodes=nodes, claims=claims, rate=rate, workdir=workdir)
+        print(json.dumps(outcome, indent=2), flush=True)
+        results.append(outcome)
+    header = (
+        f"{'nodes':>5} {'claims':>6} {'rate':>5} {'p50 s':>7} {'p99 s':>7} {'thru/s':>7} "
+        f"{'op cpu%':>7} {'op MiB':>7} {'req/claim':>9}"
+    )
+    print(header)
+    for r in results:
+        print(
+            f"{r['nodes']:>5} {r['claims']:>6} {r['offered_rate']:>5} {r['latency_p50_s']:>7} "
+            f"{r['latency_p99_s']:>7} {r['throughput_per_s']:>7} "
+            f"{r['operator_cpu_median_pct']!s:>7} {r['operator_rss_peak_mib']!s:>7} "
+            f"{r['api_requests_per_claim']:>9}"
+        )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = os.environ.get("BENCH_OUTPUT", "admission.json")
+    (RESULTS / name).write_text(
+        json.dumps({"machine": {"cpus": os.cpu_count()}, "results": results}, indent=2)
+    )
+    print(f"wrote {RESULTS / name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

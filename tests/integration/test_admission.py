@@ -1,0 +1,325 @@
+"""Quorum admission end to end: the real operator and real agents (simulated sources) on a real
+API server."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.cluster import (
+    Cluster,
+    Proc,
+    agents_proc,
+    ledger_from_claims,
+    node_holders,
+    operator_proc,
+    running,
+    unique,
+    wait_for,
+)
+
+
+@pytest.fixture
+def cluster(api: client.ApiClient) -> Cluster:
+    return Cluster(api)
+
+
+@pytest.fixture
+def platform(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
+    """A platform namespace of our own: node Leases and calibration live here."""
+    name = unique("cp-platform")
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+def replay_file(path: Path, load: float, count: int = 64, seed: int = 1) -> str:
+    rng = random.Random(seed)
+    with path.open("w") as out:
+        for i in range(count):
+            u = min(1.0, max(0.0, load + rng.uniform(-0.01, 0.01)))
+            out.write(json.dumps({"t": i, "load": u, "signals": {"cpu": u, "memory": u}}) + "\n")
+    return f"replay:{path}"
+
+
+def show(*procs: Proc) -> str:
+    return "\n".join(f"--- {p.name} ({p.log}):\n{p.tail()}" for p in procs)
+
+
+def test_fit_admitted_misfit_rejected_with_gate_and_node(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    """Nodes measured at 0.6 load: 0.2 fits; 0.5 leaves fit_error 0.2 > theta_fit 0.165."""
+    prefix = unique("adm")
+    loaded = replay_file(tmp_path / "load.jsonl", 0.6)
+    agents = agents_proc(
+        kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=3, source=loaded
+    )
+    op = operator_proc(kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace)
+    try:
+        with running(agents, op):
+            cluster.wait_nodes_ready(prefix, 3)
+            cluster.create_claim(namespace, "fits", cGeo=0.2)
+            cluster.create_claim(namespace, "misfit", cGeo=0.5)
+            fits = cluster.wait_phase(namespace, "fits", ["Admitted", "Rejected"])
+            misfit = cluster.wait_phase(namespace, "misfit", ["Admitted", "Rejected"], timeout=90)
+            assert fits["status"]["phase"] == "Admitted", show(agents, op)
+            status = fits["status"]
+            epoch = status["proposal"]["epoch"]
+            voters = status["proposal"]["voters"]
+            assert len(voters) == 3
+            # committed as soon as the placement node and a majority said YES; a late third
+            # vote may land after the commit
+            assert set(status["votes"]) <= set(voters)
+            assert len(status["votes"]) >= 2
+            assert all(v["epoch"] == epoch and v["vote"] == "YES" for v in status["votes"].values())
+            (placed,) = status["proposal"]["placement"]
+            assert status["votes"][placed]["role"] == "placement"
+            assert {"fitError", "isolation", "gluingDelta", "lambdaInt"} <= set(
+                status["votes"][placed]["readings"]
+            )
+            assert status["voteCount"] in ("2/2", "3/2")
+            assert status["nodes"] == placed
+            assert any(
+                c["type"] == "Admitted" and c["status"] == "True" for c in status["conditions"]
+            )
+            # the node's ledger holds exactly the admitted share
+            node = cluster.nodes(prefix)[placed]
+            (holder,) = node_holders(node)["host"]
+            assert holder["uid"] == fits["metadata"]["uid"]
+            assert holder["share"] == pytest.approx(0.2)
+
+            assert misfit["status"]["phase"] == "Rejected", show(agents, op)
+            message = misfit["status"]["message"]
+            assert "theta_" in message
+            assert prefix in message  # names the refusing node(s)
+            refusals = misfit["status"]["refusals"]
+            assert refusals
+            assert all(name.startswith(prefix) for name in refusals)
+    finally:
+        cluster.delete_nodes(prefix)
+
+
+def test_claim_bigger_than_any_node_is_rejected_at_once(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    prefix = unique("big")
+    agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=2)
+    op = operator_proc(kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace)
+    try:
+        with running(agents, op):
+            cluster.wait_nodes_ready(prefix, 2)
+            cluster.create_claim(namespace, "huge", resources={"cpu": "4096"})
+            body = cluster.wait_phase(namespace, "huge", ["Rejected", "Admitted"], timeout=30)
+            assert body["status"]["phase"] == "Rejected"
+            assert body["status"]["reason"] == "ExceedsNodeCapacity"
+            assert "proposal" not in body["status"]  # nobody was asked to vote
+    finally:
+        cluster.delete_nodes(prefix)
+
+
+def test_only_fitting_node_with_expired_lease_is_not_used(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    busy, idle = unique("busy"), unique("idle")
+    loaded = replay_file(tmp_path / "busy.jsonl", 0.85)
+    busy_agents = agents_proc(
+        kubeconfig, platform, tmp_path / "busy.log", prefix=busy, count=2, source=loaded
+    )
+    idle_agent = agents_proc(
+        kubeconfig,
+        platform,
+        tmp_path / "idle.log",
+        prefix=idle,
+        count=1,
+    )
+    op = operator_proc(kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace)
+    try:
+        with running(busy_agents, idle_agent, op):
+            cluster.wait_nodes_ready(busy, 2)
+            cluster.wait_nodes_ready(idle, 1)
+            idle_agent.kill()  # the only node with room stops renewing its lease
+            lease = client.CoordinationV1Api(cluster.custom.api_client)
+
+            def expired() -> bool:
+                spec = lease.read_namespaced_lease(f"{idle}-0", platform).spec
+                age = (datetime.now(UTC) - spec.renew_time).total_seconds()
+                return age > spec.lease_duration_seconds
+
+            wait_for("the idle node's lease to expire", expired, timeout=30)
+            cluster.create_claim(namespace, "needs-room", cGeo=0.4)
+            body = cluster.wait_phase(namespace, "needs-room", ["Admitted", "Rejected"], timeout=90)
+            placed = [p["node"] for p in body["status"].get("placements") or []]
+            assert f"{idle}-0" not in placed
+            assert body["status"]["phase"] == "Rejected", show(busy_agents, op)
+            assert f"{idle}-0" in body["status"]["message"]
+    finally:
+        cluster.delete_nodes(busy)
+        cluster.delete_nodes(idle)
+
+
+def test_delete_frees_allocation_and_spec_change_is_reported(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    prefix = unique("del")
+    agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=3)
+    op = operator_proc(kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace)
+    try:
+        with running(agents, op):
+            cluster.wait_nodes_ready(prefix, 3)
+            cluster.create_claim(namespace, "held", cGeo=0.3)
+            body = cluster.wait_phase(namespace, "held", ["Admitted"], timeout=60)
+            node = body["status"]["nodes"]
+            assert node_holders(cluster.nodes(prefix)[node])["host"]
+
+            cluster.custom.patch_namespaced_custom_object(
+                "capacity.platform.dev",
+                "v1alpha1",
+                namespace,
+                "capacityclaims",
+                "held",
+                {"spec": {"cGeo": 0.5}},
+            )
+
+            def spec_change_noted() -> dict[str, Any] | None:
+                claim = cluster.claim(namespace, "held") or {}
+                conditions = (claim.get("status") or {}).get("conditions") or []
+                return next((c for c in conditions if c.get("reason") == "SpecChanged"), None)
+
+            condition = wait_for("the SpecChanged condition", spec_change_noted, timeout=30)
+            assert condition["status"] == "True"  # the admission stands
+            still = cluster.claim(namespace, "held") or {}
+            assert still["status"]["phase"] == "Admitted"
+            assert still["status"]["observedGeneration"] == 2
+            (holder,) = node_holders(cluster.nodes(prefix)[node])["host"]
+            assert holder["share"] == pytest.approx(0.3)  # unchanged
+
+            cluster.custom.delete_namespaced_custom_object(
+                "capacity.platform.dev", "v1alpha1", namespace, "capacityclaims", "held"
+            )
+            wait_for("the claim to be gone", lambda: cluster.claim(namespace, "held") is None)
+            wait_for(
+                "the allocation to be freed",
+                lambda: not node_holders(cluster.nodes(prefix)[node]).get("host"),
+                timeout=30,
+            )
+    finally:
+        cluster.delete_nodes(prefix)
+
+
+def test_votes_from_old_epochs_and_strangers_are_ignored(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    """A forged vote that is not from a voter, or for another epoch, never commits a claim."""
+    prefix = unique("forge")
+    # voters that never answer: two simulated nodes whose agent is stopped before the claim
+    agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=3)
+    op = operator_proc(
+        kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace, vote_timeout=20
+    )
+    try:
+        with running(agents, op):
+            cluster.wait_nodes_ready(prefix, 3)
+            agents.kill()  # leases stay live for a few seconds; nobody votes
+            cluster.create_claim(namespace, "forged", cGeo=0.1)
+            body = cluster.wait_phase(namespace, "forged", ["Voting"], timeout=30)
+            proposal = body["status"]["proposal"]
+            epoch = proposal["epoch"]
+
+            def vote(node: str, vote_epoch: int) -> dict[str, Any]:
+                return {
+                    "vote": "YES",
+                    "role": "placement",
+                    "epoch": vote_epoch,
+                    "reason": "forged",
+                    "time": "2026-01-01T00:00:00Z",
+                }
+
+            forged = {
+                "votes": {
+                    **{n: vote(n, epoch + 7) for n in proposal["voters"]},  # wrong epoch
+                    "stranger-a": vote("stranger-a", epoch),  # not a voter
+                    "stranger-b": vote("stranger-b", epoch),
+                }
+            }
+            cluster.custom.patch_namespaced_custom_object_status(
+                "capacity.platform.dev",
+                "v1alpha1",
+                namespace,
+                "capacityclaims",
+                "forged",
+                {"status": forged},
+            )
+            # the operator sees the forged votes (a watch event) and must count none of them
+            needed = len(proposal["voters"]) // 2 + 1
+            for _ in range(25):
+                time.sleep(0.2)
+                now = cluster.claim(namespace, "forged") or {}
+                assert now["status"]["phase"] == "Voting", now["status"]
+                assert now["status"]["proposal"]["epoch"] == epoch
+                assert now["status"]["voteCount"] == f"0/{needed}"
+                for node in cluster.nodes(prefix).values():
+                    assert not node_holders(node).get("host")
+    finally:
+        cluster.delete_nodes(prefix)
+
+
+def test_concurrent_claims_never_over_allocate(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    """200 claims at once against 10 nodes: no node past capacity at any observed moment, and
+    the admitted count is what fits."""
+    prefix = unique("conc")
+    nodes, claims, share = 10, 200, 0.25  # isolation >= 0.15 lets each node hold 3 (0.75)
+    agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=nodes)
+    op = operator_proc(
+        kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace, vote_timeout=10
+    )
+    try:
+        with running(agents, op):
+            cluster.wait_nodes_ready(prefix, nodes)
+            with ThreadPoolExecutor(16) as pool:
+                list(
+                    pool.map(
+                        lambda i: cluster.create_claim(namespace, f"c{i:03d}", cGeo=share),
+                        range(claims),
+                    )
+                )
+            worst = 0.0
+
+            def settled() -> bool:
+                nonlocal worst
+                items = cluster.claims(namespace)
+                for node in cluster.nodes(prefix).values():
+                    held = sum(h["share"] for h in node_holders(node).get("host", []))
+                    worst = max(worst, held)
+                    assert held <= 1.0 + 1e-9, f"{node['metadata']['name']} holds {held}"
+                ledger = ledger_from_claims(items)
+                assert all(v <= 1.0 + 1e-9 for v in ledger.values()), ledger
+                phases = [(c.get("status") or {}).get("phase") for c in items]
+                return all(p in ("Admitted", "Rejected") for p in phases)
+
+            wait_for("every claim to reach a final phase", settled, timeout=240, interval=0.5)
+            items = cluster.claims(namespace)
+            admitted = [c for c in items if c["status"]["phase"] == "Admitted"]
+            ledger = ledger_from_claims(items)
+            assert len(admitted) == nodes * 3, show(op)
+            assert all(v == pytest.approx(0.75) for v in ledger.values())
+            assert len(ledger) == nodes
+            # the nodes' holders agree with the ledger derived from the claims
+            for name, node in cluster.nodes(prefix).items():
+                held = sum(h["share"] for h in node_holders(node).get("host", []))
+                assert held == pytest.approx(ledger[(name, "host")])
+            assert worst <= 1.0 + 1e-9
+    finally:
+        cluster.delete_nodes(prefix)

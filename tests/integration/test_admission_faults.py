@@ -1,0 +1,169 @@
+"""Admission survives operator crashes and duplicate operators: no claim half-admitted, no
+allocation leaked, exactly one operator acting."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests.cluster import (
+    FINAL_PHASES,
+    Cluster,
+    Proc,
+    agents_proc,
+    ledger_from_claims,
+    node_holders,
+    operator_proc,
+    running,
+    unique,
+    wait_for,
+)
+
+
+@pytest.fixture
+def cluster(api: client.ApiClient) -> Cluster:
+    return Cluster(api)
+
+
+@pytest.fixture
+def platform(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
+    name = unique("cp-platform")
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+def show(*procs: Proc) -> str:
+    return "\n".join(f"--- {p.name} ({p.log}):\n{p.tail(60)}" for p in procs)
+
+
+def assert_ledger_consistent(cluster: Cluster, namespace: str, prefix: str) -> int:
+    """Every node's holders are exactly the placements of the admitted claims; return admitted."""
+    claims = cluster.claims(namespace)
+    by_uid = {c["metadata"]["uid"]: c for c in claims}
+    expected = ledger_from_claims(claims)
+    for name, node in cluster.nodes(prefix).items():
+        holders = node_holders(node).get("host", [])
+        for h in holders:
+            claim = by_uid.get(h["uid"])
+            assert claim is not None, f"{name}: holder of a claim that does not exist: {h}"
+            status = claim["status"]
+            assert status["phase"] == "Admitted", f"{name}: leaked holder {h} ({status['phase']})"
+            assert any(
+                p["node"] == name and p["epoch"] == h["epoch"] for p in status["placements"]
+            ), h
+        held = sum(h["share"] for h in holders)
+        assert held <= 1.0 + 1e-9
+        assert held == pytest.approx(expected.get((name, "host"), 0.0))
+    return sum(1 for c in claims if c["status"]["phase"] == "Admitted")
+
+
+def test_operator_killed_at_random_points_leaves_nothing_half_done(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    prefix = unique("kill")
+    rng = random.Random(20261122)
+    agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=5)
+    log = tmp_path / "operator.log"
+    try:
+        with running(agents):
+            cluster.wait_nodes_ready(prefix, 5)
+            op = operator_proc(
+                kubeconfig, platform, log, claim_namespace=namespace, vote_timeout=4
+            ).start()
+            created = 0
+            for _ in range(20):
+                for _ in range(2):
+                    cluster.create_claim(namespace, f"k{created:02d}", cGeo=0.15)
+                    created += 1
+                time.sleep(rng.uniform(0.3, 2.5))
+                op.kill()  # SIGKILL, wherever it was in the protocol
+                op = operator_proc(
+                    kubeconfig, platform, log, claim_namespace=namespace, vote_timeout=4
+                ).start()
+            try:
+                wait_for(
+                    "every claim to reach a final phase after the last restart",
+                    lambda: all(
+                        (c.get("status") or {}).get("phase") in FINAL_PHASES
+                        for c in cluster.claims(namespace)
+                    ),
+                    timeout=180,
+                    interval=0.5,
+                )
+                # let the last operator settle its own writes, then check the ledger
+                time.sleep(1)
+                admitted = assert_ledger_consistent(cluster, namespace, prefix)
+            finally:
+                op.stop()
+            # 5 nodes x 5 claims of 0.15 (isolation >= 0.15 stops the 6th): 25 of 40 fit
+            placements = [
+                (c["metadata"]["name"], c["status"].get("nodes"), c["status"].get("reason"))
+                for c in cluster.claims(namespace)
+            ]
+            assert admitted == 25, placements
+    finally:
+        cluster.delete_nodes(prefix)
+
+
+def test_two_operators_exactly_one_acts_and_the_other_takes_over(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    prefix = unique("peer")
+    peering = unique("peering")
+    agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=3)
+    first = operator_proc(
+        kubeconfig,
+        platform,
+        tmp_path / "first.log",
+        standalone=False,
+        peering=peering,
+        priority=200,
+    )
+    second = operator_proc(
+        kubeconfig,
+        platform,
+        tmp_path / "second.log",
+        standalone=False,
+        peering=peering,
+        priority=100,
+    )
+    try:
+        with running(agents, first, second):
+            cluster.wait_nodes_ready(prefix, 3)
+            # kopf starts a copy paused when a higher-priority peer is already there, and pauses
+            # a running one when such a peer appears; either way the lower copy must not act
+            try:
+                wait_for(
+                    "both operators to start",
+                    lambda: (
+                        "Resuming operations" in first.tail(200)
+                        and "Initial authentication has finished" in second.tail(200)
+                    ),
+                    timeout=30,
+                )
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\n{show(first, second)}") from None
+            for i in range(4):
+                cluster.create_claim(namespace, f"p{i}", cGeo=0.1)
+            for i in range(4):
+                cluster.wait_phase(namespace, f"p{i}", ["Admitted"], timeout=60)
+            assert first.tail(500).count("admitted on") == 4
+            assert "admitted on" not in second.tail(500)
+
+            first.stop()  # a clean stop removes its peering entry at once
+            cluster.create_claim(namespace, "after", cGeo=0.1)
+            cluster.wait_phase(namespace, "after", ["Admitted"], timeout=60)
+            assert "after admitted on" in second.tail(500)
+            assert_ledger_consistent(cluster, namespace, prefix)
+    finally:
+        cluster.delete_nodes(prefix)
+        client.CustomObjectsApi(cluster.custom.api_client).delete_cluster_custom_object(
+            "kopf.dev", "v1", "clusterkopfpeerings", peering
+        )
