@@ -300,8 +300,8 @@ def plan_placement(
             continue
         a = view.allocated(substrate)
         if view.name in excluded_set:
-            reasons.append(f"{view.name}: voted NO earlier")
-        elif a + r > 1.0 + EPSILON:
+            continue  # the caller reports refusals with the voters' own reasons
+        if a + r > 1.0 + EPSILON:
             reasons.append(f"{view.name}: allocated {a:.2f} + request {r:.2f} exceeds capacity")
         elif 1.0 - a - r < min_isolation - EPSILON:
             reasons.append(

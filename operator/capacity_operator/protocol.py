@@ -158,11 +158,16 @@ class Engine:
                     name=name,
                     node=node,
                     lease_live=lease is not None and lease.live(now),
-                    fresh=node_fresh(node, now, self.settings.node_max_age_seconds),
+                    fresh=node_fresh(
+                        node, now, self.settings.node_max_age_seconds, self._min_samples()
+                    ),
                     reserved=dict(reserved.get(name, {})),
                 )
             )
         return views
+
+    def _min_samples(self) -> int:
+        return self._thresholds[1].min_samples if self._thresholds else Thresholds().min_samples
 
     async def thresholds(self) -> Thresholds:
         """Gate thresholds from the calibration ConfigMap (re-read at most every 5 s)."""
@@ -652,10 +657,13 @@ class Engine:
 # helpers
 
 
-def node_fresh(node: CapacityNode, now: datetime, max_age: float) -> bool:
-    """Ready and with at least one reading newer than ``max_age`` seconds."""
+def node_fresh(node: CapacityNode, now: datetime, max_age: float, min_samples: int = 0) -> bool:
+    """Ready, with a reading newer than ``max_age`` seconds, and every window holding at least
+    ``min_samples`` samples (a node that just came up or came back is not trusted before)."""
     status = node.status
     if status is None:
+        return False
+    if any(r.samples < min_samples for r in (status.readings or {}).values()):
         return False
     ready = any(
         c.type == reasons.READY and c.status.value == "True" for c in status.conditions or []
