@@ -17,6 +17,16 @@ IO_PRESSURE: Final = "IOPressure"
 STALE: Final = "Stale"
 PRESSURE_CONDITIONS: Final = (MEMORY_PRESSURE, CPU_PRESSURE, IO_PRESSURE)
 
+# Node reasons (written by the agent)
+MEASURING: Final = "Measuring"
+SUBSTRATES_STALE: Final = "SubstratesStale"
+NO_SUBSTRATES: Final = "NoSubstrates"
+FRESH: Final = "Fresh"
+PSI_ABOVE_THRESHOLD: Final = "PSIAboveThreshold"
+PSI_BELOW_THRESHOLD: Final = "PSIBelowThreshold"
+PSI_UNAVAILABLE: Final = "PSIUnavailable"
+CPU_THROTTLED: Final = "CPUThrottled"
+
 # Claim reasons
 PROPOSED: Final = "Proposed"
 QUORUM_REACHED: Final = "QuorumReached"

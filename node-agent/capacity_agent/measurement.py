@@ -97,15 +97,7 @@ LOAD = "_load"
 THROTTLED = "cpu_throttled"
 """Host window signal: share of CFS periods throttled between two samples."""
 
-# Condition reasons (agent-side; the condition types live in capacity_api.reasons)
-MEASURING = "Measuring"
-SUBSTRATES_STALE = "SubstratesStale"
-NO_SUBSTRATES = "NoSubstrates"
-FRESH = "Fresh"
-PSI_ABOVE_THRESHOLD = "PSIAboveThreshold"
-PSI_BELOW_THRESHOLD = "PSIBelowThreshold"
-PSI_UNAVAILABLE = "PSIUnavailable"
-CPU_THROTTLED = "CPUThrottled"
+# Condition types and reasons live in capacity_api.reasons.
 
 CONDITION_TYPES = (
     reasons.READY,
@@ -157,7 +149,7 @@ class TickResult:
 @dataclass
 class _PressureState:
     status: ConditionStatus = ConditionStatus.UNKNOWN
-    reason: str = PSI_UNAVAILABLE
+    reason: str = reasons.PSI_UNAVAILABLE
     message: str = "no PSI reading yet"
 
 
@@ -391,7 +383,7 @@ class NodeMeasurements:
             value = None if reading is None else reading.some_avg10
             if value is None or not math.isfinite(value):
                 state.status = ConditionStatus.UNKNOWN
-                state.reason = PSI_UNAVAILABLE
+                state.reason = reasons.PSI_UNAVAILABLE
                 state.message = f"no PSI {resource} some avg10 in the newest host sample"
                 continue
             threshold = {"memory": t.memory, "io": t.io, "cpu": t.cpu}[resource]
@@ -408,7 +400,7 @@ class NodeMeasurements:
             limit = threshold * t.clear_ratio if was_set else threshold
             if effective > limit:
                 state.status = ConditionStatus.TRUE
-                state.reason = PSI_ABOVE_THRESHOLD
+                state.reason = reasons.PSI_ABOVE_THRESHOLD
                 state.message = (
                     f"PSI {resource} some avg10 {value:.1f}%{note} above {limit:g}%"
                     if not was_set
@@ -417,13 +409,13 @@ class NodeMeasurements:
             else:
                 state.status = ConditionStatus.FALSE
                 if resource == "cpu" and value > limit:
-                    state.reason = CPU_THROTTLED
+                    state.reason = reasons.CPU_THROTTLED
                     state.message = (
                         f"PSI cpu some avg10 {value:.1f}% is above {limit:g}% but explained by "
                         f"cgroup throttling{note}"
                     )
                 else:
-                    state.reason = PSI_BELOW_THRESHOLD
+                    state.reason = reasons.PSI_BELOW_THRESHOLD
                     state.message = f"PSI {resource} some avg10 {value:.1f}%{note} <= {limit:g}%"
 
     def pressure_conditions(self) -> list[str]:
@@ -567,7 +559,12 @@ class NodeMeasurements:
         wanted: list[tuple[str, ConditionStatus, str, str]] = []
         if not self._states:
             wanted.append(
-                (reasons.READY, ConditionStatus.FALSE, NO_SUBSTRATES, "no substrate is present")
+                (
+                    reasons.READY,
+                    ConditionStatus.FALSE,
+                    reasons.NO_SUBSTRATES,
+                    "no substrate is present",
+                )
             )
         elif stale:
             names = ", ".join(s.value for s in stale)
@@ -575,19 +572,21 @@ class NodeMeasurements:
                 (
                     reasons.READY,
                     ConditionStatus.FALSE,
-                    SUBSTRATES_STALE,
+                    reasons.SUBSTRATES_STALE,
                     f"no fresh sample of {names}",
                 )
             )
         else:
-            wanted.append((reasons.READY, ConditionStatus.TRUE, MEASURING, f"measuring {measured}"))
+            wanted.append(
+                (reasons.READY, ConditionStatus.TRUE, reasons.MEASURING, f"measuring {measured}")
+            )
         if stale:
             details = "; ".join(self._stale_detail(s) for s in stale)
             message = f"no sample within {self.stale_after:g} s: {details}"
-            wanted.append((reasons.STALE, ConditionStatus.TRUE, SUBSTRATES_STALE, message))
+            wanted.append((reasons.STALE, ConditionStatus.TRUE, reasons.SUBSTRATES_STALE, message))
         else:
             message = f"every substrate sampled within {self.stale_after:g} s"
-            wanted.append((reasons.STALE, ConditionStatus.FALSE, FRESH, message))
+            wanted.append((reasons.STALE, ConditionStatus.FALSE, reasons.FRESH, message))
         for kind in (reasons.MEMORY_PRESSURE, reasons.CPU_PRESSURE, reasons.IO_PRESSURE):
             p = self._pressure[kind]
             wanted.append((kind, p.status, p.reason, p.message))

@@ -12,15 +12,7 @@ import pytest
 
 from capacity_agent.collectors.base import Collector, CollectorError, Sample
 from capacity_agent.collectors.procfs import PrimingError
-from capacity_agent.measurement import (
-    CPU_THROTTLED,
-    MAX_SIGNALS,
-    PSI_ABOVE_THRESHOLD,
-    PSI_BELOW_THRESHOLD,
-    PSI_UNAVAILABLE,
-    NodeMeasurements,
-    discover,
-)
+from capacity_agent.measurement import MAX_SIGNALS, NodeMeasurements, discover
 from capacity_api import gates
 from capacity_api.models import (
     CgroupLimits,
@@ -29,6 +21,12 @@ from capacity_api.models import (
     Geometry,
     PressureReading,
     Substrate,
+)
+from capacity_api.reasons import (
+    CPU_THROTTLED,
+    PSI_ABOVE_THRESHOLD,
+    PSI_BELOW_THRESHOLD,
+    PSI_UNAVAILABLE,
 )
 
 pytestmark = pytest.mark.unit
