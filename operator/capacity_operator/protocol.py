@@ -272,8 +272,8 @@ class Engine:
             refused = {n: result.counted[n].reason or "voted NO" for n in result.refused_by}
             reason = reasons.VOTE_REFUSED if refused else reasons.DEADLINE_PASSED
             await self._abort(claim, body, reason, result.reason, refused=refused)
-        elif status.vote_count != result.vote_count:
-            await self._write_claim(claim, {"voteCount": result.vote_count})
+        # WAIT: nothing to write. The tally is recorded with the commit or the abort only, since
+        # a write per arriving vote would race every other voter's patch (capctl shows it live).
 
     async def _admitted(self, claim: CapacityClaim, body: JSON) -> None:
         status = claim.status
@@ -479,8 +479,9 @@ class Engine:
     async def _add_holder(self, node: str, substrate: Substrate, holder: Holder) -> str | None:
         """Add the holder to the node's ledger; None on success, else why it cannot."""
         async with self._node_locks[node]:
+            # first try on the cached object: a stale one fails the resourceVersion check
+            cn = self.nodes.get(node)
             for _ in range(self.settings.commit_retries):
-                cn = await self._fresh_node(node)
                 if cn is None:
                     return "its CapacityNode is gone"
                 current = _holders(cn, substrate)
@@ -496,6 +497,7 @@ class Engine:
                 try:
                     await self._write_node(node, cn, {"allocated": {substrate.value: alloc.wire()}})
                 except ConflictError:
+                    cn = await self._fresh_node(node)
                     continue
                 return None
         raise ConflictError(f"node {node} kept changing")
@@ -503,6 +505,11 @@ class Engine:
     async def _remove_holders(self, uid: str, epoch: int | None, nodes: Iterable[str]) -> None:
         """Drop the claim's holders (of one epoch, or all) from the given nodes' ledgers."""
         for node in sorted(set(nodes)):
+            cached = self.nodes.get(node)
+            if cached is not None and not _holds(cached, uid):
+                # holders are only added by commits, which keep this cache current; a copy
+                # that died mid-commit leaves leaks that the rebuild on start removes
+                continue
             async with self._node_locks[node]:
                 for _ in range(self.settings.commit_retries):
                     cn = await self._fresh_node(node)
