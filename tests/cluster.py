@@ -176,6 +176,11 @@ def agents_proc(
     return Proc("agents", argv, log, env=env)
 
 
+def show(*procs: Proc, lines: int = 60) -> str:
+    """The last lines of each process's log, for assertion messages."""
+    return "\n".join(f"--- {p.name} ({p.log}):\n{p.tail(lines)}" for p in procs)
+
+
 @contextmanager
 def running(*procs: Proc) -> Iterator[tuple[Proc, ...]]:
     for proc in procs:

@@ -13,6 +13,7 @@ from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
 from tests import kube
+from tests.cluster import Cluster
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +62,21 @@ def namespace(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
     except ApiException as exc:  # already gone is fine
         if exc.status != 404:
             raise
+
+
+@pytest.fixture
+def platform(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
+    """A platform namespace of one test's own: node Leases and calibration live here."""
+    name = f"cp-platform-{uuid.uuid4().hex[:8]}"
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    yield name
+    core.delete_namespace(name)
+
+
+@pytest.fixture
+def cluster(api: client.ApiClient) -> Cluster:
+    return Cluster(api)
 
 
 @pytest.fixture

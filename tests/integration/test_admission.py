@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,30 +16,15 @@ from kubernetes import client
 
 from tests.cluster import (
     Cluster,
-    Proc,
     agents_proc,
     ledger_from_claims,
     node_holders,
     operator_proc,
     running,
+    show,
     unique,
     wait_for,
 )
-
-
-@pytest.fixture
-def cluster(api: client.ApiClient) -> Cluster:
-    return Cluster(api)
-
-
-@pytest.fixture
-def platform(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
-    """A platform namespace of our own: node Leases and calibration live here."""
-    name = unique("cp-platform")
-    core = client.CoreV1Api(api)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    yield name
-    core.delete_namespace(name)
 
 
 def replay_file(path: Path, load: float, count: int = 64, seed: int = 1) -> str:
@@ -50,10 +34,6 @@ def replay_file(path: Path, load: float, count: int = 64, seed: int = 1) -> str:
             u = min(1.0, max(0.0, load + rng.uniform(-0.01, 0.01)))
             out.write(json.dumps({"t": i, "load": u, "signals": {"cpu": u, "memory": u}}) + "\n")
     return f"replay:{path}"
-
-
-def show(*procs: Proc) -> str:
-    return "\n".join(f"--- {p.name} ({p.log}):\n{p.tail()}" for p in procs)
 
 
 def test_fit_admitted_misfit_rejected_with_gate_and_node(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,33 +13,15 @@ from kubernetes import client
 from tests.cluster import (
     FINAL_PHASES,
     Cluster,
-    Proc,
     agents_proc,
     ledger_from_claims,
     node_holders,
     operator_proc,
     running,
+    show,
     unique,
     wait_for,
 )
-
-
-@pytest.fixture
-def cluster(api: client.ApiClient) -> Cluster:
-    return Cluster(api)
-
-
-@pytest.fixture
-def platform(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
-    name = unique("cp-platform")
-    core = client.CoreV1Api(api)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    yield name
-    core.delete_namespace(name)
-
-
-def show(*procs: Proc) -> str:
-    return "\n".join(f"--- {p.name} ({p.log}):\n{p.tail(60)}" for p in procs)
 
 
 def assert_ledger_consistent(cluster: Cluster, namespace: str, prefix: str) -> int:
