@@ -1,10 +1,13 @@
 """PrometheusHostCollector against a real Prometheus scraping a real node-exporter on this machine.
 
-The collector's readings are compared with psutil's readings of the same machine over the same
-window: both come from /proc/stat and /proc/meminfo, one through node-exporter and Prometheus'
-``rate``, the other directly. Tolerances (absolute, in [0, 1] units):
+The collector's readings are compared with the live readings of the same machine over the same
+window (CPU from psutil, memory with the /proc host collector's own parser): both come from
+/proc/stat and /proc/meminfo, one through node-exporter and Prometheus' ``rate``, the other
+directly. Tolerances (absolute, in [0, 1] units):
 
-- memory (``1 - MemAvailable / MemTotal``): 0.05, compared at the same moment (one scrape apart);
+- memory (working set, ``(MemTotal - MemFree - Inactive(file)) / MemTotal``, the live host
+  collector's formula, read from /proc/meminfo with its own parser): 0.05, compared at the same
+  moment (one scrape apart);
 - cpu over the same 30 s: 0.10 (the windows differ by up to one 1 s scrape at each end, and
   ``rate`` extrapolates to the window's edges);
 - a core burnt for ~15 s must raise the 10 s cpu reading by at least half of what it can add,
@@ -25,6 +28,7 @@ import psutil
 import pytest
 
 from capacity_agent.collectors.base import CollectorError
+from capacity_agent.collectors.procfs import host_working_set, parse_meminfo
 from capacity_agent.collectors.prometheus import (
     SIGNAL_LABEL,
     PrometheusHostCollector,
@@ -40,9 +44,10 @@ CPU_TOLERANCE = 0.10
 BURN_SECONDS = 15.0
 
 
-def memory_psutil() -> float:
-    vm = psutil.virtual_memory()
-    return (vm.total - vm.available) / vm.total
+def memory_host() -> float:
+    """The live host collector's memory signal, straight from /proc/meminfo."""
+    total, working_set = host_working_set(parse_meminfo(Path("/proc/meminfo").read_text()))
+    return working_set / total
 
 
 def wait_for_history(stack: PrometheusStack, seconds: float) -> None:
@@ -90,7 +95,7 @@ def test_cpu_and_memory_agree_with_psutil_over_the_same_window(
         time.sleep(10)
         end = psutil.cpu_times()
         cpu10_pairs.append((short.sample().signals["cpu"], _busy_fraction(start, end)))
-        memory_pairs.append((collector.sample().signals["memory"], memory_psutil()))
+        memory_pairs.append((collector.sample().signals["memory"], memory_host()))
         start = end
     sample_30 = collector.sample()
     cpu_psutil_30 = _busy_fraction(first, start)

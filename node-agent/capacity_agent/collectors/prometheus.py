@@ -10,7 +10,8 @@ instant query per sample, so every signal of a sample is evaluated at the same i
     ``psutil.cpu_percent`` and the kernel's own accounting: a CPU waiting on I/O is free to run
     other work.
 ``memory``
-    ``1 - node_memory_MemAvailable_bytes / node_memory_MemTotal_bytes``: the working set.
+    ``(MemTotal - MemFree - Inactive_file) / MemTotal`` from ``node_memory_*_bytes``: the node
+    working set, the same formula as the /proc host collector (and kubelet).
 ``load1``
     ``node_load1 / CPUs``, clamped at 1 (the unclamped load average is ``raw["loadavg1"]``).
 ``psi_cpu``, ``psi_memory``, ``psi_io``
@@ -104,8 +105,12 @@ def build_queries(
     queries = {
         "cpu": f"1 - sum by (instance) (rate({idle}[{rate_window}])) / {cpus}",
         "cpus": cpus,
+        # the node working set as kubelet and the /proc host collector compute it:
+        # (MemTotal - MemFree - Inactive(file)) / MemTotal
         "memory": (
-            f"1 - sum by (instance) ({_series('node_memory_MemAvailable_bytes', matchers)})"
+            f"(sum by (instance) ({_series('node_memory_MemTotal_bytes', matchers)})"
+            f" - sum by (instance) ({_series('node_memory_MemFree_bytes', matchers)})"
+            f" - sum by (instance) ({_series('node_memory_Inactive_file_bytes', matchers)}))"
             f" / sum by (instance) ({_series('node_memory_MemTotal_bytes', matchers)})"
         ),
         "memory_total_bytes": (
