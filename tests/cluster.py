@@ -90,6 +90,10 @@ class Proc:
         except subprocess.TimeoutExpired:
             self.kill()
 
+    def output(self) -> str:
+        """Everything the process has logged so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
     def tail(self, lines: int = 40) -> str:
         if not self.log.exists():
             return ""

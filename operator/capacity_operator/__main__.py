@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None) -> OperatorSettings:
     settings = OperatorSettings(**overrides)
     level = logging.DEBUG if args.verbose else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if not args.verbose:
+        # kopf logs every handler run per object at INFO: at tens of claims per second that
+        # drowns the operator's own messages (admissions, rebuilds, peering)
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     return settings
 
 
