@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from capacity_agent.collectors.base import CollectorError
 from capacity_agent.collectors.procfs import (
+    Baseline,
     CpuTimes,
     PrimingError,
     counter_delta,
@@ -453,3 +454,16 @@ LINES = st.lists(
 def test_parsers_raise_only_collector_error(parser: Callable[[str], Any], text: str) -> None:
     with contextlib.suppress(CollectorError):
         parser(text)
+
+
+def test_baseline_primes_then_pairs_devices_present_in_both_readings() -> None:
+    baseline: Baseline[int] = Baseline("disks")
+    with pytest.raises(PrimingError, match="disks: first reading"):
+        baseline.advance(10.0, {"vda": 1, "vdb": 2})
+    elapsed, pairs = baseline.advance(12.5, {"vda": 5, "vdc": 9})
+    assert elapsed == 2.5
+    assert pairs == [("vda", 1, 5)]  # vdc joins from the next sample, vdb is gone
+    with pytest.raises(CollectorError, match="clock did not advance"):
+        baseline.advance(12.5, {"vda": 6})
+    with pytest.raises(CollectorError, match="nothing present in both readings"):
+        baseline.advance(13.0, {"sda": 1})

@@ -35,8 +35,8 @@ from pathlib import Path
 from capacity_agent.collectors.base import Collector, CollectorError, Sample
 from capacity_agent.collectors.paths import HostPaths
 from capacity_agent.collectors.procfs import (
+    Baseline,
     NetDevStats,
-    PrimingError,
     counter_delta,
     is_dir,
     parse_net_dev,
@@ -75,7 +75,7 @@ class NetworkCollector(Collector):
         self.default_speed_mbps = default_speed_mbps
         self.netns_pid = netns_pid
         self.clock = clock
-        self._prev: tuple[float, dict[str, NetDevStats]] | None = None
+        self._baseline: Baseline[NetDevStats] = Baseline("network")
 
     # -- Collector -----------------------------------------------------------------------------
 
@@ -94,22 +94,12 @@ class NetworkCollector(Collector):
         current = self._read()
         if not current:
             raise CollectorError(f"network: no interfaces to measure in {self._net_dev_path()}")
-        prev, self._prev = self._prev, (now, current)
-        if prev is None:
-            raise PrimingError("network: first reading stored as the baseline")
-        prev_time, prev_stats = prev
-        elapsed = now - prev_time
-        if elapsed <= 0:
-            raise CollectorError(f"network: clock did not advance ({elapsed:.3f} s); re-primed")
+        elapsed, pairs = self._baseline.advance(now, current)
 
         raw: dict[str, float] = {}
         rx_max = tx_max = 0.0
         packets = drops = errors = 0
-        measured = 0
-        for name, cur in sorted(current.items()):
-            old = prev_stats.get(name)
-            if old is None:
-                continue  # appeared since the last reading: joins from the next sample
+        for name, old, cur in pairs:
             deltas = _deltas(old, cur)
             if deltas is None:
                 raise CollectorError(f"network: counters of {name} were reset; re-primed")
@@ -127,11 +117,7 @@ class NetworkCollector(Collector):
             packets += d_packets
             drops += d_drops
             errors += d_errors
-            measured += 1
-        if measured == 0:
-            raise CollectorError("network: no interface present in both readings; re-primed")
-
-        raw["interfaces"] = float(measured)
+        raw["interfaces"] = float(len(pairs))
         raw["elapsed_s"] = elapsed
         handled = packets + drops + errors
         signals = {

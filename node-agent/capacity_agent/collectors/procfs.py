@@ -14,6 +14,7 @@ import errno
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from capacity_agent.collectors.base import CollectorError
 from capacity_api.models import PressureReading
@@ -76,6 +77,44 @@ class PrimingError(CollectorError):
     A subclass of CollectorError, so the agent treats it like any skipped sample (never as zero
     load); an agent loop may choose not to count it as a failure.
     """
+
+
+Stats = TypeVar("Stats")
+
+
+class Baseline(Generic[Stats]):
+    """The previous reading of per-device counters, so two readings give rates.
+
+    :meth:`advance` stores the new reading and returns the elapsed time with the devices present
+    in both; the first call, a clock that did not move, or no device in common raise (the sample
+    is skipped, never read as zero), and the new reading becomes the baseline either way.
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self._prev: tuple[float, dict[str, Stats]] | None = None
+
+    def advance(
+        self, now: float, current: dict[str, Stats]
+    ) -> tuple[float, list[tuple[str, Stats, Stats]]]:
+        prev, self._prev = self._prev, (now, current)
+        if prev is None:
+            raise PrimingError(f"{self.label}: first reading stored as the baseline")
+        prev_time, prev_stats = prev
+        elapsed = now - prev_time
+        if elapsed <= 0:
+            raise CollectorError(
+                f"{self.label}: clock did not advance ({elapsed:.3f} s); re-primed"
+            )
+        # a device that appeared since the last reading joins from the next sample
+        pairs = [
+            (name, prev_stats[name], cur)
+            for name, cur in sorted(current.items())
+            if name in prev_stats
+        ]
+        if not pairs:
+            raise CollectorError(f"{self.label}: nothing present in both readings; re-primed")
+        return elapsed, pairs
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,8 +32,8 @@ from capacity_agent.collectors.base import Collector, CollectorError, Sample
 from capacity_agent.collectors.paths import HostPaths
 from capacity_agent.collectors.procfs import (
     SECTOR_BYTES,
+    Baseline,
     DiskStats,
-    PrimingError,
     counter_delta,
     is_dir,
     parse_diskstats,
@@ -79,7 +79,7 @@ class StorageCollector(Collector):
         self.nominal_throughput = nominal_throughput
         """The node's sustained read+write bandwidth in bytes/s."""
         self.clock = clock
-        self._prev: tuple[float, dict[str, DiskStats]] | None = None
+        self._baseline: Baseline[DiskStats] = Baseline("storage")
 
     # -- Collector -----------------------------------------------------------------------------
 
@@ -99,22 +99,12 @@ class StorageCollector(Collector):
             raise CollectorError(
                 f"storage: no block devices in {self.paths.proc_path('diskstats')}"
             )
-        prev, self._prev = self._prev, (now, current)
-        if prev is None:
-            raise PrimingError("storage: first reading stored as the baseline")
-        prev_time, prev_stats = prev
-        elapsed = now - prev_time
-        if elapsed <= 0:
-            raise CollectorError(f"storage: clock did not advance ({elapsed:.3f} s); re-primed")
+        elapsed, pairs = self._baseline.advance(now, current)
 
         raw: dict[str, float] = {}
         busy_max = 0.0
         total_ios = total_read = total_write = total_wait = 0
-        measured = 0
-        for name, cur in sorted(current.items()):
-            old = prev_stats.get(name)
-            if old is None:
-                continue  # appeared since the last reading: joins from the next sample
+        for name, old, cur in pairs:
             deltas = _deltas(old, cur)
             if deltas is None:
                 raise CollectorError(f"storage: counters of {name} were reset; re-primed")
@@ -130,15 +120,12 @@ class StorageCollector(Collector):
             total_read += read_bytes
             total_write += write_bytes
             total_wait += wait_ms
-            measured += 1
-        if measured == 0:
-            raise CollectorError("storage: no device present in both readings; re-primed")
 
         iops = total_ios / elapsed
         throughput = (total_read + total_write) / elapsed
         raw.update(
             {
-                "devices": float(measured),
+                "devices": float(len(pairs)),
                 "read_bytes_per_s": total_read / elapsed,
                 "write_bytes_per_s": total_write / elapsed,
                 "iops": iops,
