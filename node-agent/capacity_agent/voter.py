@@ -35,6 +35,7 @@ from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds, evaluate_fit
+from capacity_api.lease import parse_lease
 from capacity_api.models import (
     CapacityClaim,
     CapacityNode,
@@ -431,15 +432,9 @@ class Voter:
             )
             leases: dict[str, tuple[float | None, float]] = {}
             for item in json.loads(response.data).get("items", []):
-                spec = item.get("spec") or {}
-                renew = spec.get("renewTime")
-                renewed = (
-                    datetime.fromisoformat(renew.replace("Z", "+00:00")).timestamp()
-                    if renew
-                    else None
-                )
-                duration = float(spec.get("leaseDurationSeconds") or 40)
-                leases[item["metadata"]["name"]] = (renewed, duration)
+                lease = parse_lease(item)
+                renewed = lease.renew_time.timestamp() if lease.renew_time else None
+                leases[lease.name] = (renewed, float(lease.duration_seconds))
             self._lease_cache = (now, leases)
             return leases
 

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from capacity_api import GROUP, VERSION, reasons
 from capacity_api.admission import Outcome, Tally, allocated_share, tally
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds
+from capacity_api.lease import LeaseInfo, parse_lease
 from capacity_api.models import (
     CapacityClaim,
     CapacityNode,
@@ -42,7 +43,6 @@ from capacity_api.models import (
     Vote,
     VoterRole,
 )
-from capacity_operator.kube import LeaseInfo, lease_info
 
 JSON = dict[str, Any]
 
@@ -1159,11 +1159,13 @@ def read_nodes(api: client.ApiClient) -> list[CapacityNode]:
 def read_leases(api: client.ApiClient, namespace: str) -> dict[str, LeaseInfo]:
     coordination = client.CoordinationV1Api(api)
     try:
-        out = coordination.list_namespaced_lease(namespace, _request_timeout=REQUEST_TIMEOUT)
+        out = coordination.list_namespaced_lease(
+            namespace, _request_timeout=REQUEST_TIMEOUT, _preload_content=False
+        )
     except ApiException as exc:
         _warn(f"cannot list leases in {namespace}: {_api_reason(exc)}")
         return {}
-    leases = [lease_info(item) for item in out.items]
+    leases = [parse_lease(item) for item in json.loads(out.data).get("items", [])]
     return {lease.name: lease for lease in leases}
 
 

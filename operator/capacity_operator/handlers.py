@@ -18,9 +18,10 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
+from capacity_api.lease import parse_lease
 from capacity_api.models import Phase
 from capacity_api.reasons import WAITING_FOR_CAPACITY, WAITING_FOR_NODES
-from capacity_operator.kube import JSON, Kube, lease_from_dict
+from capacity_operator.kube import JSON, Kube
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
 
@@ -166,4 +167,4 @@ def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     obj = event["object"]
     if obj.get("metadata", {}).get("namespace") != engine.settings.namespace:
         return
-    engine.observe_lease(lease_from_dict(dict(obj)), deleted=event["type"] == "DELETED")
+    engine.observe_lease(parse_lease(obj), deleted=event["type"] == "DELETED")

@@ -9,14 +9,15 @@ moved on). A conflict raises :class:`ConflictError`; callers re-read and re-deci
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from datetime import UTC, datetime
+import json
+from functools import partial
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
+from capacity_api.lease import LeaseInfo, parse_lease
 from capacity_api.models import CapacityClaim, CapacityNode
 
 CLAIMS = "capacityclaims"
@@ -30,18 +31,6 @@ class ConflictError(RuntimeError):
 
 class NotFoundError(RuntimeError):
     """The object does not exist (HTTP 404)."""
-
-
-@dataclass(frozen=True, slots=True)
-class LeaseInfo:
-    name: str
-    renew_time: datetime | None
-    duration_seconds: int
-
-    def live(self, now: datetime) -> bool:
-        if self.renew_time is None:
-            return False
-        return (now - self.renew_time).total_seconds() <= self.duration_seconds
 
 
 def _raise_for(exc: ApiException) -> None:
@@ -110,8 +99,10 @@ class Kube:
     # -- leases, config ----------------------------------------------------------------------
 
     async def list_leases(self, namespace: str) -> list[LeaseInfo]:
-        out = await self._call(self.coordination.list_namespaced_lease, namespace)
-        return [lease_info(item) for item in out.items]
+        out = await self._call(
+            partial(self.coordination.list_namespaced_lease, _preload_content=False), namespace
+        )
+        return [parse_lease(item) for item in json.loads(out.data).get("items", [])]
 
     async def get_configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
@@ -128,33 +119,12 @@ class Kube:
             raise  # pragma: no cover - _raise_for always raises
 
 
-def lease_info(lease: Any) -> LeaseInfo:
-    spec = lease.spec
-    renew = spec.renew_time if spec is not None else None
-    if isinstance(renew, datetime) and renew.tzinfo is None:
-        renew = renew.replace(tzinfo=UTC)
-    return LeaseInfo(
-        name=lease.metadata.name,
-        renew_time=renew,
-        duration_seconds=int((spec.lease_duration_seconds if spec else None) or 40),
-    )
-
-
-def lease_from_dict(raw: JSON) -> LeaseInfo:
-    """A Lease as it arrives in a watch event (camelCase JSON)."""
-    spec = raw.get("spec") or {}
-    renew_raw = spec.get("renewTime")
-    renew = datetime.fromisoformat(renew_raw.replace("Z", "+00:00")) if renew_raw else None
-    return LeaseInfo(
-        name=raw["metadata"]["name"],
-        renew_time=renew,
-        duration_seconds=int(spec.get("leaseDurationSeconds") or 40),
-    )
-
-
 def parse_claim(body: JSON) -> CapacityClaim:
     return CapacityClaim.model_validate(body)
 
 
 def parse_node(body: JSON) -> CapacityNode:
     return CapacityNode.model_validate(body)
+
+
+__all__ = ["ConflictError", "Kube", "LeaseInfo", "NotFoundError", "parse_claim", "parse_node"]

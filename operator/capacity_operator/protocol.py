@@ -41,6 +41,7 @@ from capacity_api.admission import (
     tally,
 )
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds
+from capacity_api.lease import LeaseInfo
 from capacity_api.models import (
     Allocation,
     CapacityClaim,
@@ -55,7 +56,6 @@ from capacity_operator.kube import (
     JSON,
     ConflictError,
     Kube,
-    LeaseInfo,
     NotFoundError,
     parse_claim,
     parse_node,
@@ -609,14 +609,7 @@ class Engine:
         uid = claim.metadata.uid or ""
         async with self._claim_locks[uid]:
             self.inflight.pop(uid, None)
-            holding = [
-                name
-                for name, node in self.nodes.items()
-                if node.status
-                and any(
-                    h.uid == uid for a in (node.status.allocated or {}).values() for h in a.holders
-                )
-            ]
+            holding = [name for name, node in self.nodes.items() if _holds(node, uid)]
             placed = [p.node for p in (claim.status.placements or [])] if claim.status else []
             await self._remove_holders(uid, None, [*holding, *placed])
             if claim.status is not None and claim.status.phase is not Phase.RELEASED:
