@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from capacity_agent.agent import NodeAgent, api_client, run_agents
 from capacity_agent.settings import AgentSettings
 from capacity_agent.voter import Voter, VoterNode
+from capacity_api import __version__
 
 log = logging.getLogger("capacity_agent")
 
@@ -40,6 +41,7 @@ async def start_voter(agents: Sequence[NodeAgent], api: client.ApiClient) -> Non
 
 def parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="capacity-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     add = parser.add_argument
     add("--node-name", help="the node measured (env CAPACITY_AGENT_NODE_NAME)")
     add("--substrates", help="comma-separated substrates to measure (default: all present)")

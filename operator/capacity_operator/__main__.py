@@ -10,11 +10,13 @@ import sys
 
 import kopf
 
+from capacity_api import __version__
 from capacity_operator.settings import OperatorSettings
 
 
 def parse_args(argv: list[str] | None) -> OperatorSettings:
     parser = argparse.ArgumentParser(prog="capacity-operator", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
     parser.add_argument("--namespace", help="platform namespace (leases, calibration)")
     parser.add_argument("--vote-timeout", type=float, dest="vote_timeout_seconds")

@@ -29,7 +29,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 from pydantic import ValidationError
 
-from capacity_api import GROUP, VERSION, reasons
+from capacity_api import GROUP, VERSION, __version__, reasons
 from capacity_api.admission import Outcome, Tally, allocated_share, tally
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds
 from capacity_api.lease import LeaseInfo, parse_lease
@@ -1209,6 +1209,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="capctl", description="Explain Capacity Platform claims and nodes."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     explain_cmd = sub.add_parser(

@@ -14,6 +14,7 @@ from kubernetes.client.rest import ApiException
 from capacity_api import GROUP, VERSION
 from tests import kube
 from tests.cluster import Cluster
+from tests.nodes import wait_default_service_account
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +43,7 @@ def namespace(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
     name = f"cp-test-{uuid.uuid4().hex[:8]}"
     core = client.CoreV1Api(api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    wait_default_service_account(core, name)
     yield name
     # claims left behind carry the operator's finalizer; nothing serves this namespace any more
     custom = client.CustomObjectsApi(api)
@@ -72,6 +74,11 @@ def platform(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     yield name
     core.delete_namespace(name)
+
+
+@pytest.fixture(scope="session")
+def core(api: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(api)
 
 
 @pytest.fixture
