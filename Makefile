@@ -37,15 +37,19 @@ crds: ## Regenerate crds/ from the pydantic models
 	$(VENV_BIN)/python -m capacity_api.crdgen crds/
 
 .PHONY: control-plane-up
-control-plane-up: ## Start (or reuse) the local kube-apiserver + etcd; prints the kubeconfig
+control-plane-up: ## Start (or reuse) the local cluster (control plane, real node, kwok nodes)
 	hack/control-plane up
 
 .PHONY: control-plane-down
-control-plane-down: ## Stop the local control plane
+control-plane-down: ## Stop the local cluster and restore what it changed on the host
 	hack/control-plane down
 
+.PHONY: images
+images: ## Build the images (platform, pause, testbox) from Debian packages and PyPI, cached
+	hack/image build
+
 .PHONY: tools
-tools: ## Build the pinned Kubernetes binaries into the cache (kube-apiserver, etcd, kubectl, ...)
+tools: ## Build the pinned Kubernetes binaries into the cache (kube-apiserver, kubelet, kwok, ...)
 	hack/kube-tools ensure
 
 .PHONY: bench

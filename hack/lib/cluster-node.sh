@@ -24,6 +24,7 @@ cgroup_name="capacity-$bridge"
 host_dir=${CAPACITY_HOST_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/capacity-platform/host}
 node_ip=$(first_ip "$node_subnet")
 kubelet_port=10250
+route_metric=4242
 node_labels="capacity.platform.dev/node-kind=real"
 # Workloads land on the real node only when they tolerate this taint (kwok nodes take the rest).
 node_taint_key="capacity.platform.dev/real-node"
@@ -71,14 +72,32 @@ node_unavailable_reason() {
 
 instance_file() { echo "$host_dir/instances/$(echo -n "$state" | sha256sum | cut -c1-16)"; }
 
+instance_alive() {  # state directory of an instance
+  pid_alive "$1/containerd.pid" || pid_alive "$1/kubelet.pid"
+}
+
+# A second cluster on the same bridge would take over the first one's addresses, cgroups and
+# pods: refuse, and name the settings that keep clusters apart.
+check_bridge_free() {
+  local f other_state other_bridge
+  for f in "$host_dir"/instances/*; do
+    [[ -f $f && $f != "$(instance_file)" ]] || continue
+    { read -r other_state; read -r other_bridge; } <"$f" || continue
+    if [[ $other_bridge == "$bridge" ]] && instance_alive "$other_state"; then
+      log "bridge $bridge belongs to the running cluster in $other_state: give this one its own"
+      log "CAPACITY_CP_BRIDGE, CAPACITY_CP_NODE_SUBNET and CAPACITY_CP_SERVICE_CIDR, or"
+      log "CAPACITY_CP_REAL_NODE=0"
+      exit 1
+    fi
+  done
+}
+
 other_live_instance() {
   local f other
   for f in "$host_dir"/instances/*; do
     [[ -f $f && $f != "$(instance_file)" ]] || continue
-    other=$(cat "$f")
-    if pid_alive "$other/containerd.pid" || pid_alive "$other/kubelet.pid"; then
-      return 0
-    fi
+    other=$(head -n 1 "$f")
+    instance_alive "$other" && return 0
   done
   return 1
 }
@@ -89,7 +108,7 @@ iptables_rules() {  # tool table: the rules and chains, without counters
 
 host_record() {
   mkdir -p "$host_dir/instances"
-  echo "$state" >"$(instance_file)"
+  printf '%s\n%s\n' "$state" "$bridge" >"$(instance_file)"
   [[ -d $host_dir/before ]] && return
   local tmp="$host_dir/before.tmp" key tool table path
   rm -rf "$tmp"
@@ -281,6 +300,19 @@ bridge_up() {
   ip addr replace "$node_ip/$plen" dev "$bridge"
   ip addr replace "$service_ip/$svc_plen" dev "$bridge"
   ip link set "$bridge" up
+  # a safety net: should the bridge ever go (deleted by hand, or by another cluster), traffic to
+  # the cluster's addresses fails here instead of following the default route off the machine
+  ip route replace unreachable "$node_subnet" metric "$route_metric"
+  ip route replace unreachable "$service_cidr" metric "$route_metric"
+}
+
+routes_down() {
+  local net
+  for net in "$node_subnet" "$service_cidr"; do
+    if ip route show type unreachable "$net" | grep -q "metric $route_metric"; then
+      ip route del unreachable "$net" metric "$route_metric" || log "could not remove route $net"
+    fi
+  done
 }
 
 bridge_down() {
@@ -482,9 +514,11 @@ node_up() {
   fi
   rm -f "$node_dir/unavailable"
   if pid_alive "$state/containerd.pid" && containerd_ready && kubelet_alive && node_ready; then
+    bridge_up  # idempotent: puts back addresses or routes that went missing
     start_api_forward
     return 0
   fi
+  check_bridge_free
   if node_leftovers; then
     log "clearing what a previous node left behind (processes, shims, mounts, cgroups)"
     node_clear
@@ -504,6 +538,11 @@ node_down() {
   node_clear
   bridge_down
   host_restore
+}
+
+node_routes_down() {  # last, once nothing of the cluster can dial its addresses any more
+  [[ -d $node_dir && ! -f $node_dir/unavailable ]] || return 0
+  routes_down
 }
 
 node_status() {

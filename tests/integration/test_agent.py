@@ -288,6 +288,9 @@ def private_control_plane(state: Path) -> Iterator[tuple[Path, Callable[..., str
         "CAPACITY_CP_PORT": str(free_port_pair()),
         "CAPACITY_CP_ETCD_PORT": str(free_port_pair()),
         "CAPACITY_CP_CONTROLLERS": "0",
+        # the shared cluster owns the machine's real node; this one needs an API server only
+        "CAPACITY_CP_REAL_NODE": "0",
+        "CAPACITY_CP_KWOK_NODES": "0",
     }
 
     def control(*command: str) -> str:

@@ -70,6 +70,7 @@ class HostState:
     sysctls: dict[str, str]
     iptables: dict[str, list[str]]
     links: frozenset[str]
+    routes: frozenset[str]
     mounts: frozenset[str]
     cgroups: frozenset[str]
     paths: frozenset[str]
@@ -90,6 +91,10 @@ class HostState:
             line.split(":")[1].strip().split("@")[0]
             for line in _run("ip", "-o", "link", "show").splitlines()
         )
+        routes = frozenset(
+            _run("ip", "-4", "route", "show", "table", "all").splitlines()
+            + _run("ip", "-6", "route", "show", "table", "all").splitlines()
+        )
         mounts = frozenset(
             line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()
         )
@@ -100,7 +105,7 @@ class HostState:
             for p in Path(line.split()[4]).glob("capacity-*")
         )
         paths = frozenset(p for p in FIXED_PATHS if os.path.lexists(p))
-        return cls(sysctls, iptables, links, mounts, cgroups, paths)
+        return cls(sysctls, iptables, links, routes, mounts, cgroups, paths)
 
     def differences(self, after: HostState) -> list[str]:
         """What ``after`` has that this state had not, or has changed. Things that went away
@@ -115,7 +120,7 @@ class HostState:
             added = sorted(set(after.iptables.get(key, [])) - set(rules))
             removed = sorted(set(rules) - set(after.iptables.get(key, [])))
             out += [f"{key}: added {r}" for r in added] + [f"{key}: removed {r}" for r in removed]
-        for what in ("links", "mounts", "cgroups", "paths"):
+        for what in ("links", "routes", "mounts", "cgroups", "paths"):
             left = getattr(after, what) - getattr(self, what)
             out += [f"{what}: left behind {x}" for x in sorted(left)]
         return out
@@ -239,6 +244,7 @@ def test_up_then_down_leaves_the_host_as_it_was(
     wait_for("pod sleeper Running", lambda: sleeper_running(core), timeout=90)
     during = HostState.take()
     assert BRIDGE in during.links
+    assert any("unreachable 10.246.0.0/16" in r for r in during.routes), during.routes
     assert during.cgroups - host_before.cgroups, "the node's cgroups exist while it runs"
     assert our_processes(private.state)
     pids = private.pids()
