@@ -32,6 +32,7 @@ from tests.nodes import (
     image_ref,
     on_real_node,
     ready,
+    real_node_or_skip,
     wait_default_service_account,
 )
 
@@ -293,3 +294,49 @@ def test_up_after_everything_was_killed_comes_up_cleanly(
     private.down()
     assert our_processes(private.state) == []
     assert host_before.differences(HostState.take()) == []
+
+
+def test_without_a_real_node_up_says_why_in_one_line_and_runs_kwok_nodes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where no kubelet can run (here: told so), ``up`` names the reason once and carries on;
+    a test that needs the real node then fails with that reason under CAPACITY_REQUIRE_REAL_NODE=1
+    and skips with it otherwise."""
+    state = Path(tempfile.mkdtemp(prefix="cp-", dir="/tmp"))
+    cluster = PrivateCluster(
+        state,
+        {
+            "CAPACITY_CP_DIR": str(state),
+            "CAPACITY_CP_PORT": "26443",
+            "CAPACITY_CP_ETCD_PORT": "33790",
+            "CAPACITY_CP_REAL_NODE": "0",
+            "CAPACITY_CP_KWOK_NODES": "2",
+        },
+    )
+    try:
+        out = cluster.run("up")
+        assert out.returncode == 0, out.stderr[-3000:]
+        said = [line for line in out.stderr.splitlines() if "no real node" in line]
+        assert said == [
+            "control-plane: no real node: CAPACITY_CP_REAL_NODE=0; carrying on with kwok nodes only"
+        ]
+        api = kube.api_client(Path(out.stdout.strip().splitlines()[-1]))
+        core = client.CoreV1Api(api)
+        nodes = core.list_node().items
+        monkeypatch.setenv("CAPACITY_CP_DIR", str(state))
+        monkeypatch.setenv(REQUIRE_REAL_NODE, "1")
+        with pytest.raises(pytest.fail.Exception, match=r"^no real node: CAPACITY_CP_REAL_NODE=0"):
+            real_node_or_skip(core)
+        monkeypatch.setenv(REQUIRE_REAL_NODE, "0")
+        with pytest.raises(pytest.skip.Exception, match=r"^no real node: CAPACITY_CP_REAL_NODE=0"):
+            real_node_or_skip(core)
+        api.close()
+        assert sorted(n.metadata.name for n in nodes) == ["kwok-node-0", "kwok-node-1"]
+        assert all(ready(n) for n in nodes)
+        status = cluster.run("status")
+        assert "real node:               none (CAPACITY_CP_REAL_NODE=0)" in status.stdout
+        assert "containerd" not in status.stdout
+    finally:
+        cluster.run("down")
+        shutil.rmtree(state, ignore_errors=True)
+    assert our_processes(state) == []
