@@ -19,6 +19,7 @@ COPY pyproject.toml README.md /src/
 COPY api /src/api
 COPY node-agent /src/node-agent
 COPY operator /src/operator
+COPY cli /src/cli
 RUN python -m pip wheel --no-cache-dir --disable-pip-version-check --no-deps \
       --wheel-dir /wheels/project /src \
  && cp /wheels/deps/pip-*.whl /wheels/project/

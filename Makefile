@@ -29,7 +29,7 @@ fmt: ## Format the code and apply safe ruff fixes
 
 .PHONY: typecheck
 typecheck: ## mypy (strict on capacity_api) and the import-layer contracts
-	$(VENV_BIN)/mypy api/capacity_api node-agent/capacity_agent operator/capacity_operator
+	$(VENV_BIN)/mypy api/capacity_api node-agent/capacity_agent operator/capacity_operator cli/capacity_cli
 	$(VENV_BIN)/lint-imports
 
 .PHONY: crds

@@ -16,10 +16,12 @@ from typing import Any
 from kubernetes import client
 from pydantic import ValidationError
 
-from capacity_agent.agent import NodeAgent, api_client, run_agents
+from capacity_agent import cluster
+from capacity_agent.agent import NodeAgent, run_agents
 from capacity_agent.settings import AgentSettings
 from capacity_agent.voter import Voter, VoterNode
 from capacity_api import __version__
+from capacity_api.cluster_access import EXIT_NO_CLUSTER
 
 log = logging.getLogger("capacity_agent")
 
@@ -50,7 +52,11 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
     add("--source", help="live | replay:FILE | synthetic:KIND | prometheus:URL (default live)")
     add("--prometheus-instance", help="node-exporter instance label for a prometheus: source")
     add("--simulate", type=int, help="run N simulated nodes named <node-name>-<i>")
-    add("--kubeconfig", help="kubeconfig file (default: in-cluster, then $KUBECONFIG)")
+    add(
+        "--kubeconfig",
+        help="kubeconfig file (default: $KUBECONFIG, in a pod its service account, "
+        "else ~/.kube/config)",
+    )
     add("--lease-namespace", help="namespace of the node Leases (default capacity-system)")
     add(
         "--lease-duration",
@@ -83,7 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    api = api_client(settings)
+    try:
+        access = cluster.load(str(settings.kubeconfig) if settings.kubeconfig else None)
+        cluster.check_reachable(access)
+    except cluster.ClusterAccessError as exc:
+        print(f"capacity-agent: {exc}", file=sys.stderr)
+        return EXIT_NO_CLUSTER
+    api = cluster.api_client(access, pool=settings.threads)
     try:
         asyncio.run(run_agents(settings, api, voter_factory=start_voter if settings.vote else None))
     except RuntimeError as exc:

@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kubernetes import client, config
+from kubernetes import client
 
 from capacity_agent.collectors.base import Collector
 from capacity_agent.collectors.gpu import GpuCollector
@@ -192,24 +192,6 @@ def build_collectors(settings: AgentSettings, index: int, clock: Clock) -> list[
     if wanted is not None:
         collectors = [c for c in collectors if c.substrate in wanted]
     return collectors
-
-
-def api_client(settings: AgentSettings) -> client.ApiClient:
-    """The Kubernetes client: ``settings.kubeconfig``, else in-cluster, else $KUBECONFIG (or
-    ~/.kube/config). Its connection pool is at least as large as the worker thread pool."""
-    configuration = client.Configuration()
-    if settings.kubeconfig is not None:
-        config.load_kube_config(
-            config_file=str(settings.kubeconfig), client_configuration=configuration
-        )
-    elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-        config.load_incluster_config(client_configuration=configuration)
-    else:
-        config.load_kube_config(client_configuration=configuration)
-    configuration.connection_pool_maxsize = max(
-        configuration.connection_pool_maxsize or 0, settings.threads
-    )
-    return client.ApiClient(configuration)
 
 
 class AgentRuntime:

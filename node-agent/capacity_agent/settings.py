@@ -64,8 +64,8 @@ class AgentSettings(BaseSettings):
     """Read /proc/<pid>/net/dev (1: the host's network namespace from a pod without
     hostNetwork); None reads <proc>/net/dev."""
     kubeconfig: Path | None = None
-    """Kubeconfig file; None: in-cluster configuration, or $KUBECONFIG / ~/.kube/config outside a
-    cluster."""
+    """Kubeconfig file (``--kubeconfig``); None: ``$KUBECONFIG``, else in-cluster, else
+    ``~/.kube/config`` (:mod:`capacity_api.cluster_access`)."""
     health_port: int = Field(default=8080, ge=0, le=65535)
     """Port of /metrics and /healthz; 0 disables the server."""
     health_address: str = "0.0.0.0"  # noqa: S104 - probes and Prometheus reach the pod IP

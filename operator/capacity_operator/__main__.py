@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import secrets
 import sys
 
 import kopf
 
 from capacity_api import __version__
+from capacity_api.cluster_access import EXIT_NO_CLUSTER
+from capacity_operator import cluster
 from capacity_operator.settings import OperatorSettings
 
 
 def parse_args(argv: list[str] | None) -> OperatorSettings:
     parser = argparse.ArgumentParser(prog="capacity-operator", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--kubeconfig", help="kubeconfig file (default: in-cluster)")
+    parser.add_argument(
+        "--kubeconfig",
+        help="kubeconfig file (default: $KUBECONFIG, in a pod its service account, "
+        "else ~/.kube/config)",
+    )
     parser.add_argument("--namespace", help="platform namespace (leases, calibration)")
     parser.add_argument("--vote-timeout", type=float, dest="vote_timeout_seconds")
     parser.add_argument("--max-attempts", type=int)
@@ -51,8 +56,11 @@ def parse_args(argv: list[str] | None) -> OperatorSettings:
 
 def main(argv: list[str] | None = None) -> int:
     settings = parse_args(argv)
-    if settings.kubeconfig:
-        os.environ["KUBECONFIG"] = settings.kubeconfig
+    try:
+        cluster.check_reachable(cluster.load(settings.kubeconfig))
+    except cluster.ClusterAccessError as exc:
+        print(f"capacity-operator: {exc}", file=sys.stderr)
+        return EXIT_NO_CLUSTER
     import capacity_operator.handlers  # noqa: F401, PLC0415 - registers the handlers with kopf
 
     priority = settings.priority

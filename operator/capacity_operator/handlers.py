@@ -14,13 +14,14 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
 from capacity_api.lease import parse_lease
 from capacity_api.models import Phase
 from capacity_api.reasons import WAITING_FOR_CAPACITY, WAITING_FOR_NODES
+from capacity_operator import cluster
 from capacity_operator.kube import JSON, Kube
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
@@ -39,14 +40,6 @@ def _emit(body: JSON, type_: str, reason: str, message: str) -> None:
 def _engine(memo: kopf.Memo) -> Engine:
     engine: Engine = memo["engine"]
     return engine
-
-
-def _api_client(cfg: OperatorSettings) -> client.ApiClient:
-    if cfg.kubeconfig:
-        return config.new_client_from_config(config_file=cfg.kubeconfig)
-    configuration = client.Configuration()
-    config.load_incluster_config(client_configuration=configuration)
-    return client.ApiClient(configuration)
 
 
 @kopf.on.startup()
@@ -70,7 +63,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="kube")
     )
-    api = _api_client(cfg)
+    api = cluster.api_client(cluster.load(cfg.kubeconfig))
     if not cfg.standalone:
         await asyncio.to_thread(_ensure_peering_object, api, cfg.peering)
     engine = Engine(Kube(api), cfg, _emit)
@@ -105,11 +98,13 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.login()
-def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
+def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """kopf's credentials: the same source and configuration as the operator's own client
+    (:mod:`capacity_operator.cluster`), loaded again on every login, so a re-login after a 401
+    picks up a rotated token."""
     cfg: OperatorSettings = memo["settings"]
-    if cfg.kubeconfig:
-        return kopf.login_with_kubeconfig(**kwargs)
-    return kopf.login_with_service_account(**kwargs)
+    access = cluster.load(cfg.kubeconfig)
+    return cluster.connection_info(access, trust_env=settings.networking.trust_env)
 
 
 # -- claims -------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ class OperatorSettings(BaseSettings):
     namespace: str = "capacity-system"
     """Platform namespace: node Leases and the calibration ConfigMap live here."""
     kubeconfig: str | None = None
-    """Kubeconfig file; in-cluster configuration when unset."""
+    """Kubeconfig file (``--kubeconfig``); unset: ``$KUBECONFIG``, else in-cluster, else
+    ``~/.kube/config`` (:mod:`capacity_api.cluster_access`)."""
     vote_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long voters have to answer a proposal before the epoch is aborted."""
     max_attempts: int = Field(default=5, ge=1, le=50)

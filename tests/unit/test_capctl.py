@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
+import capacity_cli as capctl
 from capacity_api.lease import LeaseInfo
 from capacity_api.models import CapacityClaim, CapacityNode
-from capacity_operator import capctl
-from capacity_operator.capctl import Calibration, EventInfo
+from capacity_cli import Calibration, EventInfo
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 

@@ -1,0 +1,145 @@
+"""capctl's command line: argument parsing, dispatch to the readers and renderers, exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, NoReturn
+
+import urllib3
+from kubernetes import client
+
+from capacity_api import __version__
+from capacity_cli.cluster import (
+    PLATFORM_NAMESPACE,
+    load_client,
+    read_calibration,
+    read_claim,
+    read_events,
+    read_leases,
+    read_nodes,
+    unreachable,
+)
+from capacity_cli.errors import EXIT_OK, CapctlError
+from capacity_cli.explain import explain, explanation_json, explanation_text
+from capacity_cli.nodes import nodes_json, nodes_text
+from capacity_cli.output import emit
+
+
+def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """The global flags; on subcommands with SUPPRESS defaults, so they work on either side."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if suppress else value
+
+    parser.add_argument(
+        "--kubeconfig",
+        default=default(None),
+        help="kubeconfig file (default: $KUBECONFIG, in a pod its service account, "
+        "else ~/.kube/config)",
+    )
+    parser.add_argument(
+        "-n",
+        "--namespace",
+        default=default(None),
+        help="namespace of the claim (default: the context's namespace, else 'default')",
+    )
+    parser.add_argument(
+        "--platform-namespace",
+        default=default(PLATFORM_NAMESPACE),
+        help="namespace of the calibration ConfigMap and the node Leases "
+        f"(default: {PLATFORM_NAMESPACE})",
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=("text", "json"),
+        default=default("text"),
+        help="output format (default: text)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """capctl's command line: ``explain CLAIM`` and ``nodes``, global flags on either side."""
+    parser = argparse.ArgumentParser(
+        prog="capctl", description="Explain Capacity Platform claims and nodes."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _common(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    explain_cmd = sub.add_parser(
+        "explain",
+        help="why a claim is where it is: proposal, votes, gate readings, events",
+        description="Explain a CapacityClaim: its proposal, each vote with its gate readings "
+        "against the thresholds, refusals, placements, conditions and recent events.",
+    )
+    explain_cmd.add_argument("claim", metavar="CLAIM", help="name of the CapacityClaim")
+    _common(explain_cmd, suppress=True)
+    nodes_cmd = sub.add_parser(
+        "nodes",
+        help="each node's lease, headroom, allocation and gate readings",
+        description="List CapacityNodes with their Ready and Stale conditions, lease age and, per "
+        "substrate, p95 load, headroom, allocation and gate readings.",
+    )
+    _common(nodes_cmd, suppress=True)
+    return parser
+
+
+def _run(args: argparse.Namespace, now: Callable[[], datetime]) -> int:
+    api, context_namespace = load_client(args.kubeconfig)
+    try:
+        return _command(api, context_namespace, args, now)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        if isinstance(exc, BrokenPipeError):
+            raise
+        raise unreachable(api, exc) from exc
+    finally:
+        api.close()
+
+
+def _command(
+    api: client.ApiClient,
+    context_namespace: str | None,
+    args: argparse.Namespace,
+    now: Callable[[], datetime],
+) -> int:
+    if args.command == "explain":
+        namespace = args.namespace or context_namespace or "default"
+        claim = read_claim(api, namespace, args.claim)
+        calibration = read_calibration(api, args.platform_namespace)
+        events = read_events(api, claim)
+        e = explain(claim, calibration, events, now=now())
+        emit(args.output, explanation_json(e), explanation_text(e))
+    else:
+        nodes = read_nodes(api)
+        leases = read_leases(api, args.platform_namespace)
+        at = now()
+        emit(args.output, nodes_json(nodes, leases, now=at), nodes_text(nodes, leases, now=at))
+    return EXIT_OK
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    print(f"capctl: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run capctl; the exit code is :data:`~capacity_cli.errors.EXIT_OK`, ``EXIT_ERROR`` (1: a
+    missing object, a refused request) or ``EXIT_UNREACHABLE`` (2: no cluster configured, or it
+    cannot be reached), with one line on stderr for either failure."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_OK
+    try:
+        return _run(args, lambda: datetime.now(UTC))
+    except CapctlError as exc:
+        _fail(str(exc), exc.code)
+    except BrokenPipeError:  # `capctl ... | head`
+        return EXIT_OK
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,320 @@
+"""Each program's loader finds its cluster as kubectl does, and a missing cluster is one line.
+
+The loaders of the operator, the agent and capctl are separate (the three packages never import
+each other); the same cases run against each. Nothing here opens a connection: kubeconfig files
+and a fake service account live under tmp_path, and the programs started as processes stop at
+the missing kubeconfig before any request.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubernetes.config import incluster_config
+
+import capacity_agent.cluster
+import capacity_cli.cluster
+import capacity_operator.cluster
+from capacity_cli.errors import CapctlError
+
+Loader = Callable[[str | None], tuple[Any, str | None]]
+"""flag -> (kubernetes.client.Configuration, namespace); raises with the one-line message."""
+
+
+def operator_load(flag: str | None) -> tuple[Any, str | None]:
+    access = capacity_operator.cluster.load(flag)
+    return access.configuration, access.namespace
+
+
+def agent_load(flag: str | None) -> tuple[Any, str | None]:
+    access = capacity_agent.cluster.load(flag)
+    return access.configuration, access.namespace
+
+
+def cli_load(flag: str | None) -> tuple[Any, str | None]:
+    api, namespace = capacity_cli.cluster.load_client(flag)
+    return api.configuration, namespace
+
+
+LOADERS = {"operator": operator_load, "agent": agent_load, "capctl": cli_load}
+ERRORS = (
+    capacity_operator.cluster.ClusterAccessError,
+    capacity_agent.cluster.ClusterAccessError,
+    CapctlError,
+)
+
+
+@pytest.fixture(params=sorted(LOADERS))
+def load(request: pytest.FixtureRequest) -> Loader:
+    return LOADERS[request.param]
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No $KUBECONFIG, not in a pod, a home without ~/.kube/config, no service account."""
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(home))
+    sa = tmp_path / "serviceaccount"
+    for module in (capacity_operator.cluster, capacity_agent.cluster, capacity_cli.cluster):
+        monkeypatch.setattr(module, "SERVICE_ACCOUNT_TOKEN", str(sa / "token"))
+        monkeypatch.setattr(module, "SERVICE_ACCOUNT_NAMESPACE", str(sa / "namespace"))
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(sa / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(sa / "ca.crt"))
+    return home
+
+
+def write_kubeconfig(
+    path: Path, server: str, *, context: str | None = "ctx", namespace: str | None = "team-a"
+) -> Path:
+    ctx: dict[str, Any] = {"cluster": f"c-{path.stem}", "user": f"u-{path.stem}"}
+    if namespace:
+        ctx["namespace"] = namespace
+    body: dict[str, Any] = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": f"c-{path.stem}",
+                "cluster": {"server": server, "insecure-skip-tls-verify": True},
+            }
+        ],
+        "users": [{"name": f"u-{path.stem}", "user": {"token": f"token-{path.stem}"}}],
+        "contexts": [{"name": context or "ctx", "context": ctx}],
+    }
+    if context:
+        body["current-context"] = context
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def service_account(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sa = tmp_path / "serviceaccount"
+    sa.mkdir()
+    (sa / "token").write_text("sa-token")
+    (sa / "namespace").write_text("capacity-system\n")
+    (sa / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+
+
+def message(load: Loader, flag: str | None) -> str:
+    with pytest.raises(ERRORS) as info:
+        load(flag)
+    text = str(info.value)
+    assert "\n" not in text
+    if isinstance(info.value, CapctlError):
+        assert info.value.code == 2
+    return text
+
+
+def test_flag(load: Loader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    flag = write_kubeconfig(tmp_path / "flag.yaml", "https://flag.example:6443")
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "env.yaml", "https://env")))
+    service_account(tmp_path, monkeypatch)
+    configuration, namespace = load(str(flag))
+    assert configuration.host == "https://flag.example:6443"
+    assert configuration.api_key["authorization"] == "Bearer token-flag"
+    assert namespace == "team-a"
+
+
+def test_kubeconfig_env_is_honoured(
+    load: Loader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: Path
+) -> None:
+    (clean_env / ".kube").mkdir()
+    write_kubeconfig(clean_env / ".kube" / "config", "https://home")
+    service_account(tmp_path, monkeypatch)
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "env.yaml", "https://env")))
+    configuration, _ = load(None)
+    assert configuration.host == "https://env"
+
+
+def test_kubeconfig_env_merges_files_as_kubectl(
+    load: Loader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first file that sets current-context names it (the Python client alone would take
+    the last); missing files in the list are skipped."""
+    first = write_kubeconfig(tmp_path / "first.yaml", "https://first", context="one")
+    second = write_kubeconfig(tmp_path / "second.yaml", "https://second", context="two")
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'missing.yaml'}:{first}:{second}")
+    configuration, namespace = load(None)
+    assert configuration.host == "https://first"
+    assert namespace == "team-a"
+
+
+def test_in_cluster_over_home(
+    load: Loader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, clean_env: Path
+) -> None:
+    (clean_env / ".kube").mkdir()
+    write_kubeconfig(clean_env / ".kube" / "config", "https://home")
+    service_account(tmp_path, monkeypatch)
+    configuration, namespace = load(None)
+    assert configuration.host == "https://10.96.0.1:443"
+    assert configuration.api_key["authorization"] == "bearer sa-token"
+    assert namespace == "capacity-system"
+
+
+def test_home_last(load: Loader, clean_env: Path) -> None:
+    (clean_env / ".kube").mkdir()
+    write_kubeconfig(clean_env / ".kube" / "config", "https://home", namespace=None)
+    configuration, namespace = load(None)
+    assert configuration.host == "https://home"
+    assert namespace is None
+
+
+def test_no_cluster_is_one_line(load: Loader, tmp_path: Path, clean_env: Path) -> None:
+    assert message(load, "/nonexistent") == "no cluster: --kubeconfig /nonexistent: file not found"
+    assert message(load, None) == (
+        "no cluster: no --kubeconfig, $KUBECONFIG unset, not in a pod "
+        f"($KUBERNETES_SERVICE_HOST unset), and {clean_env}/.kube/config not found"
+    )
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("clusters: [\n")
+    assert message(load, str(broken)).startswith(
+        f"no cluster: --kubeconfig {broken}: invalid YAML at line 2: "
+    )
+    nameless = write_kubeconfig(tmp_path / "nameless.yaml", "https://x", context=None)
+    assert message(load, str(nameless)).startswith(f"no cluster: --kubeconfig {nameless}: ")
+
+
+def test_operator_gives_kopf_the_same_credentials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    flag = write_kubeconfig(tmp_path / "k.yaml", "https://api.example:6443")
+    info = capacity_operator.cluster.connection_info(
+        capacity_operator.cluster.load(str(flag)), trust_env=True
+    )
+    assert (info.server, info.scheme, info.token) == (
+        "https://api.example:6443",
+        "Bearer",
+        "token-k",
+    )
+    assert info.insecure is True
+    assert info.default_namespace == "team-a"
+    assert info.trust_env is True
+
+    service_account(tmp_path, monkeypatch)
+    info = capacity_operator.cluster.connection_info(capacity_operator.cluster.load(None))
+    assert (info.server, info.scheme, info.token) == ("https://10.96.0.1:443", "bearer", "sa-token")
+    assert info.ca_path == str(tmp_path / "serviceaccount" / "ca.crt")
+    assert info.default_namespace == "capacity-system"
+    assert not info.insecure
+
+
+def test_operator_gives_kopf_client_certificates(tmp_path: Path) -> None:
+    """A kubeconfig with certificate data (as the local cluster's admin kubeconfig): kopf gets the
+    files the Kubernetes client wrote, and builds its TLS context from them."""
+    crypto = pytest.importorskip("cryptography.x509")
+    from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+    def pem_pair(name: str, issuer: tuple[Any, Any] | None = None) -> tuple[Any, Any, bytes]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = crypto.Name([crypto.NameAttribute(crypto.NameOID.COMMON_NAME, name)])
+        signer_name, signer_key = issuer or (subject, key)
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            crypto.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(signer_name)
+            .public_key(key.public_key())
+            .serial_number(crypto.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=1))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(crypto.BasicConstraints(ca=issuer is None, path_length=None), True)
+            .sign(signer_key, hashes.SHA256())
+        )
+        pem_key = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return cert, key, pem_key
+
+    ca, ca_key, _ = pem_pair("ca")
+    cert, _, key_pem = pem_pair("admin", (ca.subject, ca_key))
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode()
+
+    body = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "c",
+                "cluster": {
+                    "server": "https://127.0.0.1:6443",
+                    "certificate-authority-data": b64(ca.public_bytes(serialization.Encoding.PEM)),
+                },
+            }
+        ],
+        "users": [
+            {
+                "name": "admin",
+                "user": {
+                    "client-certificate-data": b64(cert.public_bytes(serialization.Encoding.PEM)),
+                    "client-key-data": b64(key_pem),
+                },
+            }
+        ],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "admin"}}],
+        "current-context": "x",
+    }
+    path = tmp_path / "admin.kubeconfig"
+    path.write_text(yaml.safe_dump(body))
+    info = capacity_operator.cluster.connection_info(capacity_operator.cluster.load(str(path)))
+    assert info.token is None
+    assert info.certificate_path
+    assert info.private_key_path
+    assert info.ca_path
+    assert not info.insecure
+    info.as_ssl_context()  # loads the CA and the client certificate and key
+
+
+@pytest.mark.parametrize(
+    ("program", "args"),
+    [
+        ("capacity_operator", []),
+        ("capacity_agent", ["--node-name", "n1"]),
+        ("capacity_cli", ["nodes"]),
+    ],
+)
+def test_the_programs_say_no_cluster_in_one_line(
+    program: str, args: list[str], tmp_path: Path
+) -> None:
+    prog = {"capacity_cli": "capctl"}.get(program, program.replace("_", "-"))
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in {"KUBECONFIG", "KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"}
+        and not k.endswith("_KUBECONFIG")
+    }
+    env["HOME"] = str(tmp_path)
+    for flag, detail in (
+        (["--kubeconfig", "/nonexistent"], "--kubeconfig /nonexistent: file not found"),
+        ([], "no --kubeconfig, $KUBECONFIG unset, not in a pod"),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-m", program, *flag, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+        assert out.returncode == 2, out.stderr
+        assert out.stdout == ""
+        assert out.stderr.startswith(f"{prog}: no cluster: {detail}"), out.stderr
+        assert out.stderr.count("\n") == 1, out.stderr
