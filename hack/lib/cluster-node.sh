@@ -78,28 +78,40 @@ instance_alive() {  # state directory of an instance
 
 # A second cluster on the same bridge would take over the first one's addresses, cgroups and
 # pods: refuse, and name the settings that keep clusters apart.
-check_bridge_free() {
+bridge_owner() {  # the state directory of another running cluster on this bridge, if any
   local f other_state other_bridge
   for f in "$host_dir"/instances/*; do
     [[ -f $f && $f != "$(instance_file)" ]] || continue
     { read -r other_state; read -r other_bridge; } <"$f" || continue
     if [[ $other_bridge == "$bridge" ]] && instance_alive "$other_state"; then
-      log "bridge $bridge belongs to the running cluster in $other_state: give this one its own"
-      log "CAPACITY_CP_BRIDGE, CAPACITY_CP_NODE_SUBNET and CAPACITY_CP_SERVICE_CIDR, or"
-      log "CAPACITY_CP_REAL_NODE=0"
-      exit 1
+      echo "$other_state"
+      return 0
     fi
   done
+  return 0
 }
 
-other_live_instance() {
-  local f other
-  for f in "$host_dir"/instances/*; do
-    [[ -f $f && $f != "$(instance_file)" ]] || continue
-    other=$(head -n 1 "$f")
-    instance_alive "$other" && return 0
-  done
-  return 1
+check_bridge_free() {
+  local owner
+  owner=$(bridge_owner)
+  if [[ -n $owner ]]; then
+    log "bridge $bridge belongs to the running cluster in $owner: give this one its own"
+    log "CAPACITY_CP_BRIDGE, CAPACITY_CP_NODE_SUBNET and CAPACITY_CP_SERVICE_CIDR, or"
+    log "CAPACITY_CP_REAL_NODE=0"
+    exit 1
+  fi
+}
+
+# true when `down` may touch the node's shared resources (cgroups, bridge, routes): this cluster
+# ran a node, and no other running cluster owns the bridge
+node_is_ours() {
+  [[ -d $node_dir && ! -f $node_dir/unavailable ]] || return 1
+  local owner
+  owner=$(bridge_owner)
+  if [[ -n $owner ]]; then
+    log "bridge $bridge belongs to the running cluster in $owner: leaving its node alone"
+    return 1
+  fi
 }
 
 iptables_rules() {  # tool table: the rules and chains, without counters
@@ -534,14 +546,14 @@ node_up() {
 }
 
 node_down() {
-  [[ -d $node_dir ]] || return 0
+  node_is_ours || return 0
   node_clear
   bridge_down
   host_restore
 }
 
 node_routes_down() {  # last, once nothing of the cluster can dial its addresses any more
-  [[ -d $node_dir && ! -f $node_dir/unavailable ]] || return 0
+  node_is_ours 2>/dev/null || return 0
   routes_down
 }
 

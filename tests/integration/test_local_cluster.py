@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 from subprocess import CompletedProcess
 from typing import Any
 
@@ -14,6 +17,7 @@ import pytest
 from kubernetes import client
 
 from tests.cluster import unique, wait_for
+from tests.kube import REPO
 from tests.nodes import (
     NODE_KIND,
     describe,
@@ -268,3 +272,59 @@ def test_deployment_is_scheduled_onto_kwok_nodes(
         if e.involved_object.name.startswith(name)
     }
     assert schedulers == {"default-scheduler"}
+
+
+def test_a_second_cluster_without_a_node_leaves_the_real_node_alone(
+    core: client.CoreV1Api, namespace: str, real_node: str, tmp_path: Path
+) -> None:
+    """Another cluster on this machine (as test_agent starts one) shares the default bridge
+    name; its up and down must not touch the running node's pods, cgroups, bridge or routes."""
+    name = unique("survivor")
+    spec = on_real_node(
+        {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": image_ref("testbox"),
+                    "imagePullPolicy": "Never",
+                    "command": ["sleep", "3600"],
+                }
+            ]
+        }
+    )
+    create_pod(core, namespace, name, spec)
+
+    def running() -> bool:
+        live = pod(core, namespace, name)
+        return bool(
+            live
+            and live.status.phase == "Running"
+            and all(cs.ready for cs in live.status.container_statuses or [])
+        )
+
+    wait_for(f"pod {name} Running", running, timeout=60)
+    env = {
+        **os.environ,
+        "CAPACITY_CP_DIR": str(tmp_path / "cp"),
+        "CAPACITY_CP_PORT": "28443",
+        "CAPACITY_CP_ETCD_PORT": "35790",
+        "CAPACITY_CP_CONTROLLERS": "0",
+        "CAPACITY_CP_REAL_NODE": "0",
+        "CAPACITY_CP_KWOK_NODES": "0",
+    }
+    for command in ("up", "down"):
+        out = subprocess.run(
+            [str(REPO / "hack" / "control-plane"), command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+    live = pod(core, namespace, name)
+    assert live is not None
+    assert live.status.container_statuses[0].restart_count == 0, describe(core, namespace, name)
+    assert running(), describe(core, namespace, name)
+    # the API server still reaches the kubelet on the bridge
+    assert core.read_namespaced_pod_log(name, namespace) == ""
