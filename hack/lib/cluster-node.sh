@@ -15,6 +15,7 @@
 node_name=${CAPACITY_CP_NODE_NAME:-capacity-node}
 bridge=${CAPACITY_CP_BRIDGE:-cpbr0}
 node_subnet=${CAPACITY_CP_NODE_SUBNET:-10.244.0.0/16}
+[[ ${node_subnet#*/} == 16 ]] || { log "CAPACITY_CP_NODE_SUBNET must be a /16 (got $node_subnet)"; exit 2; }
 real_node=${CAPACITY_CP_REAL_NODE:-auto}
 node_dir="$state/node"
 containerd_dir="$node_dir/containerd"
@@ -519,6 +520,10 @@ node_up() {
   mkdir -p "$node_dir"
   local reason
   reason=$(node_unavailable_reason)
+  if [[ -n $reason && $real_node == 1 ]]; then
+    log "no real node: $reason (CAPACITY_CP_REAL_NODE=1 requires one)"
+    exit 1
+  fi
   if [[ -n $reason ]]; then
     echo "$reason" >"$node_dir/unavailable"
     log "no real node: $reason; carrying on with kwok nodes only"

@@ -93,7 +93,9 @@ class HostState:
             for line in _run("ip", "-o", "link", "show").splitlines()
         )
         routes = frozenset(
-            _run("ip", "-4", "route", "show", "table", "all").splitlines()
+            # carrier flags come and go with other clusters' pods: not a route of ours
+            line.replace(" linkdown", "").replace(" dead", "").strip()
+            for line in _run("ip", "-4", "route", "show", "table", "all").splitlines()
             + _run("ip", "-6", "route", "show", "table", "all").splitlines()
         )
         mounts = frozenset(
