@@ -115,6 +115,15 @@ node_is_ours() {
   fi
 }
 
+other_live_instance() {  # another cluster of this machine still runs a node
+  local f
+  for f in "$host_dir"/instances/*; do
+    [[ -f $f && $f != "$(instance_file)" ]] || continue
+    instance_alive "$(head -n 1 "$f")" && return 0
+  done
+  return 1
+}
+
 iptables_rules() {  # tool table: the rules and chains, without counters
   "$1" -w 5 -t "$2" -S 2>/dev/null || true
 }

@@ -342,3 +342,46 @@ def test_without_a_real_node_up_says_why_in_one_line_and_runs_kwok_nodes(
         cluster.run("down")
         shutil.rmtree(state, ignore_errors=True)
     assert our_processes(state) == []
+
+
+def test_host_settings_stay_while_another_node_runs_and_return_after_the_last(
+    private: PrivateCluster, host_before: HostState
+) -> None:
+    """Two clusters with a real node each: the kubelet's host settings are restored only when
+    the last node of the machine stops, never under a running kubelet."""
+    kubeconfig = private.up()
+    api = kube.api_client(kubeconfig)
+    wait_node_ready(client.CoreV1Api(api))
+    api.close()
+    during = HostState.take()
+    changed = {k for k, v in during.sysctls.items() if host_before.sysctls.get(k) != v}
+    assert "vm.overcommit_memory" in changed, "the kubelet sets its kernel tunables"
+    second_state = Path(tempfile.mkdtemp(prefix="cp-", dir="/tmp"))
+    second = PrivateCluster(
+        second_state,
+        {
+            **private.env,
+            "CAPACITY_CP_DIR": str(second_state),
+            "CAPACITY_CP_PORT": "29443",
+            "CAPACITY_CP_ETCD_PORT": "36790",
+            "CAPACITY_CP_BRIDGE": "cptest1",
+            "CAPACITY_CP_NODE_SUBNET": "10.248.0.0/16",
+            "CAPACITY_CP_SERVICE_CIDR": "10.0.8.0/24",
+            "CAPACITY_CP_NODE_NAME": "second-node",
+        },
+    )
+    try:
+        second.up()
+        second.down()
+        after_second = HostState.take()
+        # the first kubelet still runs with the settings it made
+        assert {k: after_second.sysctls.get(k) for k in changed} == {
+            k: during.sysctls[k] for k in changed
+        }
+        assert "cptest1" not in after_second.links
+        assert BRIDGE in after_second.links
+    finally:
+        second.run("down")
+        shutil.rmtree(second_state, ignore_errors=True)
+    private.down()
+    assert host_before.differences(HostState.take()) == []
