@@ -2,9 +2,17 @@
 # Helpers shared by hack/control-plane and its node and kwok parts (sourced, not run).
 # Expects: $state, $pki, $timeout, log().
 
+running() {  # pid: alive, and not a zombie waiting for whoever adopted it to reap it
+  local pid=$1 stat
+  kill -0 "$pid" 2>/dev/null || return 1
+  stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+  stat=${stat##*) }
+  [[ ${stat%% *} != Z ]]
+}
+
 pid_alive() {
   local file=$1
-  [[ -f $file ]] && kill -0 "$(cat "$file")" 2>/dev/null
+  [[ -f $file ]] && running "$(cat "$file")"
 }
 
 port_taken() {
@@ -58,7 +66,7 @@ stop_pid() {
     kill -TERM "$pid" 2>/dev/null || true
     local i
     for ((i = 0; i < grace * 10; i++)); do
-      kill -0 "$pid" 2>/dev/null || break
+      running "$pid" || break
       sleep 0.1
     done
     kill -KILL "$pid" 2>/dev/null || true
