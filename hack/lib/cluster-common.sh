@@ -70,6 +70,9 @@ stop_pid() {
       sleep 0.1
     done
     kill -KILL "$pid" 2>/dev/null || true
+    # and whatever it started that still runs (an iptables or mount call of the kubelet's): every
+    # server leads its own process group (spawn's setsid), so the group holds only its children
+    kill -KILL -- "-$pid" 2>/dev/null || true
   fi
   rm -f "$file"
 }
