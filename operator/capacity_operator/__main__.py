@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None) -> OperatorSettings:
         dest="claim_namespaces",
         help="serve claims of this namespace only (repeatable; default: all namespaces)",
     )
+    parser.add_argument(
+        "--health-port", type=int, help="port of the liveness endpoint /healthz (0: none)"
+    )
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k != "verbose"}
@@ -51,6 +54,8 @@ def parse_args(argv: list[str] | None) -> OperatorSettings:
         # kopf logs every handler run per object at INFO: at tens of claims per second that
         # drowns the operator's own messages (admissions, rebuilds, peering)
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+        # one access line per liveness probe (every 10 s) says nothing
+        logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return settings
 
 
@@ -80,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         priority=priority,
         peering_name=settings.peering,
         memo=kopf.Memo(settings=settings, priority=priority),
+        liveness_endpoint=(
+            f"http://0.0.0.0:{settings.health_port}/healthz" if settings.health_port else None
+        ),
     )
     return 0
 

@@ -37,3 +37,6 @@ class OperatorSettings(BaseSettings):
     """Worker threads for blocking Kubernetes client calls."""
     commit_retries: int = Field(default=20, ge=1)
     """Compare-and-swap retries on a conflicting write before giving up for this event."""
+    health_port: int = Field(default=0, ge=0, le=65535)
+    """Port of kopf's liveness endpoint ``/healthz`` on all addresses (0: none). The chart sets
+    it for the liveness probe; there is no readiness endpoint (kopf's advice)."""
