@@ -34,7 +34,7 @@ typecheck: ## mypy (strict on capacity_api) and the import-layer contracts
 
 .PHONY: crds
 crds: ## Regenerate crds/ from the pydantic models
-	$(VENV_BIN)/python -m capacity_api.crdgen crds/
+	$(VENV_BIN)/python -m capacity_api.crdgen crds/ --chart charts/capacity-platform
 
 .PHONY: control-plane-up
 control-plane-up: ## Start (or reuse) the local cluster (control plane, real node, kwok nodes)
@@ -43,6 +43,14 @@ control-plane-up: ## Start (or reuse) the local cluster (control plane, real nod
 .PHONY: control-plane-down
 control-plane-down: ## Stop the local cluster and restore what it changed on the host
 	hack/control-plane down
+
+.PHONY: kind-up
+kind-up: ## Create a kind cluster (Docker), build and load the image, helm install the chart
+	hack/kind up
+
+.PHONY: kind-down
+kind-down: ## Delete the kind cluster
+	hack/kind down
 
 .PHONY: images
 images: ## Build the images (platform, pause, testbox) from Debian packages and PyPI, cached
