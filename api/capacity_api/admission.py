@@ -162,15 +162,17 @@ def holder_valid(holder: Holder, node: str, claim: CapacityClaim | None) -> bool
     """Whether a holder on ``node`` is backed by its claim's status.
 
     Valid when the claim (same uid) is Admitted or Recovering with a placement on this node at
-    the holder's epoch, or is Voting at exactly that epoch (a commit in flight: its reconcile
-    finishes or aborts it). Everything else, a deleted claim included, is a leak.
+    the holder's epoch, or is Voting or Recovering with a proposal of exactly that epoch naming
+    the node (a commit in flight: its reconcile finishes or aborts it). Everything else, a
+    deleted claim included, is a leak.
     """
     if claim is None or claim.metadata.uid != holder.uid or claim.status is None:
         return False
     status = claim.status
-    if status.phase in (Phase.ADMITTED, Phase.RECOVERING):
-        return any(p.node == node and p.epoch == holder.epoch for p in status.placements or [])
-    if status.phase is Phase.VOTING and status.proposal is not None:
+    placed = any(p.node == node and p.epoch == holder.epoch for p in status.placements or [])
+    if placed and status.phase in (Phase.ADMITTED, Phase.RECOVERING):
+        return True
+    if status.phase in (Phase.VOTING, Phase.RECOVERING) and status.proposal is not None:
         return status.proposal.epoch == holder.epoch and node in status.proposal.placement
     return False
 

@@ -161,6 +161,12 @@ PRINTER_COLUMNS: dict[str, list[JSONSchema]] = {
             "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
         },
         {
+            "name": "Stale",
+            "type": "string",
+            "description": "True when a substrate or the whole node (lease expired) is stale",
+            "jsonPath": '.status.conditions[?(@.type=="Stale")].status',
+        },
+        {
             "name": "CPU",
             "type": "number",
             "format": "float",

@@ -20,6 +20,20 @@ def _condition(node: CapacityNode, type_: str) -> str | None:
     return None
 
 
+def liveness(node: CapacityNode, lease: LeaseInfo | None, now: datetime) -> str:
+    """Alive, Suspect (lease expired) or Failed (fenced by the operator), as the operator's node
+    lifecycle says in the Ready condition; a lease expired that the operator has not marked yet
+    is Suspect too."""
+    for c in (node.status.conditions or []) if node.status else []:
+        if c.type == reasons.READY and c.reason == reasons.NODE_FAILED:
+            return "Failed"
+        if c.type == reasons.READY and c.reason == reasons.LEASE_EXPIRED:
+            return "Suspect"
+    if lease is not None and not lease.live(now):
+        return "Suspect"
+    return "Alive"
+
+
 def _substrates(node: CapacityNode) -> list[str]:
     status = node.status
     seen = [s.value for s in node.spec.substrates]
@@ -88,6 +102,7 @@ def node_json(node: CapacityNode, lease: LeaseInfo | None, now: datetime) -> JSO
         "name": node.metadata.name or node.spec.node_name,
         "nodeName": node.spec.node_name,
         "ready": _condition(node, reasons.READY),
+        "liveness": liveness(node, lease, now),
         "stale": _condition(node, reasons.STALE),
         "conditions": [c.wire() for c in (status.conditions or [])] if status else [],
         "lease": lease_json(lease, now),
@@ -112,6 +127,7 @@ def nodes_json(
 
 NODE_HEADERS = (
     "NODE",
+    "STATE",
     "READY",
     "STALE",
     "LEASE",
@@ -137,6 +153,7 @@ def nodes_text(
         data = node_json(node, leases.get(name), now)
         lead = [
             name,
+            data["liveness"],
             data["ready"] or "-",
             data["stale"] or "-",
             _lease_cell(leases.get(name), now),
@@ -164,4 +181,4 @@ def nodes_text(
     return table(NODE_HEADERS, rows, indent=0) + "\n"
 
 
-__all__ = ["NODE_HEADERS", "lease_json", "node_json", "nodes_json", "nodes_text"]
+__all__ = ["NODE_HEADERS", "lease_json", "liveness", "node_json", "nodes_json", "nodes_text"]

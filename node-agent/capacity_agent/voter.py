@@ -297,7 +297,10 @@ class Voter:
         uid = body.get("metadata", {}).get("uid", "")
         status = body.get("status") or {}
         proposal = status.get("proposal")
-        voting = status.get("phase") == Phase.VOTING.value and not body.get("_deleted")
+        # a Recovering claim votes on re-admitting the share of its failed node
+        voting = status.get("phase") in (Phase.VOTING.value, Phase.RECOVERING.value) and not (
+            body.get("_deleted")
+        )
         epoch = int(proposal["epoch"]) if voting and proposal else -1
         for hosted in self.nodes.values():
             for stale in [k for k in hosted.reservations if k[0] == uid and k[1] != epoch]:

@@ -9,7 +9,9 @@ under our API group that frees the claim's allocation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -23,6 +25,7 @@ from capacity_api.models import Phase
 from capacity_api.reasons import WAITING_FOR_CAPACITY, WAITING_FOR_NODES
 from capacity_operator import cluster
 from capacity_operator.kube import JSON, Kube
+from capacity_operator.lifecycle import Lifecycle
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
 
@@ -32,9 +35,16 @@ CLAIMS = (GROUP, VERSION, "capacityclaims")
 NODES = (GROUP, VERSION, "capacitynodes")
 
 
-def _emit(body: JSON, type_: str, reason: str, message: str) -> None:
-    # kopf posts events for any mapping with apiVersion, kind and metadata; Body is its own wrapper
-    kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)
+def _emitter(kube: Kube) -> Callable[[JSON, str, str, str], None]:
+    def emit(body: JSON, type_: str, reason: str, message: str) -> None:
+        try:
+            # kopf posts events for any mapping with apiVersion, kind and metadata
+            kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message)
+        except LookupError:
+            # outside kopf's handlers (the node lifecycle loop) kopf has no event queue
+            kube.post_event_soon(body, type_, reason, message)
+
+    return emit
 
 
 def _engine(memo: kopf.Memo) -> Engine:
@@ -66,10 +76,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     api = cluster.api_client(cluster.load(cfg.kubeconfig))
     if not cfg.standalone:
         await asyncio.to_thread(_ensure_peering_object, api, cfg.peering)
-    engine = Engine(Kube(api), cfg, _emit)
+    kube = Kube(api)
+    emit = _emitter(kube)
+    engine = Engine(kube, cfg, emit)
     memo["api"] = api
     memo["engine"] = engine
     await engine.start()
+    lifecycle = Lifecycle(engine, kube, emit, priority=memo["priority"])
+    memo["lifecycle"] = asyncio.create_task(lifecycle.run(), name="node-lifecycle")
     log.info(
         "admission engine ready: %d nodes, %d leases cached, ledger rebuilt from claims",
         len(engine.nodes),
@@ -92,6 +106,11 @@ def _ensure_peering_object(api: client.ApiClient, name: str) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("lifecycle")
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     api = memo.get("api")
     if api is not None:
         api.close()
@@ -123,6 +142,10 @@ def _voting(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") == Phase.VOTING.value
 
 
+def _recovering(status: kopf.Status, **_: Any) -> bool:
+    return status.get("phase") == Phase.RECOVERING.value
+
+
 def _waiting(status: kopf.Status, **_: Any) -> bool:
     return status.get("phase") == Phase.PENDING.value and status.get("reason") in (
         WAITING_FOR_NODES,
@@ -133,6 +156,12 @@ def _waiting(status: kopf.Status, **_: Any) -> bool:
 @kopf.timer(*CLAIMS, interval=1.0, when=_voting)
 async def voting_deadline(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Aborts epochs whose deadline passed without a decision."""
+    await _engine(memo).reconcile(dict(body))
+
+
+@kopf.timer(*CLAIMS, interval=1.0, when=_recovering)
+async def recovery_step(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Deadlines of recovery epochs, and claims waiting for a node to take their share."""
     await _engine(memo).reconcile(dict(body))
 
 

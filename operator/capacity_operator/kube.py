@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
@@ -19,6 +21,8 @@ from kubernetes.client.rest import ApiException
 from capacity_api import GROUP, VERSION
 from capacity_api.lease import LeaseInfo, parse_lease
 from capacity_api.models import CapacityClaim, CapacityNode
+
+log = logging.getLogger(__name__)
 
 CLAIMS = "capacityclaims"
 NODES = "capacitynodes"
@@ -49,6 +53,7 @@ class Kube:
         self.custom = client.CustomObjectsApi(api)
         self.coordination = client.CoordinationV1Api(api)
         self.core = client.CoreV1Api(api)
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- claims ------------------------------------------------------------------------------
 
@@ -103,6 +108,108 @@ class Kube:
             partial(self.coordination.list_namespaced_lease, _preload_content=False), namespace
         )
         return [parse_lease(item) for item in json.loads(out.data).get("items", [])]
+
+    async def get_lease(self, namespace: str, name: str) -> LeaseInfo | None:
+        """A live read of one Lease (never the watch cache): expiry is confirmed with it."""
+        try:
+            out = await self._call(
+                partial(self.coordination.read_namespaced_lease, _preload_content=False),
+                name,
+                namespace,
+            )
+        except NotFoundError:
+            return None
+        return parse_lease(json.loads(out.data))
+
+    # -- fencing: the Kubernetes Node and the claim's pods -------------------------------------
+
+    async def node_taints(self, name: str) -> list[JSON] | None:
+        """The Kubernetes Node's taints, None when there is no such Node."""
+        try:
+            out = await self._call(partial(self.core.read_node, _preload_content=False), name)
+        except NotFoundError:
+            return None
+        body = json.loads(out.data)
+        return list((body.get("spec") or {}).get("taints") or [])
+
+    async def set_node_taints(self, name: str, taints: list[JSON], resource_version: str) -> None:
+        body = {"metadata": {"resourceVersion": resource_version}, "spec": {"taints": taints}}
+        await self._call(self.core.patch_node, name, body)
+
+    async def node_resource_version(self, name: str) -> str | None:
+        try:
+            out = await self._call(partial(self.core.read_node, _preload_content=False), name)
+        except NotFoundError:
+            return None
+        return str(json.loads(out.data)["metadata"]["resourceVersion"])
+
+    async def list_pods(self, namespace: str, label_selector: str) -> list[JSON]:
+        out = await self._call(
+            partial(
+                self.core.list_namespaced_pod,
+                label_selector=label_selector,
+                _preload_content=False,
+            ),
+            namespace,
+        )
+        return list(json.loads(out.data).get("items", []))
+
+    async def force_delete_pod(self, namespace: str, name: str) -> None:
+        """Delete at once (grace 0): the node is fenced, its kubelet will never confirm."""
+        try:
+            await self._call(
+                partial(self.core.delete_namespaced_pod, grace_period_seconds=0), name, namespace
+            )
+        except NotFoundError:
+            return
+
+    async def peering_status(self, name: str) -> JSON | None:
+        try:
+            out: JSON = await self._call(
+                self.custom.get_cluster_custom_object,
+                "kopf.dev",
+                "v1",
+                "clusterkopfpeerings",
+                name,
+            )
+        except NotFoundError:
+            return None
+        return dict(out.get("status") or {})
+
+    def post_event_soon(self, body: JSON, type_: str, reason: str, message: str) -> None:
+        """Post an Event about ``body`` from outside kopf's handlers (kopf.event works only in
+        them), in the background; a failure is logged, never raised."""
+        meta = body.get("metadata") or {}
+        namespace = meta.get("namespace") or "default"
+        now = datetime.now(UTC)
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta.get('name', 'object')}."),
+            involved_object=client.V1ObjectReference(
+                api_version=body.get("apiVersion"),
+                kind=body.get("kind"),
+                name=meta.get("name"),
+                namespace=meta.get("namespace"),
+                uid=meta.get("uid"),
+            ),
+            type=type_,
+            reason=reason,
+            message=message[:1024],
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+            source=client.V1EventSource(component="capacity-operator"),
+            reporting_component="capacity-operator",
+        )
+
+        async def post() -> None:
+            try:
+                await self._call(self.core.create_namespaced_event, namespace, event)
+            except Exception as exc:
+                log.warning("could not post Event %s on %s: %s", reason, meta.get("name"), exc)
+
+        task = asyncio.get_running_loop().create_task(post())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def get_configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
         try:

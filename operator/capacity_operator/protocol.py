@@ -50,8 +50,17 @@ from capacity_api.models import (
     Phase,
     Placement,
     Proposal,
+    Recovery,
     Substrate,
 )
+from capacity_api.recovery import (
+    Decision,
+    RecoveryDecision,
+    plan_recovery,
+    stranded_on,
+    survivors,
+)
+from capacity_api.webhook import CLAIM_LABEL
 from capacity_operator.kube import (
     JSON,
     ConflictError,
@@ -114,6 +123,11 @@ class Engine:
         self._claim_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.ready = asyncio.Event()
         self._thresholds: tuple[datetime, Thresholds] | None = None
+        self.failed: dict[str, datetime] = {}
+        """Nodes declared failed (and fenced) by the node lifecycle, with when."""
+        self.returning: dict[str, datetime] = {}
+        """Failed nodes whose Lease is live again, with when they came back: not used until
+        they published a full window measured since (recovery.trusted_again)."""
 
     # -- caches --------------------------------------------------------------------------------
 
@@ -153,11 +167,12 @@ class Engine:
         views = []
         for name, node in sorted(self.nodes.items()):
             lease = self.leases.get(name)
+            distrusted = name in self.failed or name in self.returning
             views.append(
                 NodeView(
                     name=name,
                     node=node,
-                    lease_live=lease is not None and lease.live(now),
+                    lease_live=lease is not None and lease.live(now) and not distrusted,
                     fresh=node_fresh(
                         node, now, self.settings.node_max_age_seconds, self._min_samples()
                     ),
@@ -249,6 +264,8 @@ class Engine:
             await self._voting(claim, body)
         elif phase is Phase.ADMITTED:
             await self._admitted(claim, body)
+        elif phase is Phase.RECOVERING:
+            await self._recovering(claim, body)
 
     async def _voting(self, claim: CapacityClaim, body: JSON) -> None:
         status = claim.status
@@ -626,6 +643,302 @@ class Engine:
                     )
             self.emit(body, "Normal", reasons.RELEASED, "allocation freed")
         self._claim_locks.pop(uid, None)
+
+    # -- recovery (DESIGN section 6) ------------------------------------------------------------
+
+    async def recover(self, body: JSON, decision: RecoveryDecision) -> None:
+        """Start what :func:`capacity_api.recovery.decide` said for an Admitted claim whose
+        placement nodes failed: Recovering (then re-admission of the lost part), or Failed."""
+        uid = body["metadata"].get("uid", "")
+        async with self._claim_locks[uid]:
+            claim = parse_claim(body)
+            status = claim.status
+            if status is None or status.phase is not Phase.ADMITTED:
+                return
+            now = self.clock()
+            if decision.decision is Decision.FAIL:
+                await self._write_claim(
+                    claim,
+                    {
+                        "phase": Phase.FAILED.value,
+                        "reason": decision.reason,
+                        "message": _clip(decision.message),
+                        "conditions": _conditions(
+                            claim,
+                            type_=reasons.RECOVERED,
+                            value=False,
+                            reason=decision.reason,
+                            message=_clip(decision.message),
+                            generation=claim.metadata.generation,
+                        ),
+                    },
+                )
+                log.warning("claim %s failed: %s", claim_key(claim), decision.message)
+                self.emit(body, "Warning", decision.reason, _clip(decision.message))
+                return
+            entries = [r.wire() for r in status.recoveries or []]
+            entries += [
+                Recovery.model_validate(
+                    {"from": node, "at": now, "reason": decision.message}
+                ).wire()
+                for node in decision.lost
+            ]
+            message = f"{decision.message}: re-admitting its share elsewhere"
+            body = await self._write_claim(
+                claim,
+                {
+                    "phase": Phase.RECOVERING.value,
+                    "reason": reasons.NODE_FAILED,
+                    "message": _clip(message),
+                    "recoveries": entries,
+                    "attempts": 0,
+                    "refusals": None,
+                    "conditions": _conditions(
+                        claim,
+                        type_=reasons.RECOVERED,
+                        value=False,
+                        reason=reasons.RECOVERING,
+                        message=_clip(message),
+                        generation=claim.metadata.generation,
+                    ),
+                },
+            )
+            log.warning("claim %s recovering: %s", claim_key(claim), message)
+            self.emit(body, "Warning", reasons.RECOVERING, _clip(message))
+            await self._recovering(parse_claim(body), body)
+
+    def _lost(self, claim: CapacityClaim) -> list[str]:
+        """The failed nodes whose share the claim is moving (open entries of its recoveries)."""
+        status = claim.status
+        return sorted(
+            {
+                r.from_node
+                for r in (status.recoveries or [])
+                if r.to_node is None and r.epoch is None
+            }
+            if status
+            else set()
+        )
+
+    def _open_recovery_proposal(self, claim: CapacityClaim) -> Proposal | None:
+        status = claim.status
+        if status is None or status.proposal is None:
+            return None
+        held = status.placements or []
+        newest = max((p.epoch or 0 for p in held), default=0)
+        proposal = status.proposal
+        placed = {p.node for p in held}
+        if proposal.epoch > newest and placed.isdisjoint(proposal.placement):
+            return proposal
+        return None
+
+    async def _recovering(self, claim: CapacityClaim, body: JSON) -> None:
+        status = claim.status
+        assert status is not None
+        lost = self._lost(claim)
+        if not lost:
+            return
+        proposal = self._open_recovery_proposal(claim)
+        if proposal is not None:
+            result = tally(proposal, status.votes, self.clock())
+            self._track(claim, proposal)
+            if result.outcome is Outcome.COMMIT:
+                await self._commit_recovery(claim, body, proposal, lost, result)
+            elif result.outcome is Outcome.ABORT:
+                uid = claim.metadata.uid or ""
+                self.inflight.pop(uid, None)
+                await self._remove_holders(uid, proposal.epoch, proposal.placement)
+                refused = {n: result.counted[n].reason or "voted NO" for n in result.refused_by}
+                await self._propose_recovery(
+                    claim, body, lost, refused={**(status.refusals or {}), **refused},
+                    note=result.reason,
+                )  # fmt: skip
+            return
+        await self._propose_recovery(claim, body, lost, refused=dict(status.refusals or {}))
+
+    async def _propose_recovery(
+        self,
+        claim: CapacityClaim,
+        body: JSON,
+        lost: list[str],
+        *,
+        refused: dict[str, str],
+        note: str = "",
+    ) -> None:
+        status = claim.status
+        assert status is not None
+        uid = claim.metadata.uid or ""
+        substrate = claim_substrate(claim.spec)
+        iso = (await self.thresholds()).theta_iso
+        attempts = status.attempts or 0
+        plan: PlacementPlan | NoPlacement
+        if attempts >= self.settings.max_attempts:
+            plan = NoPlacement(
+                reasons.WAITING_FOR_CAPACITY,
+                f"no quorum after {attempts} proposals; waiting for a node to free up",
+                final=False,
+            )
+            refused = {}
+        else:
+            plan = plan_recovery(
+                claim, substrate, self.views(exclude_claim=uid), lost, refused, min_isolation=iso
+            )
+        if isinstance(plan, NoPlacement):
+            started = min(
+                (r.at for r in status.recoveries or [] if r.from_node in lost), default=None
+            )
+            waited = (self.clock() - started).total_seconds() if started else 0.0
+            if waited > self.settings.recovery_wait_seconds:
+                message = (
+                    f"no node could take over the share of {', '.join(lost)} within "
+                    f"{self.settings.recovery_wait_seconds:g} s: {plan.message}"
+                )
+                await self._write_claim(
+                    claim,
+                    {
+                        "phase": Phase.FAILED.value,
+                        "reason": reasons.RECOVERY_GAVE_UP,
+                        "message": _clip(message),
+                        "conditions": _conditions(
+                            claim,
+                            type_=reasons.RECOVERED,
+                            value=False,
+                            reason=reasons.RECOVERY_GAVE_UP,
+                            message=_clip(message),
+                            generation=claim.metadata.generation,
+                        ),
+                    },
+                )
+                self.emit(body, "Warning", reasons.RECOVERY_GAVE_UP, _clip(message))
+                return
+            message = f"recovering the share of {', '.join(lost)}: {plan.message}"
+            if status.reason == reasons.WAITING_FOR_CAPACITY and attempts == 0:
+                return  # said so already; the timer looks again
+            await self._write_claim(
+                claim,
+                {
+                    "reason": reasons.WAITING_FOR_CAPACITY,
+                    "message": _clip(message),
+                    "attempts": 0,
+                    "refusals": None,
+                },
+            )
+            return
+        proposal = new_proposal(
+            status.proposal,
+            plan,
+            substrate,
+            self.clock(),
+            timedelta(seconds=self.settings.vote_timeout_seconds),
+        )
+        message = (
+            f"epoch {proposal.epoch}: asking {', '.join(plan.voters)} to vote on taking over "
+            f"{plan.share:.3f} of {substrate.value} from {', '.join(lost)} on "
+            f"{', '.join(plan.placement)}"
+        )
+        if note:
+            message += f" (after: {note})"
+        self._track(claim, proposal)
+        try:
+            await self._write_claim(
+                claim,
+                {
+                    "proposal": proposal.wire(),
+                    "votes": dict.fromkeys((status.votes or {}).keys()),
+                    "attempts": attempts + 1,
+                    "refusals": refused or None,
+                    "reason": reasons.RECOVERING,
+                    "message": _clip(message),
+                    "voteCount": f"0/{quorum(len(plan.voters))}",
+                },
+            )
+        except BaseException:
+            self.inflight.pop(uid, None)
+            raise
+        self.emit(body, "Normal", reasons.PROPOSED, _clip(message))
+
+    async def _commit_recovery(
+        self,
+        claim: CapacityClaim,
+        body: JSON,
+        proposal: Proposal,
+        lost: list[str],
+        result: Tally,
+    ) -> None:
+        status = claim.status
+        assert status is not None
+        substrate = proposal.substrate or Substrate.HOST
+        share = proposal.share or 0.0
+        uid = claim.metadata.uid or ""
+        holder = Holder(claim=claim_key(claim), uid=uid, epoch=proposal.epoch, share=share)
+        for node in sorted(proposal.placement):
+            taken = await self._add_holder(node, substrate, holder)
+            if taken is not None:
+                await self._remove_holders(uid, proposal.epoch, proposal.placement)
+                self.inflight.pop(uid, None)
+                await self._propose_recovery(
+                    claim, body, lost, refused={**(status.refusals or {}), node: taken},
+                    note=f"{node}: {taken}",
+                )  # fmt: skip
+                return
+        now = self.clock()
+        moves = dict(zip(lost, proposal.placement, strict=False))
+        entries = []
+        for entry in status.recoveries or []:
+            wire = entry.wire()
+            if entry.to_node is None and entry.epoch is None and entry.from_node in moves:
+                wire.update(to=moves[entry.from_node], at=_iso(now), epoch=proposal.epoch)
+            entries.append(wire)
+        placements = [
+            *(p.wire() for p in survivors(claim, lost)),
+            *(
+                Placement(node=n, substrate=substrate, share=share, epoch=proposal.epoch).wire()
+                for n in proposal.placement
+            ),
+        ]
+        nodes = [p["node"] for p in placements]
+        message = (
+            "recovered: "
+            + ", ".join(f"{a} -> {b}" for a, b in moves.items())
+            + f" with {result.yes}/{result.needed} YES votes (epoch {proposal.epoch})"
+        )
+        await self._write_claim(
+            claim,
+            {
+                "phase": Phase.ADMITTED.value,
+                "placements": placements,
+                "recoveries": entries,
+                "reason": reasons.RECOVERED_REASON,
+                "message": message,
+                "nodes": ",".join(nodes),
+                "voteCount": result.vote_count,
+                "refusals": None,
+                "attempts": 0,
+                "conditions": _conditions(
+                    claim,
+                    type_=reasons.RECOVERED,
+                    value=True,
+                    reason=reasons.RECOVERED_REASON,
+                    message=message,
+                    generation=claim.metadata.generation,
+                ),
+            },
+        )
+        self.inflight.pop(uid, None)
+        log.info("claim %s %s", holder.claim, message)
+        self.emit(body, "Normal", reasons.RECOVERED_REASON, message)
+        # the failed nodes are fenced: their old shares are released, their pods deleted so
+        # that their controllers recreate them, bound to the new placement by the webhook
+        await self._remove_holders(uid, None, lost)
+        namespace = claim.metadata.namespace or ""
+        selector = f"{CLAIM_LABEL}={claim.metadata.name}"
+        for pod in await self.kube.list_pods(namespace, selector):
+            where = stranded_on(pod, lost)
+            if where is None:
+                continue
+            name = pod["metadata"]["name"]
+            await self.kube.force_delete_pod(namespace, name)
+            log.info("claim %s: deleted pod %s/%s (%s)", holder.claim, namespace, name, where)
 
     # -- writes --------------------------------------------------------------------------------
 

@@ -40,3 +40,16 @@ class OperatorSettings(BaseSettings):
     health_port: int = Field(default=0, ge=0, le=65535)
     """Port of kopf's liveness endpoint ``/healthz`` on all addresses (0: none). The chart sets
     it for the liveness probe; there is no readiness endpoint (kopf's advice)."""
+    failure_grace_seconds: float = Field(default=10.0, ge=0)
+    """Seconds a node's Lease stays expired (Suspect) before the node is Failed, fenced, and its
+    claims recovered: the hard grace period of DESIGN section 6."""
+    partition_fraction: float = Field(default=0.5, gt=0, le=1)
+    """More than this share of the nodes expiring at once is a partition: nothing moves."""
+    recoveries_per_minute: float = Field(default=60.0, gt=0)
+    """Rate of claim recoveries started (token bucket refill)."""
+    recovery_burst: int = Field(default=10, ge=1)
+    """Recoveries that may start at once."""
+    recovery_wait_seconds: float = Field(default=300.0, gt=0)
+    """How long a recovering claim waits for a node with room before it is Failed."""
+    lifecycle_interval_seconds: float = Field(default=1.0, gt=0)
+    """Seconds between two passes of the node lifecycle."""

@@ -469,6 +469,7 @@ def test_nodes_json_sorted_with_leases() -> None:
     assert a["lease"]["ageSeconds"] == 3
     assert b["lease"]["expired"] is True
     assert b["ready"] == "False"
+    assert (a["liveness"], b["liveness"]) == ("Alive", "Suspect")
     host = a["substrates"][0]
     assert host["substrate"] == "host"
     assert host["p95"] == 0.4
@@ -493,6 +494,7 @@ def test_nodes_text_table() -> None:
     assert lines[0].split() == list(capctl.NODE_HEADERS)
     assert lines[1].split() == [
         "node-a",
+        "Alive",
         "True",
         "False",
         "3s",
@@ -508,11 +510,22 @@ def test_nodes_text_table() -> None:
     ]
     assert lines[2].split()[0] == "gpu"  # the same node's next substrate
     assert "expired (90s)" in lines[3]
-    assert lines[4].split()[3] == "none"  # node-c has no lease
+    assert lines[3].split()[1] == "Suspect"  # node-b: lease expired
+    assert lines[4].split()[4] == "none"  # node-c has no lease
     # aligned: every column starts at the same offset
     assert len({line.index("SUBSTRATE") for line in lines[:1]}) == 1
     assert lines[1].index("host") == lines[0].index("SUBSTRATE")
     assert lines[2].index("gpu") == lines[0].index("SUBSTRATE")
+
+
+def test_nodes_marked_by_the_operator_show_suspect_or_failed() -> None:
+    failed = cnode("node-f")
+    assert failed.status is not None
+    ready = next(c for c in failed.status.conditions or [] if c.type == "Ready")
+    ready.reason = "NodeFailed"
+    assert capctl.nodes_json([failed], {}, now=NOW)[0]["liveness"] == "Failed"
+    ready.reason = "LeaseExpired"
+    assert capctl.nodes_json([failed], {}, now=NOW)[0]["liveness"] == "Suspect"
 
 
 def test_no_nodes() -> None:

@@ -90,8 +90,11 @@ priorityClassName: {{ . }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with $c.tolerations }}
 tolerations:
+  {{- with $c.tolerations }}
   {{- toYaml . | nindent 2 }}
-{{- end }}
+  {{- end }}
+  # the platform's own pods stay on a node the operator fenced (it may be wrong about a node
+  # whose agent alone died); only workloads are moved off it
+  - {key: capacity.platform.dev/failed, operator: Exists, effect: NoExecute}
 {{- end }}

@@ -1,0 +1,333 @@
+"""Recovery (DESIGN section 6) with the real operator and agent processes on the local cluster.
+
+Each test runs the operator (short grace period) and one agent process per node (short
+leases), and kills, pauses or restarts agents. The nodes of the pod test are real Kubernetes
+Nodes managed by kwok (created by the test, deleted afterwards), so pods scheduled onto them go
+Running, and the webhook process binds them to their claim's placement.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from capacity_api import GROUP, VERSION
+from capacity_api.webhook import CLAIM_LABEL
+from tests.cluster import Cluster, Proc, agents_proc, operator_proc, show, unique, wait_for
+from tests.integration.test_webhook import (  # the webhook process and its configurations
+    IMAGE,
+    Env,
+    Webhook,
+    env,
+    wait_serving,
+    webhook,
+)
+
+__all__ = ["env", "webhook"]  # fixtures used here
+
+LEASE = 4
+GRACE = 2.0
+FAILED_TAINT = "capacity.platform.dev/failed"
+
+
+def operator(kubeconfig: Path, platform: str, log: Path) -> Proc:
+    proc = operator_proc(kubeconfig, platform, log, vote_timeout=3.0)
+    proc.env.update(
+        CAPACITY_OPERATOR_FAILURE_GRACE_SECONDS=str(GRACE),
+        CAPACITY_OPERATOR_LIFECYCLE_INTERVAL_SECONDS="0.5",
+    )
+    return proc
+
+
+def agent(kubeconfig: Path, platform: str, log_dir: Path, prefix: str, count: int = 1) -> Proc:
+    proc = agents_proc(
+        kubeconfig, platform, log_dir / f"{prefix}.log", prefix=prefix, count=count,
+        lease_duration=LEASE, lease_renew_interval=1.0,
+    )  # fmt: skip
+    proc.name = f"agent:{prefix}"
+    return proc
+
+
+def claim_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+    body = cluster.claim(namespace, name)
+    assert body is not None, f"claim {name} is gone"
+    return dict(body.get("status") or {})
+
+
+def placement_nodes(status: dict[str, Any]) -> list[str]:
+    return sorted(p["node"] for p in status.get("placements") or [])
+
+
+def taints(core: client.CoreV1Api, node: str) -> list[str]:
+    return [t.key for t in core.read_node(node).spec.taints or []]
+
+
+@pytest.fixture
+def prefix(cluster: Cluster) -> Iterator[str]:
+    """A node name prefix of this test's own; its CapacityNodes are deleted afterwards."""
+    name = unique("cp-rec")
+    yield name
+    cluster.delete_nodes(name)
+
+
+@pytest.fixture
+def kwok_managed(core: client.CoreV1Api, prefix: str) -> Iterator[list[str]]:
+    """Five Nodes of this test's own, faked by kwok (pods on them go Running)."""
+    names = [f"{prefix}-{i}-0" for i in range(5)]
+    for name in names:
+        core.create_node(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "annotations": {"kwok.x-k8s.io/node": "fake"},
+                    "labels": {"kubernetes.io/hostname": name, "cp-test": prefix},
+                },
+                "status": {
+                    "capacity": {"cpu": "16", "memory": "64Gi", "pods": "110"},
+                    "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110"},
+                },
+            }
+        )
+    try:
+        yield names
+    finally:
+        for name in names:
+            try:
+                core.delete_node(name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
+
+def test_a_killed_agents_claim_and_pods_move_to_another_node(
+    env: Env, webhook: Webhook, kwok_managed: list[str]
+) -> None:
+    cluster, core, ns = env.cluster, env.core, env.namespace
+    with ExitStack() as stack:
+        agents = {}
+        for name in kwok_managed:
+            proc = agent(env.kubeconfig, env.platform, env.logs, name.removesuffix("-0"))
+            agents[name] = stack.enter_context(Running(proc))
+        op = stack.enter_context(
+            Running(operator(env.kubeconfig, env.platform, env.logs / "op.log"))
+        )
+        for name in kwok_managed:
+            cluster.wait_nodes_ready(name.removesuffix("-0"), 1)
+        cluster.create_claim(ns, "web", cGeo=0.1, substrate="host")
+        cluster.create_claim(
+            ns, "fragile", cGeo=0.05, substrate="host", replicas=5, recovery={"policy": "None"}
+        )
+        for name in ("web", "fragile"):
+            cluster.wait_phase(ns, name, {"Admitted"}, timeout=60)
+        (dead,) = placement_nodes(claim_status(cluster, ns, "web"))
+        wait_serving(webhook, env, "web")
+        labels = {"app": "web", CLAIM_LABEL: "web"}
+        client.AppsV1Api(env.api).create_namespaced_deployment(
+            ns,
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "web"},
+                "spec": {
+                    "replicas": 3,
+                    "selector": {"matchLabels": {"app": "web"}},
+                    "template": {
+                        "metadata": {"labels": labels},
+                        "spec": {"containers": [{"name": "main", "image": IMAGE}]},
+                    },
+                },
+            },
+        )
+        pods_on = _pods_running_on(core, ns)
+        wait_for(f"3 web pods on {dead}", lambda: pods_on([dead]), timeout=90)
+
+        agents[dead].kill()
+        killed = time.monotonic()
+        try:
+            recovering = cluster.wait_phase(ns, "web", {"Recovering"}, timeout=LEASE + GRACE + 15)
+            assert recovering["status"]["reason"] in ("NodeFailed", "Recovering")
+            status = cluster.wait_phase(ns, "web", {"Admitted"}, timeout=30)["status"]
+        except AssertionError:
+            raise AssertionError(
+                f"{claim_status(cluster, ns, 'web')}\n{show(op, agents[dead])}"
+            ) from None
+        moved = time.monotonic() - killed
+        (new,) = placement_nodes(status)
+        assert new != dead
+        (recovery,) = status["recoveries"]
+        assert (recovery["from"], recovery["to"]) == (dead, new)
+        assert recovery["epoch"] == status["placements"][0]["epoch"]
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert conditions["Recovered"]["status"] == "True"
+        print(
+            f"kill -> claim Admitted again on {new}: {moved:.1f} s "
+            f"(lease {LEASE} s, grace {GRACE} s)"
+        )
+
+        # the old pods were deleted; their ReplicaSet made new ones, bound to the new node
+        wait_for(f"3 web pods on {new}", lambda: pods_on([new]), timeout=60)
+        print(f"kill -> 3 pods Running on {new}: {time.monotonic() - killed:.1f} s")
+
+        # the dead node is shown as such, fenced, and holds nothing of the claim any more
+        cn = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", dead)
+        ready = next(c for c in cn["status"]["conditions"] if c["type"] == "Ready")
+        assert (ready["status"], ready["reason"]) == ("Unknown", "NodeFailed"), ready
+        assert FAILED_TAINT in taints(core, dead)
+        holders = [
+            h["claim"] for a in (cn["status"].get("allocated") or {}).values() for h in a["holders"]
+        ]
+        assert f"{ns}/web" not in holders
+
+        # recovery policy None: the spanning claim fails with the reason, nothing is moved
+        fragile = claim_status(cluster, ns, "fragile")
+        assert fragile["phase"] == "Failed", fragile
+        assert fragile["reason"] == "NodeFailed"
+        assert "spec.recovery.policy is None" in fragile["message"]
+
+        # the node comes back: not used until it renewed and filled its window, then unfenced
+        agents[dead] = stack.enter_context(
+            Running(agent(env.kubeconfig, env.platform, env.logs, dead.removesuffix("-0")))
+        )
+        wait_for(f"{dead} unfenced", lambda: FAILED_TAINT not in taints(core, dead), timeout=30)
+        assert "trusted again" in op.output()
+
+
+def test_a_blip_shorter_than_the_lease_moves_nothing(env: Env, prefix: str) -> None:
+    cluster, ns = env.cluster, env.namespace
+    names = [f"{prefix}-{i}" for i in range(3)]
+    with ExitStack() as stack:
+        agents = {
+            n: stack.enter_context(Running(agent(env.kubeconfig, env.platform, env.logs, n)))
+            for n in names
+        }
+        op = stack.enter_context(
+            Running(operator(env.kubeconfig, env.platform, env.logs / "op.log"))
+        )
+        for n in names:
+            cluster.wait_nodes_ready(n, 1)
+        cluster.create_claim(ns, "steady", cGeo=0.1, substrate="host")
+        before = claim_status(
+            cluster, ns, cluster.wait_phase(ns, "steady", {"Admitted"})["metadata"]["name"]
+        )
+        (node,) = placement_nodes(before)
+        paused = agents[node.removesuffix("-0")]
+        assert paused.popen is not None
+        os.killpg(paused.popen.pid, signal.SIGSTOP)
+        time.sleep(LEASE / 2)  # the blip itself: shorter than the lease
+        os.killpg(paused.popen.pid, signal.SIGCONT)
+        paused_at = time.time()
+
+        def renewed() -> bool:
+            lease = client.CoordinationV1Api(env.api).read_namespaced_lease(node, env.platform)
+            return lease.spec.renew_time.timestamp() > paused_at
+
+        wait_for(f"{node} renews after the pause", renewed, timeout=10)
+        # what a blip must not cause would show within lease + grace: look for that long
+        deadline = time.monotonic() + LEASE + GRACE + 1
+        while time.monotonic() < deadline:
+            status = claim_status(cluster, ns, "steady")
+            assert status["phase"] == "Admitted", show(op)
+            assert placement_nodes(status) == [node]
+            time.sleep(0.5)
+        assert not status.get("recoveries")
+        assert "fenced" not in op.output()
+
+
+def test_a_partition_moves_nothing_until_it_clears(env: Env, prefix: str) -> None:
+    cluster, ns = env.cluster, env.namespace
+    groups = {"dead": 1, "gone": 5, "alive": 4}
+    dead_node = f"{prefix}-dead-0"
+    with ExitStack() as stack:
+        op = stack.enter_context(
+            Running(operator(env.kubeconfig, env.platform, env.logs / "op.log"))
+        )
+        procs = {}
+        for g, n in groups.items():
+            procs[g] = stack.enter_context(
+                Running(agent(env.kubeconfig, env.platform, env.logs, f"{prefix}-{g}", n))
+            )
+            cluster.wait_nodes_ready(f"{prefix}-{g}", n)
+            if g == "dead":  # the only node yet: this claim lands on it
+                cluster.create_claim(ns, "on-dead", cGeo=0.05, substrate="host")
+                cluster.wait_phase(ns, "on-dead", {"Admitted"}, timeout=60)
+        for i in range(5):
+            cluster.create_claim(ns, f"c{i}", cGeo=0.05, substrate="host")
+            cluster.wait_phase(ns, f"c{i}", {"Admitted"}, timeout=60)
+        names = ["on-dead", *(f"c{i}" for i in range(5))]
+        placed = {c: placement_nodes(claim_status(cluster, ns, c))[0] for c in names}
+        assert placed["on-dead"] == dead_node
+        on_dead = sorted(c for c, n in placed.items() if n == dead_node)
+
+        procs["gone"].kill()
+        procs["dead"].kill()
+
+        def partition_event() -> bool:
+            events = env.core.list_event_for_all_namespaces(
+                field_selector="reason=PartitionSuspected"
+            )
+            return any(e.involved_object.name.startswith(prefix) for e in events.items)
+
+        wait_for("the PartitionSuspected Event", partition_event, timeout=LEASE + GRACE + 15)
+        assert "6 of 10 node leases expired" in op.output()
+        deadline = time.monotonic() + GRACE + 2
+        while time.monotonic() < deadline:
+            for c, n in placed.items():
+                status = claim_status(cluster, ns, c)
+                assert status["phase"] == "Admitted", (c, status, show(op))
+                assert placement_nodes(status) == [n]
+            time.sleep(0.5)
+
+        # five come back: 1 of 10 expired is no partition; the one still dead is recovered
+        stack.enter_context(
+            Running(agent(env.kubeconfig, env.platform, env.logs, f"{prefix}-gone", 5))
+        )
+        for c in on_dead:
+
+            def moved(c: str = c) -> dict[str, Any] | None:
+                status = claim_status(cluster, ns, c)
+                ok = status.get("phase") == "Admitted" and status.get("recoveries")
+                return status if ok else None
+
+            status = wait_for(f"{c} recovered from {dead_node}", moved, timeout=60)
+            assert dead_node not in placement_nodes(status)
+            assert status["recoveries"][0]["from"] == dead_node
+        for c, n in placed.items():
+            if c not in on_dead:
+                assert placement_nodes(claim_status(cluster, ns, c)) == [n], c
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+class Running:
+    """Start a process on entry, stop it (SIGTERM, then SIGKILL) on exit."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+
+    def __enter__(self) -> Proc:
+        return self.proc.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.proc.stop()
+
+
+def _pods_running_on(core: client.CoreV1Api, namespace: str) -> Any:
+    def probe(nodes: list[str]) -> list[client.V1Pod] | None:
+        pods = core.list_namespaced_pod(namespace, label_selector="app=web").items
+        live = [p for p in pods if p.metadata.deletion_timestamp is None]
+        running = [p for p in live if p.status.phase == "Running" and p.spec.node_name in nodes]
+        return running if len(running) == 3 and len(live) == 3 else None
+
+    return probe
