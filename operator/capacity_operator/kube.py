@@ -132,6 +132,15 @@ class Kube:
         body = json.loads(out.data)
         return list((body.get("spec") or {}).get("taints") or [])
 
+    async def nodes_tainted(self, key: str) -> list[str]:
+        """Names of the Kubernetes Nodes carrying a taint with this key (one list)."""
+        out = await self._call(partial(self.core.list_node, _preload_content=False))
+        return [
+            item["metadata"]["name"]
+            for item in json.loads(out.data).get("items", [])
+            if any(t.get("key") == key for t in (item.get("spec") or {}).get("taints") or [])
+        ]
+
     async def set_node_taints(self, name: str, taints: list[JSON], resource_version: str) -> None:
         body = {"metadata": {"resourceVersion": resource_version}, "spec": {"taints": taints}}
         await self._call(self.core.patch_node, name, body)

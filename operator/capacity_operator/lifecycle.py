@@ -92,6 +92,7 @@ class Lifecycle:
 
     async def run(self) -> None:
         await self.engine.ready.wait()
+        await self._remember_fenced()
         while True:
             try:
                 if await self.active():
@@ -101,6 +102,23 @@ class Lifecycle:
             except Exception:
                 log.exception("node lifecycle pass failed; next pass in %gs", self.interval)
             await asyncio.sleep(self.interval)
+
+    async def _remember_fenced(self) -> None:
+        """Nodes fenced by an earlier operator copy (it died, or this one restarted) are trusted
+        again only as a returning node is: after a full window measured from now."""
+        now = self.clock()
+        for _ in range(self.settings.commit_retries):
+            try:
+                fenced = await self.kube.nodes_tainted(FAILED_TAINT)
+            except Exception:
+                log.exception("could not list fenced nodes; retrying")
+                await asyncio.sleep(self.interval)
+                continue
+            for name in fenced:
+                self.engine.returning.setdefault(name, now)
+            if fenced:
+                log.info("fenced by an earlier copy, not used until trusted again: %s", fenced)
+            return
 
     @property
     def interval(self) -> float:

@@ -315,6 +315,7 @@ def test_explain_and_nodes(
     lines = out.stdout.splitlines()
     assert lines[0].split() == [
         "NODE",
+        "STATE",
         "READY",
         "STALE",
         "LEASE",
@@ -329,11 +330,12 @@ def test_explain_and_nodes(
         "ENTROPY",
     ]
     row_a = next(line for line in lines if line.startswith(a + " ")).split()
-    assert row_a[:3] == [a, "True", "False"]
-    assert row_a[4] == "host"
-    assert row_a[6:] == ["0.40", "0.60", "0.20", "2", "0.020", "0.310", "0.800"]
+    assert row_a[:4] == [a, "Alive", "True", "False"]
+    assert row_a[5] == "host"
+    assert row_a[7:] == ["0.40", "0.60", "0.20", "2", "0.020", "0.310", "0.800"]
     row_b = next(line for line in lines if line.startswith(b + " "))
     assert "expired (" in row_b
+    assert row_b.split()[1] == "Suspect"
     row_names = [line.split()[0] for line in lines[1:] if line and not line.startswith(" ")]
     assert row_names == sorted(row_names)
 

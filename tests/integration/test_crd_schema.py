@@ -217,7 +217,13 @@ def test_capacity_node_is_cluster_scoped_with_columns(
                             "status": "True",
                             "reason": "Measuring",
                             "lastTransitionTime": "2026-01-01T00:00:00Z",
-                        }
+                        },
+                        {
+                            "type": "Stale",
+                            "status": "False",
+                            "reason": "Fresh",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z",
+                        },
                     ],
                     "readings": {
                         "host": {
@@ -250,10 +256,10 @@ def test_capacity_node_is_cluster_scoped_with_columns(
             _return_http_data_only=True,
         )
         columns = [c["name"] for c in response["columnDefinitions"]]
-        assert columns == ["Name", "Ready", "CPU", "Mem", "GPU", "Headroom", "Age"]
+        assert columns == ["Name", "Ready", "Stale", "CPU", "Mem", "GPU", "Headroom", "Age"]
         cells = response["rows"][0]["cells"]
-        assert cells[:4] == [name, "True", 0.4, 0.3]
-        assert cells[5] == 0.6
+        assert cells[:5] == [name, "True", "False", 0.4, 0.3]
+        assert cells[6] == 0.6
         # a reading outside [0,1] is refused
         with pytest.raises(ApiException) as info:
             custom.patch_cluster_custom_object_status(

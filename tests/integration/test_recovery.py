@@ -9,6 +9,7 @@ Running, and the webhook process binds them to their claim's placement.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from collections.abc import Iterator
@@ -22,7 +23,17 @@ from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
 from capacity_api.webhook import CLAIM_LABEL
-from tests.cluster import Cluster, Proc, agents_proc, operator_proc, show, unique, wait_for
+from tests.cluster import (
+    Cluster,
+    Proc,
+    agents_proc,
+    ledger_from_claims,
+    node_holders,
+    operator_proc,
+    show,
+    unique,
+    wait_for,
+)
 from tests.integration.test_webhook import (  # the webhook process and its configurations
     IMAGE,
     Env,
@@ -331,3 +342,112 @@ def _pods_running_on(core: client.CoreV1Api, namespace: str) -> Any:
         return running if len(running) == 3 and len(live) == 3 else None
 
     return probe
+
+
+def test_two_claims_recovering_onto_room_for_one_exactly_one_gets_it(env: Env, prefix: str) -> None:
+    cluster, ns = env.cluster, env.namespace
+    with ExitStack() as stack:
+        op = stack.enter_context(
+            Running(operator(env.kubeconfig, env.platform, env.logs / "op.log"))
+        )
+        doomed = stack.enter_context(
+            Running(agent(env.kubeconfig, env.platform, env.logs, f"{prefix}-a"))
+        )
+        cluster.wait_nodes_ready(f"{prefix}-a", 1)
+        for name in ("c1", "c2"):  # the only node yet: both land on it (0.8 of it)
+            cluster.create_claim(ns, name, cGeo=0.4, substrate="host")
+            cluster.wait_phase(ns, name, {"Admitted"}, timeout=60)
+        stack.enter_context(Running(agent(env.kubeconfig, env.platform, env.logs, f"{prefix}-b")))
+        cluster.wait_nodes_ready(f"{prefix}-b", 1)
+        cluster.create_claim(ns, "c3", cGeo=0.4, substrate="host")
+        cluster.wait_phase(ns, "c3", {"Admitted"}, timeout=60)
+        room = f"{prefix}-b-0"  # 0.4 held: room for one more 0.4 under theta_iso 0.15
+        assert placement_nodes(claim_status(cluster, ns, "c3")) == [room]
+
+        doomed.kill()
+
+        def settled() -> dict[str, dict[str, Any]] | None:
+            states = {c: claim_status(cluster, ns, c) for c in ("c1", "c2")}
+            phases = sorted(s.get("phase", "") for s in states.values())
+            waiting = [s for s in states.values() if s.get("reason") == "WaitingForCapacity"]
+            return states if phases == ["Admitted", "Recovering"] and waiting else None
+
+        states = wait_for("one recovered, one waiting", settled, timeout=LEASE + GRACE + 30)
+        (winner,) = [c for c, s in states.items() if s["phase"] == "Admitted"]
+        assert placement_nodes(states[winner]) == [room], show(op)
+        node = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", room)
+        held = sorted(h["claim"] for h in node["status"]["allocated"]["host"]["holders"])
+        assert held == sorted([f"{ns}/c3", f"{ns}/{winner}"])
+        assert node["status"]["allocated"]["host"]["share"] == pytest.approx(0.8)
+
+
+def test_operator_killed_during_recoveries_leaves_one_placement_per_claim(
+    env: Env, prefix: str
+) -> None:
+    cluster, ns = env.cluster, env.namespace
+    rng = random.Random(20261202)
+    names = [f"{prefix}-{i}" for i in range(6)]
+    log = env.logs / "op.log"
+    with ExitStack() as stack:
+        agents = {}
+        for name in names[:2]:  # the claims start on the first two nodes
+            agents[name] = stack.enter_context(
+                Running(agent(env.kubeconfig, env.platform, env.logs, name))
+            )
+            cluster.wait_nodes_ready(name, 1)
+        op = operator(env.kubeconfig, env.platform, log).start()
+        try:
+            for i in range(4):
+                cluster.create_claim(
+                    ns, f"k{i}", cGeo=0.15, substrate="host",
+                    recovery={"policy": "Replace", "maxRecoveries": 100},
+                )  # fmt: skip
+                cluster.wait_phase(ns, f"k{i}", {"Admitted"}, timeout=60)
+            for name in names[2:]:
+                agents[name] = stack.enter_context(
+                    Running(agent(env.kubeconfig, env.platform, env.logs, name))
+                )
+                cluster.wait_nodes_ready(name, 1)
+            claims = [f"k{i}" for i in range(4)]
+            for _ in range(10):
+                placed = [placement_nodes(claim_status(cluster, ns, c))[0] for c in claims]
+                victim = max(set(placed), key=placed.count)
+                agents[victim.removesuffix("-0")].kill()
+                time.sleep(rng.uniform(0.5, LEASE + GRACE + 2))
+                op.kill()  # SIGKILL, wherever it was: detecting, fencing, voting, committing
+                op = operator(env.kubeconfig, env.platform, log).start()
+
+                def moved(victim: str = victim) -> bool:
+                    states = [claim_status(cluster, ns, c) for c in claims]
+                    return all(
+                        s.get("phase") == "Admitted" and victim not in placement_nodes(s)
+                        for s in states
+                    )
+
+                wait_for(f"every claim off {victim}", moved, timeout=60)
+                agents[victim.removesuffix("-0")] = stack.enter_context(
+                    Running(
+                        agent(env.kubeconfig, env.platform, env.logs, victim.removesuffix("-0"))
+                    )
+                )
+        finally:
+            op.stop()
+        bodies = cluster.claims(ns)
+        by_uid = {c["metadata"]["uid"]: c for c in bodies}
+        for body in bodies:
+            placements = body["status"]["placements"]
+            assert len(placements) == 1, body["status"]
+        expected = ledger_from_claims(bodies)
+        for name, node in cluster.nodes(prefix).items():
+            holders = node_holders(node).get("host", [])
+            uids = [h["uid"] for h in holders]
+            assert len(uids) == len(set(uids)), f"{name}: a claim held twice: {holders}"
+            for h in holders:
+                claim = by_uid.get(h["uid"])
+                assert claim is not None, f"{name}: leaked holder {h}"
+                assert any(
+                    p["node"] == name and p["epoch"] == h["epoch"]
+                    for p in claim["status"]["placements"]
+                ), f"{name}: holder {h} is no placement of its claim"
+            held = sum(h["share"] for h in holders)
+            assert held == pytest.approx(expected.get((name, "host"), 0.0)), name

@@ -1,0 +1,221 @@
+"""Benchmark: how long a dead node's claims take to be admitted again elsewhere.
+
+On the shared local cluster (or CAPACITY_TEST_KUBECONFIG), in a platform namespace of its own:
+the operator and agent processes, 10 killable nodes (one agent process each, steady synthetic
+load, so claims are placed on them) and ``N - 10`` background nodes (simulated, 30 per process,
+periodic load: lower headroom, so they vote and witness but rarely hold a claim). 10 claims of
+0.15 of a node. Each kill SIGKILLs the agent of the killable node holding the most claims, waits
+until every claim it held is Admitted on another node, and restarts it.
+
+Per recovered claim it reports the time from **lease expiry** (the killed agent's last
+``renewTime + leaseDurationSeconds``) to the commit of the recovery (``status.recoveries[].at``,
+written by the operator), and from the kill to the same commit, as p50 / p99 / max over
+``BENCH_KILLS`` kills (default 20) at each scale of ``BENCH_SCALES`` (default 10,100). Leases
+are ``BENCH_LEASE`` s (default 6, renewed every second), the operator's failure grace
+``BENCH_GRACE`` s (default 2). Pods are not part of it (the integration test
+test_recovery.py measures kill -> pods Running once, on kwok nodes).
+
+Compare: Kubernetes' defaults for pods on a dead node are about 40-50 s to NotReady plus 300 s of
+NoExecute toleration before eviction, about 5 min 45 s in all.
+
+Prints the figures and writes tests/bench/results/recovery.json. Figures, not pass/fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import psutil  # noqa: E402 - after the path set-up, like every import below
+from kubernetes import client  # noqa: E402
+
+from tests import kube  # noqa: E402
+from tests.cluster import Cluster, Proc, agents_proc, operator_proc, wait_for  # noqa: E402
+
+RESULTS = REPO / "tests" / "bench" / "results" / "recovery.json"
+KILLABLE = 10
+PER_PROCESS = 30
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def parse_time(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def agent(kubeconfig: Path, ns: str, logs: Path, prefix: str, *, count: int, source: str) -> Proc:
+    lease = int(os.environ.get("BENCH_LEASE", "6"))
+    return agents_proc(
+        kubeconfig, ns, logs / f"{prefix}.log", prefix=prefix, count=count, source=source,
+        interval=0.25, publish_interval=1.0, lease_duration=lease, lease_renew_interval=1.0,
+    )  # fmt: skip
+
+
+def scenario(api: client.ApiClient, kubeconfig: Path, nodes: int, kills: int) -> dict[str, Any]:
+    cluster = Cluster(api)
+    core = client.CoreV1Api(api)
+    coordination = client.CoordinationV1Api(api)
+    tag = uuid.uuid4().hex[:6]
+    platform, ns = f"bench-rec-p-{tag}", f"bench-rec-{tag}"
+    for name in (platform, ns):
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    logs = Path(tempfile.mkdtemp(prefix="bench-recovery-"))
+    grace = os.environ.get("BENCH_GRACE", "2")
+    op = operator_proc(kubeconfig, platform, logs / "operator.log", vote_timeout=5.0)
+    op.env.update(
+        CAPACITY_OPERATOR_FAILURE_GRACE_SECONDS=grace,
+        CAPACITY_OPERATOR_LIFECYCLE_INTERVAL_SECONDS="0.5",
+    )
+    killable = {f"br{tag}-k{i}": None for i in range(KILLABLE)}
+    procs: dict[str, Proc] = {}
+    background: list[Proc] = []
+    from_expiry: list[float] = []
+    from_kill: list[float] = []
+    try:
+        for prefix in killable:
+            procs[prefix] = agent(
+                kubeconfig, platform, logs, prefix, count=1, source="synthetic:steady"
+            ).start()
+        rest = nodes - KILLABLE
+        for i in range(0, rest, PER_PROCESS):
+            count = min(PER_PROCESS, rest - i)
+            background.append(
+                agent(
+                    kubeconfig, platform, logs, f"br{tag}-b{i}", count, "synthetic:periodic"
+                ).start()
+            )
+        for prefix in killable:
+            cluster.wait_nodes_ready(prefix, 1, timeout=120)
+        for i in range(0, rest, PER_PROCESS):
+            cluster.wait_nodes_ready(f"br{tag}-b{i}", min(PER_PROCESS, rest - i), timeout=180)
+        op.start()
+        claims = [f"c{i}" for i in range(10)]
+        for name in claims:
+            cluster.create_claim(ns, name, cGeo=0.15, substrate="host")
+        for name in claims:
+            cluster.wait_phase(ns, name, {"Admitted"}, timeout=120)
+        op_process = psutil.Process(op.popen.pid) if op.popen else None
+        cpu_before = sum(op_process.cpu_times()[:2]) if op_process else 0.0
+        for kill in range(kills):
+            placed = {
+                c: cluster.claim(ns, c)["status"]["placements"][0]["node"]  # type: ignore[index]
+                for c in claims
+            }
+            on_killable = [n for n in placed.values() if n.removesuffix("-0") in killable]
+            if not on_killable:
+                print(f"  kill {kill}: no claim on a killable node any more; stopping", flush=True)
+                break
+            victim = max(set(on_killable), key=on_killable.count)
+            moving = sorted(c for c, n in placed.items() if n == victim)
+            before = {
+                c: len(cluster.claim(ns, c)["status"].get("recoveries") or []) for c in moving
+            }  # type: ignore[index]
+            procs[victim.removesuffix("-0")].kill()
+            killed = time.time()
+            lease = coordination.read_namespaced_lease(victim, platform)
+            expiry = lease.spec.renew_time.timestamp() + lease.spec.lease_duration_seconds
+
+            def moved(
+                moving: list[str] = moving, before: dict[str, int] = before
+            ) -> list[dict[str, Any]] | None:
+                states = [cluster.claim(ns, c)["status"] for c in moving]  # type: ignore[index]
+                done = [
+                    s for c, s in zip(moving, states, strict=True)
+                    if s.get("phase") == "Admitted" and len(s.get("recoveries") or []) > before[c]
+                ]  # fmt: skip
+                return states if len(done) == len(moving) else None
+
+            states = wait_for(f"claims off {victim}", moved, timeout=120, interval=0.2)
+            for status in states:
+                at = parse_time(status["recoveries"][-1]["at"])
+                from_expiry.append(at - expiry)
+                from_kill.append(at - killed)
+            print(
+                f"  kill {kill + 1}/{kills}: {victim} ({len(moving)} claims) re-admitted "
+                f"{max(from_expiry[-len(moving) :]):.2f} s after lease expiry",
+                flush=True,
+            )
+            prefix = victim.removesuffix("-0")
+            procs[prefix] = agent(
+                kubeconfig, platform, logs, prefix, count=1, source="synthetic:steady"
+            ).start()
+            cluster.wait_nodes_ready(prefix, 1, timeout=60)
+        cpu_after = sum(op_process.cpu_times()[:2]) if op_process else 0.0
+        return {
+            "nodes": nodes,
+            "kills": kills,
+            "recovered_claims": len(from_expiry),
+            "lease_seconds": int(os.environ.get("BENCH_LEASE", "6")),
+            "grace_seconds": float(grace),
+            "from_lease_expiry_s": summary(from_expiry),
+            "from_kill_s": summary(from_kill),
+            "operator_cpu_s_during_kills": round(cpu_after - cpu_before, 2),
+            "load_average_1m": round(os.getloadavg()[0], 2),
+        }
+    finally:
+        op.stop()
+        for proc in [*procs.values(), *background]:
+            proc.stop()
+        _cleanup(api, cluster, ns, platform, f"br{tag}")
+
+
+def _cleanup(api: client.ApiClient, cluster: Cluster, ns: str, platform: str, prefix: str) -> None:
+    custom = client.CustomObjectsApi(api)
+    for item in cluster.claims(ns):
+        custom.patch_namespaced_custom_object(
+            "capacity.platform.dev", "v1alpha1", ns, "capacityclaims",
+            item["metadata"]["name"], {"metadata": {"finalizers": None}},
+        )  # fmt: skip
+    for name in (ns, platform):
+        client.CoreV1Api(api).delete_namespace(name)
+    cluster.delete_nodes(prefix)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    return {
+        "p50": round(statistics.median(values), 2),
+        "p99": round(percentile(values, 0.99), 2),
+        "max": round(max(values), 2),
+        "min": round(min(values), 2),
+    }
+
+
+def main() -> int:
+    kubeconfig = kube.test_kubeconfig()
+    api = kube.api_client(kubeconfig)
+    scales = [int(s) for s in os.environ.get("BENCH_SCALES", "10,100").split(",")]
+    kills = int(os.environ.get("BENCH_KILLS", "20"))
+    results = []
+    for nodes in scales:
+        print(f"recovery at {nodes} nodes, {kills} kills", flush=True)
+        outcome = scenario(api, kubeconfig, nodes, kills)
+        print(json.dumps(outcome, indent=2), flush=True)
+        results.append(outcome)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(
+        json.dumps({"machine": {"cpus": os.cpu_count()}, "results": results}, indent=2) + "\n"
+    )
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
