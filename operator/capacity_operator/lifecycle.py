@@ -197,7 +197,7 @@ class Lifecycle:
         if since is None:
             return
         node = engine.nodes.get(name)
-        if not trusted_again(node, lease, since, now, engine._min_samples()):
+        if not trusted_again(node, lease, since, now, engine.min_samples):
             return
         engine.returning.pop(name)
         await self._unfence(name)
@@ -220,7 +220,7 @@ class Lifecycle:
             )
         if state is Liveness.FAILED:
             message += "; node failed: fenced, its claims recover elsewhere"
-        async with self.engine._node_locks[name]:
+        async with self.engine.node_lock(name):
             for _ in range(self.settings.commit_retries):
                 node = self.engine.nodes.get(name)
                 if node is None:
@@ -240,9 +240,9 @@ class Lifecycle:
                      "message": message, "lastTransitionTime": stamp},
                 ]  # fmt: skip
                 try:
-                    await self.engine._write_node(name, node, {"conditions": wanted})
+                    await self.engine.write_node_status(name, node, {"conditions": wanted})
                 except ConflictError:
-                    await self.engine._fresh_node(name)
+                    await self.engine.refresh_node(name)
                     continue
                 except NotFoundError:
                     return

@@ -181,6 +181,23 @@ class Engine:
             )
         return views
 
+    def node_lock(self, name: str) -> asyncio.Lock:
+        """The lock every write of this node's status holds (ledger and liveness alike)."""
+        return self._node_locks[name]
+
+    async def write_node_status(self, name: str, node: CapacityNode, status: JSON) -> None:
+        """Compare-and-swap merge of ``status`` into the node (ConflictError when it moved)."""
+        await self._write_node(name, node, status)
+
+    async def refresh_node(self, name: str) -> CapacityNode | None:
+        """Read the node again (and update the cache); None when it is gone."""
+        return await self._fresh_node(name)
+
+    @property
+    def min_samples(self) -> int:
+        """minSamples of the thresholds in force."""
+        return self._min_samples()
+
     def _min_samples(self) -> int:
         return self._thresholds[1].min_samples if self._thresholds else Thresholds().min_samples
 
@@ -657,24 +674,7 @@ class Engine:
                 return
             now = self.clock()
             if decision.decision is Decision.FAIL:
-                await self._write_claim(
-                    claim,
-                    {
-                        "phase": Phase.FAILED.value,
-                        "reason": decision.reason,
-                        "message": _clip(decision.message),
-                        "conditions": _conditions(
-                            claim,
-                            type_=reasons.RECOVERED,
-                            value=False,
-                            reason=decision.reason,
-                            message=_clip(decision.message),
-                            generation=claim.metadata.generation,
-                        ),
-                    },
-                )
-                log.warning("claim %s failed: %s", claim_key(claim), decision.message)
-                self.emit(body, "Warning", decision.reason, _clip(decision.message))
+                await self._fail(claim, body, decision.reason, decision.message)
                 return
             entries = [r.wire() for r in status.recoveries or []]
             entries += [
@@ -706,6 +706,33 @@ class Engine:
             log.warning("claim %s recovering: %s", claim_key(claim), message)
             self.emit(body, "Warning", reasons.RECOVERING, _clip(message))
             await self._recovering(parse_claim(body), body)
+
+    async def _fail(self, claim: CapacityClaim, body: JSON, reason: str, message: str) -> None:
+        """The claim lost capacity it cannot get back: Failed, Recovered=False, an Event."""
+        message = _clip(message)
+        await self._write_claim(
+            claim,
+            {
+                "phase": Phase.FAILED.value,
+                "reason": reason,
+                "message": message,
+                "conditions": _conditions(
+                    claim,
+                    type_=reasons.RECOVERED,
+                    value=False,
+                    reason=reason,
+                    message=message,
+                    generation=claim.metadata.generation,
+                ),
+            },
+        )
+        log.warning("claim %s failed: %s", claim_key(claim), message)
+        self.emit(body, "Warning", reason, message)
+        # a Failed claim holds nothing: its shares on the surviving nodes are freed too
+        uid = claim.metadata.uid or ""
+        self.inflight.pop(uid, None)
+        held = [p.node for p in (claim.status.placements or [])] if claim.status else []
+        await self._remove_holders(uid, None, held)
 
     def _lost(self, claim: CapacityClaim) -> list[str]:
         """The failed nodes whose share the claim is moving (open entries of its recoveries)."""
@@ -793,23 +820,7 @@ class Engine:
                     f"no node could take over the share of {', '.join(lost)} within "
                     f"{self.settings.recovery_wait_seconds:g} s: {plan.message}"
                 )
-                await self._write_claim(
-                    claim,
-                    {
-                        "phase": Phase.FAILED.value,
-                        "reason": reasons.RECOVERY_GAVE_UP,
-                        "message": _clip(message),
-                        "conditions": _conditions(
-                            claim,
-                            type_=reasons.RECOVERED,
-                            value=False,
-                            reason=reasons.RECOVERY_GAVE_UP,
-                            message=_clip(message),
-                            generation=claim.metadata.generation,
-                        ),
-                    },
-                )
-                self.emit(body, "Warning", reasons.RECOVERY_GAVE_UP, _clip(message))
+                await self._fail(claim, body, reasons.RECOVERY_GAVE_UP, message)
                 return
             message = f"recovering the share of {', '.join(lost)}: {plan.message}"
             if status.reason == reasons.WAITING_FOR_CAPACITY and attempts == 0:
