@@ -52,7 +52,7 @@ def env_for(state: Path) -> dict[str, str]:
         **os.environ,
         "CAPACITY_CP_DIR": str(state),
         "CAPACITY_CP_PORT": "27443",
-        "CAPACITY_CP_ETCD_PORT": "34790",
+        "CAPACITY_CP_ETCD_PORT": "27790",
         "CAPACITY_CP_BRIDGE": "cpbench0",
         "CAPACITY_CP_NODE_NAME": "bench-node",
         "CAPACITY_CP_NODE_SUBNET": "10.247.0.0/16",

@@ -186,7 +186,7 @@ def private(host_before: HostState) -> Iterator[PrivateCluster]:
     env = {
         "CAPACITY_CP_DIR": str(state),
         "CAPACITY_CP_PORT": "26443",
-        "CAPACITY_CP_ETCD_PORT": "33790",
+        "CAPACITY_CP_ETCD_PORT": "24790",
         "CAPACITY_CP_BRIDGE": BRIDGE,
         "CAPACITY_CP_NODE_NAME": NODE,
         "CAPACITY_CP_NODE_SUBNET": SUBNET,
@@ -310,7 +310,7 @@ def test_without_a_real_node_up_says_why_in_one_line_and_runs_kwok_nodes(
         {
             "CAPACITY_CP_DIR": str(state),
             "CAPACITY_CP_PORT": "26443",
-            "CAPACITY_CP_ETCD_PORT": "33790",
+            "CAPACITY_CP_ETCD_PORT": "24790",
             "CAPACITY_CP_REAL_NODE": "0",
             "CAPACITY_CP_KWOK_NODES": "2",
         },
@@ -363,7 +363,7 @@ def test_host_settings_stay_while_another_node_runs_and_return_after_the_last(
             **private.env,
             "CAPACITY_CP_DIR": str(second_state),
             "CAPACITY_CP_PORT": "29443",
-            "CAPACITY_CP_ETCD_PORT": "36790",
+            "CAPACITY_CP_ETCD_PORT": "26790",
             "CAPACITY_CP_BRIDGE": "cptest1",
             "CAPACITY_CP_NODE_SUBNET": "10.248.0.0/16",
             "CAPACITY_CP_SERVICE_CIDR": "10.0.8.0/24",

@@ -307,7 +307,7 @@ def test_a_second_cluster_without_a_node_leaves_the_real_node_alone(
         **os.environ,
         "CAPACITY_CP_DIR": str(tmp_path / "cp"),
         "CAPACITY_CP_PORT": "28443",
-        "CAPACITY_CP_ETCD_PORT": "35790",
+        "CAPACITY_CP_ETCD_PORT": "25790",
         "CAPACITY_CP_CONTROLLERS": "0",
         "CAPACITY_CP_REAL_NODE": "0",
         "CAPACITY_CP_KWOK_NODES": "0",
