@@ -123,14 +123,16 @@ class Kube:
 
     # -- fencing: the Kubernetes Node and the claim's pods -------------------------------------
 
-    async def node_taints(self, name: str) -> list[JSON] | None:
-        """The Kubernetes Node's taints, None when there is no such Node."""
+    async def node_taints(self, name: str) -> tuple[str, list[JSON]] | None:
+        """The Kubernetes Node's resourceVersion and taints (one read), None when there is no
+        such Node."""
         try:
             out = await self._call(partial(self.core.read_node, _preload_content=False), name)
         except NotFoundError:
             return None
         body = json.loads(out.data)
-        return list((body.get("spec") or {}).get("taints") or [])
+        taints = list((body.get("spec") or {}).get("taints") or [])
+        return str(body["metadata"]["resourceVersion"]), taints
 
     async def nodes_tainted(self, key: str) -> list[str]:
         """Names of the Kubernetes Nodes carrying a taint with this key (one list)."""
@@ -144,13 +146,6 @@ class Kube:
     async def set_node_taints(self, name: str, taints: list[JSON], resource_version: str) -> None:
         body = {"metadata": {"resourceVersion": resource_version}, "spec": {"taints": taints}}
         await self._call(self.core.patch_node, name, body)
-
-    async def node_resource_version(self, name: str) -> str | None:
-        try:
-            out = await self._call(partial(self.core.read_node, _preload_content=False), name)
-        except NotFoundError:
-            return None
-        return str(json.loads(out.data)["metadata"]["resourceVersion"])
 
     async def list_pods(self, namespace: str, label_selector: str) -> list[JSON]:
         out = await self._call(

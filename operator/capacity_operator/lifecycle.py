@@ -4,7 +4,7 @@ nodes, as the Kubernetes node lifecycle controller does for Nodes (DESIGN sectio
 One pass every ``lifecycle_interval_seconds`` (only in the operator copy that peering lets act):
 
 1. every node with a Lease in the platform namespace (its agent joined) whose cached Lease looks
-   expired is confirmed with a live read of the Lease;
+   expired is confirmed with a live read of the Lease (until the node is failed);
 2. more than ``partition_fraction`` of the nodes expired at once: a partition; nodes are marked
    stale but nothing moves, and a Warning Event on each expired node says why;
 3. an expired node gets ``Ready=Unknown`` (``LeaseExpired``, or ``NodeFailed`` past the grace
@@ -138,8 +138,10 @@ class Lifecycle:
         # without one is never placed on, and never fenced
         for name in sorted(set(engine.nodes) & set(engine.leases)):
             lease = engine.leases.get(name)
-            if expired_seconds(lease, now) is not None:
-                # never act on the watch cache alone: a live read confirms the expiry
+            if expired_seconds(lease, now) is not None and name not in engine.failed:
+                # never act on the watch cache alone: a live read confirms the expiry (a node
+                # already failed needs none: nothing more is done to it, and the watch shows
+                # its renewal when it comes back)
                 lease = await self.kube.get_lease(self.settings.namespace, name)
                 if lease is None:
                     continue  # the Lease is gone; its deletion event drops it from the cache
@@ -254,10 +256,10 @@ class Lifecycle:
     async def _fence(self, name: str, now: datetime) -> None:
         """Taint the Kubernetes Node (where one exists); then the node counts as failed."""
         for _ in range(self.settings.commit_retries):
-            version = await self.kube.node_resource_version(name)
-            if version is None:
+            found = await self.kube.node_taints(name)
+            if found is None:
                 break  # no Kubernetes Node by that name: the lease is the fence
-            taints = await self.kube.node_taints(name) or []
+            version, taints = found
             if any(t.get("key") == FAILED_TAINT for t in taints):
                 break
             taints.append({"key": FAILED_TAINT, "effect": "NoExecute", "timeAdded": _iso(now)})
@@ -272,10 +274,10 @@ class Lifecycle:
 
     async def _unfence(self, name: str) -> None:
         for _ in range(self.settings.commit_retries):
-            version = await self.kube.node_resource_version(name)
-            if version is None:
+            found = await self.kube.node_taints(name)
+            if found is None:
                 return
-            taints = await self.kube.node_taints(name) or []
+            version, taints = found
             kept = [t for t in taints if t.get("key") != FAILED_TAINT]
             if len(kept) == len(taints):
                 return
