@@ -174,7 +174,7 @@ class Engine:
                     node=node,
                     lease_live=lease is not None and lease.live(now) and not distrusted,
                     fresh=node_fresh(
-                        node, now, self.settings.node_max_age_seconds, self._min_samples()
+                        node, now, self.settings.node_max_age_seconds, self.min_samples
                     ),
                     reserved=dict(reserved.get(name, {})),
                 )
@@ -196,9 +196,6 @@ class Engine:
     @property
     def min_samples(self) -> int:
         """minSamples of the thresholds in force."""
-        return self._min_samples()
-
-    def _min_samples(self) -> int:
         return self._thresholds[1].min_samples if self._thresholds else Thresholds().min_samples
 
     async def thresholds(self) -> Thresholds:
@@ -384,41 +381,59 @@ class Engine:
                 message += "; refused by " + "; ".join(f"{n}: {r}" for n, r in refusals.items())
             await self._reject(claim, body, plan.reason, message, refusals=refusals)
             return
-        previous = status.proposal if status else None
-        proposal = new_proposal(
-            previous,
-            plan,
-            substrate,
-            self.clock(),
-            timedelta(seconds=self.settings.vote_timeout_seconds),
-        )
+        proposal = self._next_proposal(status.proposal if status else None, plan, substrate)
         message = (
             f"epoch {proposal.epoch}: asking {', '.join(plan.voters)} to vote on "
             f"{plan.share:.3f} of {substrate.value} on {', '.join(plan.placement)}"
         )
         if note:
             message += f" (after: {note})"
-        votes: JSON = dict.fromkeys(cleared_votes)
-        # reserve before the write, so concurrent proposals of other claims already see it
+        await self._write_proposal(
+            claim,
+            body,
+            proposal,
+            message,
+            {
+                "phase": Phase.VOTING.value,
+                "votes": dict.fromkeys(cleared_votes),
+                "attempts": tries + 1,
+                "refusals": refusals or None,
+                "reason": reasons.PROPOSED,
+                "nodes": None,
+                "observedGeneration": claim.metadata.generation,
+            },
+        )
+
+    def _next_proposal(
+        self, previous: Proposal | None, plan: PlacementPlan, substrate: Substrate
+    ) -> Proposal:
+        return new_proposal(
+            previous,
+            plan,
+            substrate,
+            self.clock(),
+            timedelta(seconds=self.settings.vote_timeout_seconds),
+        )
+
+    async def _write_proposal(
+        self, claim: CapacityClaim, body: JSON, proposal: Proposal, message: str, status: JSON
+    ) -> None:
+        """Write a new epoch's proposal (with ``status``) and say so in an Event. The share is
+        reserved before the write, so that concurrent proposals of other claims already see it,
+        and dropped again when the write fails."""
         self._track(claim, proposal)
         try:
             await self._write_claim(
                 claim,
                 {
-                    "phase": Phase.VOTING.value,
+                    **status,
                     "proposal": proposal.wire(),
-                    "votes": votes,
-                    "attempts": tries + 1,
-                    "refusals": refusals or None,
-                    "reason": reasons.PROPOSED,
                     "message": _clip(message),
-                    "nodes": None,
-                    "voteCount": f"0/{quorum(len(plan.voters))}",
-                    "observedGeneration": claim.metadata.generation,
+                    "voteCount": f"0/{quorum(len(proposal.voters))}",
                 },
             )
         except BaseException:
-            self.inflight.pop(uid, None)
+            self.inflight.pop(claim.metadata.uid or "", None)
             raise
         self.emit(body, "Normal", reasons.PROPOSED, _clip(message))
 
@@ -835,13 +850,7 @@ class Engine:
                 },
             )
             return
-        proposal = new_proposal(
-            status.proposal,
-            plan,
-            substrate,
-            self.clock(),
-            timedelta(seconds=self.settings.vote_timeout_seconds),
-        )
+        proposal = self._next_proposal(status.proposal, plan, substrate)
         message = (
             f"epoch {proposal.epoch}: asking {', '.join(plan.voters)} to vote on taking over "
             f"{plan.share:.3f} of {substrate.value} from {', '.join(lost)} on "
@@ -849,24 +858,18 @@ class Engine:
         )
         if note:
             message += f" (after: {note})"
-        self._track(claim, proposal)
-        try:
-            await self._write_claim(
-                claim,
-                {
-                    "proposal": proposal.wire(),
-                    "votes": dict.fromkeys((status.votes or {}).keys()),
-                    "attempts": attempts + 1,
-                    "refusals": refused or None,
-                    "reason": reasons.RECOVERING,
-                    "message": _clip(message),
-                    "voteCount": f"0/{quorum(len(plan.voters))}",
-                },
-            )
-        except BaseException:
-            self.inflight.pop(uid, None)
-            raise
-        self.emit(body, "Normal", reasons.PROPOSED, _clip(message))
+        await self._write_proposal(
+            claim,
+            body,
+            proposal,
+            message,
+            {
+                "votes": dict.fromkeys((status.votes or {}).keys()),
+                "attempts": attempts + 1,
+                "refusals": refused or None,
+                "reason": reasons.RECOVERING,
+            },
+        )
 
     async def _commit_recovery(
         self,
