@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from functools import cache
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -107,13 +108,19 @@ def apply_crds(api: client.ApiClient, timeout: float = 60.0) -> list[str]:
     return names
 
 
-def kubectl_path() -> Path:
-    """kubectl of the same release as the control plane (built once by hack/kube-tools)."""
+@cache
+def tool_path(name: str) -> Path:
+    """A pinned tool (kubectl, helm, ...), built once by hack/kube-tools."""
     out = subprocess.run(
-        [str(REPO / "hack" / "kube-tools"), "path", "kubectl"],
+        [str(REPO / "hack" / "kube-tools"), "path", name],
         check=True,
         capture_output=True,
         text=True,
         timeout=1800,
     )
     return Path(out.stdout.strip().splitlines()[-1])
+
+
+def kubectl_path() -> Path:
+    """kubectl of the same release as the control plane."""
+    return tool_path("kubectl")

@@ -16,7 +16,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 from kubernetes import client
@@ -62,42 +61,20 @@ class Platform:
         )
 
     def helm(self, *args: str) -> subprocess.CompletedProcess[str]:
-        helm = subprocess.run(
-            [str(REPO / "hack" / "kube-tools"), "path", "helm"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=900,
-        ).stdout.split()[-1]
         return subprocess.run(
-            [helm, "--kubeconfig", str(self.kubeconfig), "--namespace", NAMESPACE, *args],
+            [
+                str(kube.tool_path("helm")),
+                "--kubeconfig",
+                str(self.kubeconfig),
+                "--namespace",
+                NAMESPACE,
+                *args,
+            ],
             capture_output=True,
             text=True,
             check=False,
             timeout=600,
         )
-
-
-@pytest.fixture(scope="session")
-def kubeconfig() -> Path:
-    return kube.test_kubeconfig()
-
-
-@pytest.fixture(scope="session")
-def api(kubeconfig: Path) -> Iterator[client.ApiClient]:
-    api_client = kube.api_client(kubeconfig)
-    yield api_client
-    api_client.close()
-
-
-@pytest.fixture(scope="session")
-def core(api: client.ApiClient) -> client.CoreV1Api:
-    return client.CoreV1Api(api)
-
-
-@pytest.fixture(scope="session")
-def custom(api: client.ApiClient) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api)
 
 
 @pytest.fixture(scope="session")
@@ -116,23 +93,6 @@ def platform(kubeconfig: Path, api: client.ApiClient) -> Platform:
     done = installed.install()
     assert done.returncode == 0, f"hack/install failed:\n{done.stderr[-4000:]}"
     return installed
-
-
-@pytest.fixture(scope="session")
-def kubectl(kubeconfig: Path) -> Run:
-    binary = kube.kubectl_path()
-
-    def run(*args: str, check: bool = True, stdin: str | None = None) -> Any:
-        return subprocess.run(
-            [str(binary), "--kubeconfig", str(kubeconfig), *args],
-            check=check,
-            capture_output=True,
-            text=True,
-            input=stdin,
-            timeout=120,
-        )
-
-    return run
 
 
 @pytest.fixture

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 from kubernetes import client
@@ -15,20 +13,6 @@ from capacity_api import GROUP, VERSION
 from tests import kube
 from tests.cluster import Cluster
 from tests.nodes import wait_default_service_account
-
-
-@pytest.fixture(scope="session")
-def kubeconfig() -> Path:
-    """Admin kubeconfig of the test cluster (the local control plane unless
-    CAPACITY_TEST_KUBECONFIG names another test cluster)."""
-    return kube.test_kubeconfig()
-
-
-@pytest.fixture(scope="session")
-def api(kubeconfig: Path) -> Iterator[client.ApiClient]:
-    api_client = kube.api_client(kubeconfig)
-    yield api_client
-    api_client.close()
 
 
 @pytest.fixture(scope="session")
@@ -76,36 +60,6 @@ def platform(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
     core.delete_namespace(name)
 
 
-@pytest.fixture(scope="session")
-def core(api: client.ApiClient) -> client.CoreV1Api:
-    return client.CoreV1Api(api)
-
-
 @pytest.fixture
 def cluster(api: client.ApiClient) -> Cluster:
     return Cluster(api)
-
-
-@pytest.fixture
-def custom(api: client.ApiClient) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(api)
-
-
-@pytest.fixture(scope="session")
-def kubectl(kubeconfig: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run kubectl (same release as the API server) against the test cluster."""
-    binary = kube.kubectl_path()
-
-    def run(
-        *args: str, check: bool = True, stdin: str | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [str(binary), "--kubeconfig", str(kubeconfig), *args],
-            check=check,
-            capture_output=True,
-            text=True,
-            input=stdin,
-            timeout=60,
-        )
-
-    return run

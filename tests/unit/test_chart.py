@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import pytest
 import yaml
 
 from capacity_api import crdgen
+from tests import kube
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "capacity-platform"
@@ -21,18 +21,8 @@ KUBE_VERSION = "1.35.4"
 Obj = dict[str, Any]
 
 
-@cache
 def helm() -> str:
-    if os.environ.get("HELM"):
-        return os.environ["HELM"]
-    found = subprocess.run(
-        [str(REPO / "hack" / "kube-tools"), "path", "helm"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=900,
-    )
-    return found.stdout.strip().splitlines()[-1]
+    return os.environ.get("HELM") or str(kube.tool_path("helm"))
 
 
 def run_helm(*args: str) -> subprocess.CompletedProcess[str]:
