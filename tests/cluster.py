@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -135,6 +136,13 @@ def operator_proc(
     return Proc("operator", argv, log)
 
 
+def free_port() -> int:
+    """A TCP port free on loopback at the moment of asking."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def agents_proc(
     kubeconfig: Path,
     namespace: str,
@@ -169,8 +177,10 @@ def agents_proc(
         str(publish_interval),
         "--lease-namespace",
         namespace,
-        "--health-port",
-        "0",
+        "--health-port",  # witnesses probe each other's /healthz on loopback
+        str(free_port()),
+        "--advertise-address",
+        "127.0.0.1",
         *extra,
     ]
     env = {

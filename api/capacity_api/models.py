@@ -479,6 +479,39 @@ class Allocation(Model):
     operator start."""
 
 
+class Probe(StrEnum):
+    """What a witness's probe of a suspect node's agent health endpoint found."""
+
+    REACHABLE = "Reachable"
+    UNREACHABLE = "Unreachable"
+    NO_ENDPOINT = "NoEndpoint"
+
+
+class WitnessReport(Model):
+    """What one witness agent sees of a node whose Lease it finds expired (DESIGN section 6)."""
+
+    node: NodeName
+    """The suspect node."""
+    alive: bool
+    """Whether the witness sees it alive: its Lease live in the witness's own read, or its
+    agent's health endpoint answering."""
+    probe: Probe
+    """The probe of the suspect's agent health endpoint."""
+    lease_renew_time: datetime | None = None
+    """The suspect Lease's renewTime as the witness read it."""
+    observed_at: datetime
+    """When the witness looked."""
+
+
+class WitnessStatus(Model):
+    """The witness side of a node's agent (written by the agent, its own field manager)."""
+
+    endpoint: str | None = Field(default=None, max_length=512)
+    """URL of this node's agent health endpoint, for other agents to probe (none: not probed)."""
+    reports: list[WitnessReport] | None = Field(default=None, max_length=16)
+    """This agent's view of the nodes whose Leases it finds expired (at most 16)."""
+
+
 class CapacityNodeStatus(Model):
     """Measured state of a node (agent) and its allocation (operator)."""
 
@@ -492,6 +525,9 @@ class CapacityNodeStatus(Model):
     """Ready, MemoryPressure, CPUPressure, IOPressure and Stale."""
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation the status reflects."""
+    witness: WitnessStatus | None = None
+    """This node's agent as a witness of others: its health endpoint and what it sees of the
+    nodes whose Leases expired."""
 
 
 class CapacityNode(Model):

@@ -1,9 +1,12 @@
 """Failure detection and recovery decisions (DESIGN section 6), pure and clock-injected.
 
 A node is ``Alive`` while its Lease is within ``renewTime + leaseDurationSeconds``; past that it is
-``Suspect`` (its readings are no longer used by anyone); a Suspect node is ``Failed`` once it
-has stayed expired for ``failure_grace_seconds`` (the hard grace period; see docs/recovery.md
-for why the witness confirmation of DESIGN section 6 is not built yet). A failed node is fenced,
+``Suspect`` (its readings are no longer used by anyone); a Suspect node is ``Failed`` once a
+quorum of witness agents report that they cannot see it alive either (its Lease expired in their
+own read, its agent's health endpoint not answering), or, without that quorum and with no
+witness seeing it alive, once it has stayed expired for ``failure_grace_seconds`` (the hard grace
+period). A node that any witness still sees alive stays Suspect: its pods may well run, and
+moving them would count their capacity twice. A failed node is fenced,
 then each claim placed on it recovers its lost share elsewhere. A node that comes back is
 trusted again only after it renewed its Lease and published a full window (``minSamples``)
 measured after it came back.
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -29,9 +32,11 @@ from capacity_api.models import (
     CapacityNode,
     Phase,
     Placement,
+    Probe,
     RecoveryPolicy,
     RecoverySpec,
     Substrate,
+    WitnessReport,
 )
 from capacity_api.webhook import HOSTNAME_KEY
 
@@ -51,15 +56,74 @@ def expired_seconds(lease: LeaseInfo | None, now: datetime) -> float | None:
     return past if past > 0 else None
 
 
+@dataclass(frozen=True, slots=True)
+class Witnesses:
+    """What the witnesses say of one suspect node: how many see it dead, how many alive."""
+
+    dead: tuple[str, ...] = ()
+    alive: tuple[str, ...] = ()
+
+    def confirmed(self, quorum: int) -> bool:
+        return not self.alive and quorum > 0 and len(self.dead) >= quorum
+
+    @property
+    def summary(self) -> str:
+        if self.alive:
+            return f"witness {', '.join(self.alive)} still sees it alive"
+        if self.dead:
+            return f"confirmed by {len(self.dead)} witness(es): {', '.join(self.dead)}"
+        return "no witness reported"
+
+
+def tally(
+    suspect: str,
+    reports: Mapping[str, Iterable[WitnessReport]],
+    alive_nodes: Iterable[str],
+    expired_at: datetime | None,
+) -> Witnesses:
+    """The witness reports on ``suspect`` that count: from nodes that are alive themselves (by
+    their own Lease, in the caller's read), other than the suspect, and made after its Lease
+    expired (``expired_at``; None: any time), so a report from before the outage is not
+    evidence of it. ``reports`` maps each witness node to its reports."""
+    live = set(alive_nodes) - {suspect}
+    dead: list[str] = []
+    alive: list[str] = []
+    for witness in sorted(live & set(reports)):
+        for report in reports[witness]:
+            if report.node != suspect:
+                continue
+            seen = report.observed_at
+            if seen.tzinfo is None and expired_at is not None:
+                seen = seen.replace(tzinfo=expired_at.tzinfo)
+            if expired_at is not None and seen < expired_at:
+                continue
+            (alive if report.alive else dead).append(witness)
+            break
+    return Witnesses(tuple(dead), tuple(alive))
+
+
+def expired_at(lease: LeaseInfo | None) -> datetime | None:
+    """When ``renewTime + leaseDurationSeconds`` passed (None: never renewed, or no Lease)."""
+    if lease is None or lease.renew_time is None:
+        return None
+    return lease.renew_time + timedelta(seconds=lease.duration_seconds)
+
+
 def assess(
     lease: LeaseInfo | None,
     now: datetime,
     failure_grace_seconds: float,
     seen_expired_since: datetime | None = None,
+    *,
+    witnesses: Witnesses | None = None,
+    witness_quorum: int = 0,
 ) -> Liveness:
-    """A node's liveness from its Lease (which the caller confirmed with a live read).
+    """A node's liveness from its Lease (which the caller confirmed with a live read) and what
+    the witnesses say.
 
-    The grace period runs from when the lease expired, but never from before
+    Expired and confirmed by ``witness_quorum`` witnesses (none seeing it alive): Failed at once.
+    Expired and seen alive by a witness: Suspect, however long. Otherwise Failed after the hard
+    grace period, which runs from when the lease expired, but never from before
     ``seen_expired_since``, when this operator first saw it expired: as the Kubernetes node
     lifecycle controller measures from its own observations, an operator that starts (or comes
     back) after a long outage gives every node one grace period to renew before failing it.
@@ -67,6 +131,11 @@ def assess(
     past = expired_seconds(lease, now)
     if past is None:
         return Liveness.ALIVE
+    if witnesses is not None:
+        if witnesses.alive:
+            return Liveness.SUSPECT
+        if witnesses.confirmed(witness_quorum):
+            return Liveness.FAILED
     if seen_expired_since is not None:
         past = min(past, (now - seen_expired_since).total_seconds())
     return Liveness.FAILED if past >= failure_grace_seconds else Liveness.SUSPECT
@@ -254,3 +323,43 @@ def peering_active(
         if other == priority:
             same += 1
     return same <= 1
+
+
+MAX_WITNESS_REPORTS = 16
+"""Reports one witness keeps (``status.witness.reports`` is bounded by the schema too)."""
+
+
+def suspects(
+    leases: Iterable[LeaseInfo], hosted: Iterable[str], now: datetime
+) -> list[LeaseInfo]:  # fmt: skip
+    """The Leases a witness reports on: expired ones of nodes it does not host, longest expired
+    first, at most :data:`MAX_WITNESS_REPORTS`."""
+    mine = set(hosted)
+    expired = [
+        (past, lease.name, lease)
+        for lease in leases
+        if lease.name not in mine and (past := expired_seconds(lease, now)) is not None
+    ]
+    expired.sort(key=lambda item: (-item[0], item[1]))
+    return [lease for _, _, lease in expired[:MAX_WITNESS_REPORTS]]
+
+
+def witness_report(lease: LeaseInfo, probe: Probe, now: datetime) -> WitnessReport:
+    """A witness's report on one suspect: alive when its Lease is live in the witness's read or
+    its agent's health endpoint answers."""
+    return WitnessReport(
+        node=lease.name,
+        alive=lease.live(now) or probe is Probe.REACHABLE,
+        probe=probe,
+        lease_renew_time=lease.renew_time,
+        observed_at=now,
+    )
+
+
+def same_reports(old: Iterable[WitnessReport], new: Iterable[WitnessReport]) -> bool:
+    """Whether two report sets say the same (observation times aside): nothing to write."""
+
+    def key(r: WitnessReport) -> tuple[str, bool, str, datetime | None]:
+        return (r.node, r.alive, r.probe.value, r.lease_renew_time)
+
+    return sorted(map(key, old), key=str) == sorted(map(key, new), key=str)

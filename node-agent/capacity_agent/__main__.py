@@ -20,6 +20,7 @@ from capacity_agent import cluster
 from capacity_agent.agent import NodeAgent, run_agents
 from capacity_agent.settings import AgentSettings
 from capacity_agent.voter import Voter, VoterNode
+from capacity_agent.witness import Witness
 from capacity_api import __version__
 from capacity_api.cluster_access import EXIT_NO_CLUSTER
 
@@ -39,6 +40,22 @@ async def start_voter(agents: Sequence[NodeAgent], api: client.ApiClient) -> Non
     }
     namespace = agents[0].settings.lease_namespace if agents else "capacity-system"
     await Voter(api, nodes, namespace).run()
+
+
+async def start_witness(
+    agents: Sequence[NodeAgent], api: client.ApiClient, endpoint: str | None
+) -> None:
+    """The witness of this process, reporting as its first hosted node (one vantage point)."""
+    settings = agents[0].settings
+    await Witness(
+        api,
+        agents[0].name,
+        [agent.name for agent in agents],
+        settings.lease_namespace,
+        endpoint=endpoint,
+        interval=settings.witness_interval or settings.lease_renew_interval,
+        timeout=settings.request_timeout,
+    ).run()
 
 
 def parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
@@ -69,6 +86,8 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
     add("--proc-root", help="the host's /proc as mounted (default /proc)")
     add("--sys-root", help="the host's /sys as mounted (default /sys)")
     add("--threads", type=int, help="worker threads for blocking calls")
+    add("--advertise-address", help="address other agents probe /healthz at (default: none)")
+    add("--no-witness", dest="witness", action="store_false", default=None, help="no witness")
     add("--no-vote", dest="vote", action="store_false", default=None, help="do not vote")
     add("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     args = vars(parser.parse_args(argv))
@@ -97,7 +116,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_NO_CLUSTER
     api = cluster.api_client(access, pool=settings.threads)
     try:
-        asyncio.run(run_agents(settings, api, voter_factory=start_voter if settings.vote else None))
+        asyncio.run(
+            run_agents(
+                settings,
+                api,
+                voter_factory=start_voter if settings.vote else None,
+                witness_factory=start_witness if settings.witness else None,
+            )
+        )
     except RuntimeError as exc:
         log.error("capacity-agent stopped: %s", exc, exc_info=exc.__cause__ is not None)
         return 1

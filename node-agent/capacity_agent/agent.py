@@ -51,6 +51,7 @@ from capacity_agent.sources import (
     SyntheticCollector,
     SyntheticKind,
 )
+from capacity_agent.witness import endpoint_url
 from capacity_api.models import Substrate
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,8 @@ class NodeAgent:
 
 VoterFactory = Callable[[Sequence[NodeAgent], client.ApiClient], Awaitable[None]]
 """Called once with every hosted node's agent; the awaitable runs as a task until shutdown."""
+WitnessFactory = Callable[[Sequence[NodeAgent], client.ApiClient, str | None], Awaitable[None]]
+"""As :data:`VoterFactory`, plus the URL of this process's health endpoint (None: none)."""
 
 
 def build_collectors(settings: AgentSettings, index: int, clock: Clock) -> list[Collector]:
@@ -203,6 +206,7 @@ class AgentRuntime:
         api: client.ApiClient,
         *,
         voter_factory: VoterFactory | None = None,
+        witness_factory: WitnessFactory | None = None,
         collector_factory: CollectorFactory = build_collectors,
         clock: Clock = time.time,
         sleep: Sleep = asyncio.sleep,
@@ -215,6 +219,7 @@ class AgentRuntime:
         self.settings = settings
         self.api = api
         self.voter_factory = voter_factory
+        self.witness_factory = witness_factory
         self.collector_factory = collector_factory
         self.clock = clock
         self.sleep = sleep
@@ -300,6 +305,14 @@ class AgentRuntime:
         if self.voter_factory is not None:
             voter = self.voter_factory(self.agents, self.api)
             self._tasks.append(asyncio.create_task(_awaited(voter), name="voter"))
+        self._serve()
+        if self.witness_factory is not None and self.agents:
+            port = self.server.port if self.server is not None else 0
+            endpoint = endpoint_url(self.settings.advertise_address, port)
+            witness = self.witness_factory(self.agents, self.api, endpoint)
+            self._tasks.append(asyncio.create_task(_awaited(witness), name="witness"))
+
+    def _serve(self) -> None:
         if self.settings.health_port:
             try:
                 self.server = HealthServer(
@@ -374,6 +387,7 @@ async def run_agents(
     api: client.ApiClient,
     *,
     voter_factory: VoterFactory | None = None,
+    witness_factory: WitnessFactory | None = None,
     stop: asyncio.Event | None = None,
     handle_signals: bool = True,
 ) -> None:
@@ -385,7 +399,9 @@ async def run_agents(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
             handled.append(sig)
-    runtime = AgentRuntime(settings, api, voter_factory=voter_factory)
+    runtime = AgentRuntime(
+        settings, api, voter_factory=voter_factory, witness_factory=witness_factory
+    )
     try:
         await runtime.start()
         await runtime.wait(stop)

@@ -70,6 +70,14 @@ class AgentSettings(BaseSettings):
     """Port of /metrics and /healthz; 0 disables the server."""
     health_address: str = "0.0.0.0"  # noqa: S104 - probes and Prometheus reach the pod IP
     """Address the metrics and health server binds."""
+    advertise_address: str | None = None
+    """The address other agents reach this one's health server at (the chart passes the pod
+    IP); it is published in ``status.witness.endpoint`` for their probes. None: not published,
+    so witnesses judge this node by its Lease alone."""
+    witness: bool = True
+    """Report, as a witness, on the nodes whose Leases expired (DESIGN section 6)."""
+    witness_interval: float | None = Field(default=None, gt=0)
+    """Seconds between two witness passes; None: the lease renew interval."""
     simulate: int = Field(default=0, ge=0)
     """Run this many simulated agents in one process, named <node_name>-<i> (0: one real agent)."""
     threads: int = Field(default=8, ge=1)

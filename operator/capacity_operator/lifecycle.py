@@ -35,11 +35,14 @@ from capacity_api.recovery import (
     Liveness,
     PartitionCheck,
     TokenBucket,
+    Witnesses,
     assess,
     decide,
+    expired_at,
     expired_seconds,
     partition,
     peering_active,
+    tally,
     trusted_again,
 )
 from capacity_operator.kube import JSON, ConflictError, Kube, NotFoundError, parse_claim
@@ -147,6 +150,14 @@ class Lifecycle:
                     continue  # the Lease is gone; its deletion event drops it from the cache
                 engine.observe_lease(lease)
             leases[name] = lease
+        alive = [n for n, lease in leases.items() if expired_seconds(lease, now) is None]
+        reports = {
+            n: list(node.status.witness.reports or [])
+            for n in alive
+            if (node := engine.nodes.get(n)) is not None
+            and node.status is not None
+            and node.status.witness is not None
+        }
         check = partition(leases, now, self.settings.partition_fraction)
         if check.partitioned != self.partitioned:
             self._partition_changed(check, leases, now)
@@ -155,13 +166,21 @@ class Lifecycle:
                 self.seen_expired.pop(name, None)
             else:
                 self.seen_expired.setdefault(name, now)
+            witnesses = None
+            if expired_seconds(lease, now) is not None:
+                witnesses = tally(name, reports, alive, expired_at(lease))
             state = assess(
-                lease, now, self.settings.failure_grace_seconds, self.seen_expired.get(name)
+                lease,
+                now,
+                self.settings.failure_grace_seconds,
+                self.seen_expired.get(name),
+                witnesses=witnesses,
+                witness_quorum=self.settings.witness_quorum,
             )
             if state is Liveness.ALIVE:
                 await self._alive(name, lease, now)
                 continue
-            await self._mark_expired(name, lease, state, now)
+            await self._mark_expired(name, lease, state, now, witnesses)
             if state is Liveness.FAILED and not check.partitioned and name not in engine.failed:
                 await self._fence(name, now)
         if not check.partitioned and engine.failed:
@@ -209,9 +228,16 @@ class Lifecycle:
             self.emit(_node_body(node), "Normal", reasons.NODE_RETURNED, message)
 
     async def _mark_expired(
-        self, name: str, lease: LeaseInfo | None, state: Liveness, now: datetime
+        self,
+        name: str,
+        lease: LeaseInfo | None,
+        state: Liveness,
+        now: datetime,
+        witnesses: Witnesses | None,
     ) -> None:
         reason = reasons.NODE_FAILED if state is Liveness.FAILED else reasons.LEASE_EXPIRED
+        if state is Liveness.SUSPECT and witnesses is not None and witnesses.alive:
+            reason = reasons.WITNESSED_ALIVE
         if lease is None or lease.renew_time is None:
             message = "no Lease renewed by its agent"
         else:
@@ -220,6 +246,10 @@ class Lifecycle:
                 f"lease renewed at {_iso(lease.renew_time)} expired {past:.0f}s ago "
                 f"(duration {lease.duration_seconds}s); readings are stale"
             )
+        if witnesses is not None:
+            message += f"; {witnesses.summary}"
+        if reason == reasons.WITNESSED_ALIVE:
+            message += ": its agent runs but cannot renew; nothing moves while it is seen"
         if state is Liveness.FAILED:
             message += "; node failed: fenced, its claims recover elsewhere"
         async with self.engine.node_lock(name):

@@ -42,7 +42,11 @@ class OperatorSettings(BaseSettings):
     it for the liveness probe; there is no readiness endpoint (kopf's advice)."""
     failure_grace_seconds: float = Field(default=10.0, ge=0)
     """Seconds a node's Lease stays expired (Suspect) before the node is Failed, fenced, and its
-    claims recovered: the hard grace period of DESIGN section 6."""
+    claims recovered, when too few witnesses confirm it and none sees it alive: the hard grace
+    period of DESIGN section 6."""
+    witness_quorum: int = Field(default=2, ge=0)
+    """Alive witness agents that must report a suspect node not alive for it to be Failed at
+    once, before the grace period (0: the grace period only)."""
     partition_fraction: float = Field(default=0.5, gt=0, le=1)
     """More than this share of the nodes expiring at once is a partition: nothing moves."""
     recoveries_per_minute: float = Field(default=60.0, gt=0)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -27,6 +28,7 @@ from tests.cluster import (
     Cluster,
     Proc,
     agents_proc,
+    free_port,
     ledger_from_claims,
     node_holders,
     operator_proc,
@@ -274,6 +276,100 @@ def test_a_blip_shorter_than_the_lease_moves_nothing(env: Env, prefix: str) -> N
             time.sleep(0.5)
         assert not status.get("recoveries")
         assert "fenced" not in op.output()
+
+
+def _proxied_kubeconfig(kubeconfig: Path, port: int, path: Path) -> Path:
+    """A copy of ``kubeconfig`` that reaches the API server through 127.0.0.1:``port``."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    for entry in config["clusters"]:
+        entry["cluster"]["server"] = f"https://127.0.0.1:{port}"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _api_port(kubeconfig: Path) -> int:
+    server = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
+    return int(server.rsplit(":", 1)[1].rstrip("/"))
+
+
+def _ready_reason(env: Env, node: str) -> str | None:
+    cn = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", node)
+    conditions = (cn.get("status") or {}).get("conditions") or []
+    ready = next((c for c in conditions if c["type"] == "Ready"), None)
+    return None if ready is None else f"{ready['status']}/{ready.get('reason')}"
+
+
+def test_an_agent_cut_off_from_the_api_server_but_seen_by_witnesses_keeps_its_claim(
+    env: Env, prefix: str
+) -> None:
+    """Its Lease expires, but the witnesses reach its /healthz: Suspect however long, nothing
+    moves (its pods may run). Killed for real, the witnesses confirm and the claim moves before
+    the grace period would have ended."""
+    cluster, ns = env.cluster, env.namespace
+    port = free_port()
+    proxy = Proc(
+        "api-proxy",
+        ["socat", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork",
+         f"TCP:127.0.0.1:{_api_port(env.kubeconfig)}"],
+        env.logs / "proxy.log",
+    )  # fmt: skip
+    cut_config = _proxied_kubeconfig(env.kubeconfig, port, env.logs / "cut.kubeconfig")
+    cut = f"{prefix}-cut-0"
+    slow = operator(env.kubeconfig, env.platform, env.logs / "op.log")
+    slow.env["CAPACITY_OPERATOR_FAILURE_GRACE_SECONDS"] = "30"  # only witnesses fail it sooner
+    with ExitStack() as stack:
+        stack.enter_context(Running(proxy))
+        op = stack.enter_context(Running(slow))
+        victim = stack.enter_context(
+            Running(agent(cut_config, env.platform, env.logs, f"{prefix}-cut"))
+        )
+        cluster.wait_nodes_ready(f"{prefix}-cut", 1)
+        cluster.create_claim(ns, "held", cGeo=0.05, substrate="host")
+        cluster.wait_phase(ns, "held", {"Admitted"}, timeout=60)
+        assert placement_nodes(claim_status(cluster, ns, "held")) == [cut]
+        for w in ("w0", "w1", "w2"):
+            stack.enter_context(
+                Running(agent(env.kubeconfig, env.platform, env.logs, f"{prefix}-{w}"))
+            )
+            cluster.wait_nodes_ready(f"{prefix}-{w}", 1)
+
+        proxy.kill()  # the agent runs and measures, but reaches no API server
+        cut_at = time.monotonic()
+        wait_for(
+            f"{cut} Ready=Unknown/WitnessedAlive",
+            lambda: _ready_reason(env, cut) == "Unknown/WitnessedAlive",
+            timeout=LEASE + 20,
+        )
+        cn = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", f"{prefix}-w0-0")
+        (seen,) = [r for r in cn["status"]["witness"]["reports"] if r["node"] == cut]
+        assert (seen["alive"], seen["probe"]) == (True, "Reachable"), seen
+        # were the witnesses ignored, the grace period (2 s in the other tests) would have
+        # failed it by now; hold on past twice the lease
+        while time.monotonic() < cut_at + 2 * LEASE + 2:
+            status = claim_status(cluster, ns, "held")
+            assert status["phase"] == "Admitted", show(op)
+            assert placement_nodes(status) == [cut]
+            assert _ready_reason(env, cut) == "Unknown/WitnessedAlive"
+            time.sleep(0.5)
+        assert not status.get("recoveries")
+
+        victim.kill()  # now it is dead: the witnesses' probes fail, they confirm at once
+        killed = time.monotonic()
+
+        def moved() -> dict[str, Any] | None:
+            status = claim_status(cluster, ns, "held")
+            done = status.get("phase") == "Admitted" and status.get("recoveries")
+            return status if done else None
+
+        status = wait_for("held recovered", moved, timeout=25)
+        took = time.monotonic() - killed
+        assert took < 30, "the 30 s grace period, not the witnesses, failed it"
+        assert placement_nodes(status) != [cut]
+        cn = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", cut)
+        ready = next(c for c in cn["status"]["conditions"] if c["type"] == "Ready")
+        assert ready["reason"] == "NodeFailed"
+        assert "confirmed by 3 witness(es)" in ready["message"], ready
+        print(f"killed -> confirmed by witnesses and recovered in {took:.1f} s (grace 30 s)")
 
 
 def test_a_partition_moves_nothing_until_it_clears(env: Env, prefix: str) -> None:

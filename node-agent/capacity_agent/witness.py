@@ -1,0 +1,180 @@
+"""The agent as a witness of other nodes (DESIGN section 6).
+
+Every ``interval`` the witness reads the platform namespace's Leases itself (its own live read,
+not the operator's); for each node whose Lease it finds expired it probes that node's agent
+health endpoint (``status.witness.endpoint`` of its CapacityNode, where one is published) and
+records what it saw in ``status.witness.reports`` of its own CapacityNode. The operator fails a
+suspect node at once when enough alive witnesses cannot see it either, and never while one still
+can (its pods may run: moving them would count their capacity twice).
+
+One process is one vantage point: a process hosting many simulated nodes reports as its first
+node only, so that one process never counts as several witnesses.
+
+The status is written by server-side apply under its own field manager
+(:data:`WITNESS_FIELD_MANAGER`), so the publisher's applies and this one never remove each
+other's fields; it is written when what it says changes, not on every pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from capacity_agent.publisher import Backoff
+from capacity_api import GROUP, VERSION
+from capacity_api.lease import LeaseInfo, parse_lease
+from capacity_api.models import CapacityNode, Probe, WitnessReport, WitnessStatus
+from capacity_api.recovery import same_reports, suspects, witness_report
+
+log = logging.getLogger(__name__)
+
+WITNESS_FIELD_MANAGER = "capacity-agent-witness"
+PROBE_TIMEOUT = 1.0
+
+JSON = dict[str, Any]
+Sleep = Callable[[float], Awaitable[None]]
+
+
+def probe(endpoint: str | None, timeout: float = PROBE_TIMEOUT) -> Probe:
+    """GET the agent's health endpoint: Reachable on any HTTP answer below 500 that is 200."""
+    if not endpoint:
+        return Probe.NO_ENDPOINT
+    try:
+        with urllib.request.urlopen(endpoint, timeout=timeout) as response:  # noqa: S310 - http(s) URL from the node's status
+            return Probe.REACHABLE if response.status == 200 else Probe.UNREACHABLE
+    except (urllib.error.URLError, OSError, ValueError):
+        return Probe.UNREACHABLE
+
+
+class Witness:
+    """Reports, as node ``name``, on the nodes whose Leases it finds expired."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        name: str,
+        hosted: list[str],
+        namespace: str,
+        *,
+        endpoint: str | None,
+        interval: float,
+        timeout: float = 10.0,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self.api = api
+        self.name = name
+        self.hosted = hosted
+        self.namespace = namespace
+        self.endpoint = endpoint
+        self.interval = interval
+        self.timeout = timeout
+        self.sleep = sleep
+        self.coordination = client.CoordinationV1Api(api)
+        self.custom = client.CustomObjectsApi(api)
+        self.backoff = Backoff(initial=1.0, cap=30.0)
+        self.written: tuple[str | None, list[WitnessReport]] | None = None
+        """What the last successful write said (None: nothing written yet by this process)."""
+
+    async def run(self) -> None:
+        """One pass every ``interval``; a failed pass is retried with backoff. Never returns."""
+        while True:
+            try:
+                await self.step(datetime.now(UTC))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the API server down, a malformed object: try again
+                delay = self.backoff.next()
+                log.warning("witness pass failed (%s); retrying in %.1fs", exc, delay)
+                await self.sleep(delay)
+                continue
+            self.backoff.reset()
+            await self.sleep(self.interval)
+
+    async def step(self, now: datetime) -> list[WitnessReport]:
+        leases = await asyncio.to_thread(self._leases)
+        reports = []
+        for lease in suspects(leases, self.hosted, now):
+            endpoint = await asyncio.to_thread(self._endpoint_of, lease.name)
+            found = await asyncio.to_thread(probe, endpoint)
+            reports.append(witness_report(lease, found, now))
+        if self.written is not None:
+            endpoint, old = self.written
+            if endpoint == self.endpoint and same_reports(old, reports):
+                return reports
+        await asyncio.to_thread(self._apply, reports)
+        self.written = (self.endpoint, reports)
+        for report in reports:
+            log.info(
+                "witness: node %s %s (lease renewed %s, probe %s)",
+                report.node,
+                "alive" if report.alive else "not seen alive",
+                report.lease_renew_time.isoformat() if report.lease_renew_time else "never",
+                report.probe.value,
+            )
+        return reports
+
+    # -- I/O ----------------------------------------------------------------------------------
+
+    def _leases(self) -> list[LeaseInfo]:
+        response = self.coordination.list_namespaced_lease(
+            self.namespace, _preload_content=False, _request_timeout=self.timeout
+        )
+        return [parse_lease(item) for item in json.loads(response.data).get("items", [])]
+
+    def _endpoint_of(self, node: str) -> str | None:
+        try:
+            body = self.custom.get_cluster_custom_object(
+                GROUP, VERSION, CapacityNode.plural, node, _request_timeout=self.timeout
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        witness = ((body or {}).get("status") or {}).get("witness") or {}
+        endpoint = witness.get("endpoint")
+        return str(endpoint) if endpoint else None
+
+    def _apply(self, reports: list[WitnessReport]) -> None:
+        status = WitnessStatus(endpoint=self.endpoint, reports=reports)
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": CapacityNode.kind,
+            "metadata": {"name": self.name},
+            "status": {"witness": status.wire()},
+        }
+        try:
+            self.api.call_api(
+                f"/apis/{GROUP}/{VERSION}/{CapacityNode.plural}/{self.name}/status",
+                "PATCH",
+                query_params=[("fieldManager", WITNESS_FIELD_MANAGER), ("force", "true")],
+                header_params={
+                    "Content-Type": "application/apply-patch+yaml",
+                    "Accept": "application/json",
+                },
+                body=body,
+                response_type="object",
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+                _request_timeout=(min(5.0, self.timeout), self.timeout),
+            )
+        except ApiException as exc:
+            if exc.status == 404:  # the publisher has not created the object yet
+                raise RuntimeError(f"CapacityNode {self.name} does not exist yet") from exc
+            raise
+
+
+def endpoint_url(address: str | None, port: int) -> str | None:
+    """The health URL other agents probe (None without an advertised address or a server)."""
+    if not address or not port:
+        return None
+    host = f"[{address}]" if ":" in address else address
+    return f"http://{host}:{port}/healthz"
