@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
+from tests.services import free_port
 
 T = TypeVar("T")
 FINAL_PHASES = frozenset({"Admitted", "Rejected", "Failed"})
@@ -134,13 +134,6 @@ def operator_proc(
     if peering:
         argv += ["--peering", peering]
     return Proc("operator", argv, log)
-
-
-def free_port() -> int:
-    """A TCP port free on loopback at the moment of asking."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def agents_proc(

@@ -272,7 +272,7 @@ class KubeNodeApi:
         self.api = api
         self.timeout = timeout
 
-    def apply(self, body: JSON, *, status: bool) -> JSON:
+    def apply(self, body: JSON, *, status: bool, field_manager: str = FIELD_MANAGER) -> JSON:
         name = body["metadata"]["name"]
         path = f"/apis/{GROUP}/{VERSION}/{CapacityNode.plural}/{name}"
         if status:
@@ -280,7 +280,7 @@ class KubeNodeApi:
         result = self.api.call_api(
             path,
             "PATCH",
-            query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
+            query_params=[("fieldManager", field_manager), ("force", "true")],
             header_params={
                 "Content-Type": "application/apply-patch+yaml",
                 "Accept": "application/json",

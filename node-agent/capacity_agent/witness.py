@@ -24,12 +24,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from capacity_agent.publisher import Backoff
+from capacity_agent.publisher import Backoff, KubeNodeApi
 from capacity_api import GROUP, VERSION
 from capacity_api.lease import LeaseInfo, parse_lease
 from capacity_api.models import CapacityNode, Probe, WitnessReport, WitnessStatus
@@ -40,12 +39,12 @@ log = logging.getLogger(__name__)
 WITNESS_FIELD_MANAGER = "capacity-agent-witness"
 PROBE_TIMEOUT = 1.0
 
-JSON = dict[str, Any]
 Sleep = Callable[[float], Awaitable[None]]
 
 
 def probe(endpoint: str | None, timeout: float = PROBE_TIMEOUT) -> Probe:
-    """GET the agent's health endpoint: Reachable on any HTTP answer below 500 that is 200."""
+    """GET the agent's health endpoint: Reachable on a 200, Unreachable on any other
+    answer (an agent whose loops stopped answers 503), a refusal or a timeout."""
     if not endpoint:
         return Probe.NO_ENDPOINT
     try:
@@ -80,9 +79,11 @@ class Witness:
         self.sleep = sleep
         self.coordination = client.CoordinationV1Api(api)
         self.custom = client.CustomObjectsApi(api)
+        self.nodes = KubeNodeApi(api, timeout=timeout)
         self.backoff = Backoff(initial=1.0, cap=30.0)
-        self.written: tuple[str | None, list[WitnessReport]] | None = None
-        """What the last successful write said (None: nothing written yet by this process)."""
+        self.written: list[WitnessReport] | None = None
+        """The reports of the last successful write (None: nothing written yet by this
+        process, not even the endpoint)."""
 
     async def run(self) -> None:
         """One pass every ``interval``; a failed pass is retried with backoff. Never returns."""
@@ -106,12 +107,10 @@ class Witness:
             endpoint = await asyncio.to_thread(self._endpoint_of, lease.name)
             found = await asyncio.to_thread(probe, endpoint)
             reports.append(witness_report(lease, found, now))
-        if self.written is not None:
-            endpoint, old = self.written
-            if endpoint == self.endpoint and same_reports(old, reports):
-                return reports
+        if self.written is not None and same_reports(self.written, reports):
+            return reports
         await asyncio.to_thread(self._apply, reports)
-        self.written = (self.endpoint, reports)
+        self.written = reports
         for report in reports:
             log.info(
                 "witness: node %s %s (lease renewed %s, probe %s)",
@@ -152,20 +151,7 @@ class Witness:
             "status": {"witness": status.wire()},
         }
         try:
-            self.api.call_api(
-                f"/apis/{GROUP}/{VERSION}/{CapacityNode.plural}/{self.name}/status",
-                "PATCH",
-                query_params=[("fieldManager", WITNESS_FIELD_MANAGER), ("force", "true")],
-                header_params={
-                    "Content-Type": "application/apply-patch+yaml",
-                    "Accept": "application/json",
-                },
-                body=body,
-                response_type="object",
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-                _request_timeout=(min(5.0, self.timeout), self.timeout),
-            )
+            self.nodes.apply(body, status=True, field_manager=WITNESS_FIELD_MANAGER)
         except ApiException as exc:
             if exc.status == 404:  # the publisher has not created the object yet
                 raise RuntimeError(f"CapacityNode {self.name} does not exist yet") from exc

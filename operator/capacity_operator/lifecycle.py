@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 
 from capacity_api import reasons
 from capacity_api.lease import LeaseInfo
-from capacity_api.models import CapacityNode
+from capacity_api.models import CapacityNode, WitnessReport
 from capacity_api.recovery import (
     Decision,
     Liveness,
@@ -151,23 +151,18 @@ class Lifecycle:
                 engine.observe_lease(lease)
             leases[name] = lease
         alive = [n for n, lease in leases.items() if expired_seconds(lease, now) is None]
-        reports = {
-            n: list(node.status.witness.reports or [])
-            for n in alive
-            if (node := engine.nodes.get(n)) is not None
-            and node.status is not None
-            and node.status.witness is not None
-        }
+        # what the witnesses say is read only while some node is expired; tally() keeps the
+        # reports of alive witnesses only
+        reports = self._witness_reports() if len(alive) < len(leases) else {}
         check = partition(leases, now, self.settings.partition_fraction)
         if check.partitioned != self.partitioned:
             self._partition_changed(check, leases, now)
         for name, lease in leases.items():
+            witnesses = None
             if expired_seconds(lease, now) is None:
                 self.seen_expired.pop(name, None)
             else:
                 self.seen_expired.setdefault(name, now)
-            witnesses = None
-            if expired_seconds(lease, now) is not None:
                 witnesses = tally(name, reports, alive, expired_at(lease))
             state = assess(
                 lease,
@@ -205,6 +200,14 @@ class Lifecycle:
                     _node_body(node), "Normal", reasons.PARTITION_SUSPECTED,
                     "partition cleared: recovery resumes",
                 )  # fmt: skip
+
+    def _witness_reports(self) -> dict[str, list[WitnessReport]]:
+        """Each cached CapacityNode's witness reports, by the witness's node name."""
+        return {
+            name: node.status.witness.reports or []
+            for name, node in self.engine.nodes.items()
+            if node.status is not None and node.status.witness is not None
+        }
 
     # -- one node ------------------------------------------------------------------------------
 

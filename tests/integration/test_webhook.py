@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import socket
 import ssl
 import sys
 from collections.abc import Iterator
@@ -27,19 +26,13 @@ from kubernetes.client.rest import ApiException
 from capacity_api import GROUP, VERSION
 from capacity_api.webhook import CLAIM_LABEL, HOSTNAME_KEY
 from tests.cluster import Cluster, Proc, unique, wait_for
+from tests.services import free_port
 
 IMAGE = "capacity.local/not-pulled:1"
 SECRET = "webhook-tls"
 MUTATE = "mutate.capacity.platform.dev"
 VALIDATE = "validate.capacity.platform.dev"
 BINDS_ONLY = "pods may bind only to an Admitted claim"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @dataclass
