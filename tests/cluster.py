@@ -142,7 +142,7 @@ def agents_proc(
     log: Path,
     *,
     prefix: str,
-    count: int,
+    count: int | None,
     source: str = "synthetic:steady",
     interval: float = 0.1,
     publish_interval: float = 1.0,
@@ -151,7 +151,9 @@ def agents_proc(
     extra: Iterable[str] = (),
 ) -> Proc:
     """``count`` simulated nodes named ``<prefix>-<i>`` in one agent process (short leases, so
-    a killed agent's nodes expire within seconds)."""
+    a killed agent's nodes expire within seconds); with ``count`` None, the agent of the node
+    named ``prefix`` itself (pass a ``source`` such as ``live``)."""
+    simulate = [] if count is None else ["--simulate", str(count)]
     argv = [
         sys.executable,
         "-m",
@@ -160,8 +162,7 @@ def agents_proc(
         str(kubeconfig),
         "--node-name",
         prefix,
-        "--simulate",
-        str(count),
+        *simulate,
         "--source",
         source,
         "--interval",

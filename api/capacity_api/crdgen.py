@@ -167,6 +167,14 @@ PRINTER_COLUMNS: dict[str, list[JSONSchema]] = {
             "jsonPath": '.status.conditions[?(@.type=="Stale")].status',
         },
         {
+            "name": "Fenced",
+            "type": "string",
+            "description": "True while the operator does not use the node (failed, or back and "
+            "not trusted again yet)",
+            "jsonPath": '.status.conditions[?(@.type=="Fenced")].status',
+            "priority": 1,
+        },
+        {
             "name": "CPU",
             "type": "number",
             "format": "float",

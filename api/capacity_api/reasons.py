@@ -15,6 +15,9 @@ MEMORY_PRESSURE: Final = "MemoryPressure"
 CPU_PRESSURE: Final = "CPUPressure"
 IO_PRESSURE: Final = "IOPressure"
 STALE: Final = "Stale"
+FENCED: Final = "Fenced"
+"""Written by the operator: True while the node is not used (failed, or back and not trusted
+again yet), False once it is trusted again."""
 PRESSURE_CONDITIONS: Final = (MEMORY_PRESSURE, CPU_PRESSURE, IO_PRESSURE)
 
 # Node reasons (written by the agent)
@@ -49,6 +52,7 @@ PARTITION_SUSPECTED: Final = "PartitionSuspected"
 NODE_RETURNED: Final = "NodeReturned"
 WITNESSED_ALIVE: Final = "WitnessedAlive"
 NODE_FENCED: Final = "NodeFenced"
+RETURNING: Final = "Returning"
 RECOVERING: Final = "Recovering"
 RECOVERED_REASON: Final = "Recovered"
 MAX_RECOVERIES: Final = "MaxRecoveriesReached"

@@ -21,16 +21,21 @@ def _condition(node: CapacityNode, type_: str) -> str | None:
 
 
 def liveness(node: CapacityNode, lease: LeaseInfo | None, now: datetime) -> str:
-    """Alive, Suspect (lease expired) or Failed (fenced by the operator), as the operator's node
-    lifecycle says in the Ready condition; a lease expired that the operator has not marked yet
-    is Suspect too."""
-    for c in (node.status.conditions or []) if node.status else []:
+    """Alive, Suspect (lease expired), Failed (fenced by the operator) or Returning (renews its
+    lease again, not used until it filled its window), as the operator's node lifecycle says in
+    the Ready and Fenced conditions; a lease expired that the operator has not marked yet is
+    Suspect too."""
+    conditions = (node.status.conditions or []) if node.status else []
+    for c in conditions:
         if c.type == reasons.READY and c.reason == reasons.NODE_FAILED:
             return "Failed"
-        if c.type == reasons.READY and c.reason == reasons.LEASE_EXPIRED:
+        if c.type == reasons.READY and c.reason in (reasons.LEASE_EXPIRED, reasons.WITNESSED_ALIVE):
             return "Suspect"
     if lease is not None and not lease.live(now):
         return "Suspect"
+    for c in conditions:
+        if c.type == reasons.FENCED and c.status.value == "True":
+            return "Returning" if c.reason == reasons.RETURNING else "Failed"
     return "Alive"
 
 

@@ -13,6 +13,11 @@ and skipped: nothing is added to the window, so the substrate's newest sample ag
 ``Stale`` after ``stale_after`` seconds. A failed reading is never read as zero load. The first
 call of a delta-based collector (``PrimingError``) is skipped without being counted.
 
+Gaps. A sample that comes more than ``stale_after`` seconds after the newest one in its window
+(the agent was frozen, or every reading failed that long) restarts the window: what came before
+the gap no longer describes the node, and a spectrum across a gap is not one series. So a node
+that comes back fills ``minSamples`` again before its readings count (DESIGN section 6).
+
 Conditions (:meth:`NodeMeasurements.build_status`), all with ``lastTransitionTime`` kept while
 the status stays the same:
 
@@ -259,6 +264,8 @@ class NodeMeasurements:
         }
         self._throttle: deque[tuple[float, float]] = deque()
         self._conditions: dict[str, Condition] = {}
+        self.gaps = 0
+        """Windows restarted after a gap longer than ``stale_after``."""
 
     # -- what is measured ----------------------------------------------------------------------
 
@@ -332,6 +339,17 @@ class NodeMeasurements:
         throttled = sample.cgroup.cpu_throttled_fraction if sample.cgroup is not None else None
         if throttled is not None:
             signals[THROTTLED] = throttled
+        newest = state.window.newest_time
+        if newest is not None and at - newest > self.stale_after:
+            # a gap (the agent was frozen, or every sample failed): the samples before it no
+            # longer describe the node, and a spectrum across a gap is not one series. The
+            # window starts again and has to fill minSamples before anyone trusts it.
+            log.info(
+                "%s %s: no sample for %.1f s (> %g s): window restarted",
+                self.node, substrate.value, at - newest, self.stale_after,
+            )  # fmt: skip
+            state.window.clear()
+            self.gaps += 1
         state.window.add(at, signals)
         state.consecutive = 0
         state.pressure = sample.pressure

@@ -222,13 +222,58 @@ class Lifecycle:
             return
         node = engine.nodes.get(name)
         if not trusted_again(node, lease, since, now, engine.min_samples):
+            await self._set_fenced(
+                name, True, reasons.RETURNING,
+                f"renews its lease again; not used until it publishes a full window "
+                f"({engine.min_samples} samples) measured since {_iso(since)}",
+                now,
+            )  # fmt: skip
             return
         engine.returning.pop(name)
         await self._unfence(name)
         message = "renewed its lease and published a full window since it came back: trusted again"
+        await self._set_fenced(name, False, reasons.NODE_RETURNED, message, now)
         log.info("node %s %s", name, message)
         if node is not None:
             self.emit(_node_body(node), "Normal", reasons.NODE_RETURNED, message)
+
+    async def _write_conditions(self, name: str, new: list[JSON]) -> CapacityNode | None:
+        """Compare-and-swap the node's conditions of the types in ``new`` (the others kept);
+        nothing is written when each already has that status and reason. Returns the node
+        written, or None."""
+        kinds = {c["type"] for c in new}
+        async with self.engine.node_lock(name):
+            for _ in range(self.settings.commit_retries):
+                node = self.engine.nodes.get(name)
+                if node is None:
+                    return None
+                conditions = node.status.conditions or [] if node.status else []
+                have = {c.type: (c.status.value, c.reason) for c in conditions}
+                if all(have.get(c["type"]) == (c["status"], c["reason"]) for c in new):
+                    return None
+                wanted = [c.wire() for c in conditions if c.type not in kinds] + new
+                try:
+                    await self.engine.write_node_status(name, node, {"conditions": wanted})
+                except ConflictError:
+                    await self.engine.refresh_node(name)
+                    continue
+                except NotFoundError:
+                    return None
+                return node
+        return None
+
+    async def _set_fenced(
+        self, name: str, fenced: bool, reason: str, message: str, now: datetime
+    ) -> None:
+        condition: JSON = {
+            "type": reasons.FENCED,
+            "status": "True" if fenced else "False",
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": _iso(now),
+        }
+        if await self._write_conditions(name, [condition]) is not None:
+            log.info("node %s: Fenced=%s (%s): %s", name, condition["status"], reason, message)
 
     async def _mark_expired(
         self,
@@ -255,36 +300,21 @@ class Lifecycle:
             message += ": its agent runs but cannot renew; nothing moves while it is seen"
         if state is Liveness.FAILED:
             message += "; node failed: fenced, its claims recover elsewhere"
-        async with self.engine.node_lock(name):
-            for _ in range(self.settings.commit_retries):
-                node = self.engine.nodes.get(name)
-                if node is None:
-                    return
-                conditions = node.status.conditions or [] if node.status else []
-                ready = next((c for c in conditions if c.type == reasons.READY), None)
-                if ready is not None and ready.status.value == "Unknown" and ready.reason == reason:
-                    return
-                wanted = [
-                    c.wire() for c in conditions if c.type not in (reasons.READY, reasons.STALE)
-                ]
-                stamp = _iso(now)
-                wanted += [
-                    {"type": reasons.READY, "status": "Unknown", "reason": reason,
-                     "message": message, "lastTransitionTime": stamp},
-                    {"type": reasons.STALE, "status": "True", "reason": reasons.LEASE_EXPIRED,
-                     "message": message, "lastTransitionTime": stamp},
-                ]  # fmt: skip
-                try:
-                    await self.engine.write_node_status(name, node, {"conditions": wanted})
-                except ConflictError:
-                    await self.engine.refresh_node(name)
-                    continue
-                except NotFoundError:
-                    return
-                log.warning("node %s: Ready=Unknown (%s): %s", name, reason, message)
-                if state is Liveness.FAILED:
-                    self.emit(_node_body(node), "Warning", reason, message)
-                return
+        stamp = _iso(now)
+        written = await self._write_conditions(
+            name,
+            [
+                {"type": reasons.READY, "status": "Unknown", "reason": reason,
+                 "message": message, "lastTransitionTime": stamp},
+                {"type": reasons.STALE, "status": "True", "reason": reasons.LEASE_EXPIRED,
+                 "message": message, "lastTransitionTime": stamp},
+            ],
+        )  # fmt: skip
+        if written is None:
+            return
+        log.warning("node %s: Ready=Unknown (%s): %s", name, reason, message)
+        if state is Liveness.FAILED:
+            self.emit(_node_body(written), "Warning", reason, message)
 
     async def _fence(self, name: str, now: datetime) -> None:
         """Taint the Kubernetes Node (where one exists); then the node counts as failed."""
@@ -304,6 +334,12 @@ class Lifecycle:
             break
         self.engine.failed[name] = now
         self.engine.returning.pop(name, None)
+        await self._set_fenced(
+            name, True, reasons.NODE_FENCED,
+            f"failed: tainted {FAILED_TAINT}:NoExecute where a Node exists, its allocations "
+            "frozen, its claims recover elsewhere",
+            now,
+        )  # fmt: skip
 
     async def _unfence(self, name: str) -> None:
         for _ in range(self.settings.commit_retries):

@@ -256,10 +256,17 @@ def test_capacity_node_is_cluster_scoped_with_columns(
             _return_http_data_only=True,
         )
         columns = [c["name"] for c in response["columnDefinitions"]]
-        assert columns == ["Name", "Ready", "Stale", "CPU", "Mem", "GPU", "Headroom", "Age"]
-        cells = response["rows"][0]["cells"]
-        assert cells[:5] == [name, "True", "False", 0.4, 0.3]
-        assert cells[6] == 0.6
+        assert columns == [
+            "Name", "Ready", "Stale", "Fenced", "CPU", "Mem", "GPU", "Headroom", "Age"
+        ]  # fmt: skip
+        wide = {c["name"] for c in response["columnDefinitions"] if c.get("priority")}
+        assert wide == {"Fenced"}  # kubectl shows it with -o wide only
+        cells = dict(zip(columns, response["rows"][0]["cells"], strict=True))
+        assert [cells[c] for c in ("Name", "Ready", "Stale", "CPU", "Mem")] == [
+            name, "True", "False", 0.4, 0.3
+        ]  # fmt: skip
+        assert cells["Fenced"] in (None, "")  # the operator never fenced it
+        assert cells["Headroom"] == 0.6
         # a reading outside [0,1] is refused
         with pytest.raises(ApiException) as info:
             custom.patch_cluster_custom_object_status(

@@ -13,7 +13,7 @@ import random
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +94,9 @@ def prefix(cluster: Cluster) -> Iterator[str]:
     cluster.delete_nodes(name)
 
 
-@pytest.fixture
-def kwok_managed(core: client.CoreV1Api, prefix: str) -> Iterator[list[str]]:
-    """Five Nodes of this test's own, faked by kwok (pods on them go Running)."""
-    names = [f"{prefix}-{i}-0" for i in range(5)]
+@contextmanager
+def kwok_managed_nodes(core: client.CoreV1Api, names: list[str], label: str) -> Iterator[list[str]]:
+    """Kubernetes Nodes faked by kwok (pods on them go Running), deleted again on exit."""
     for name in names:
         core.create_node(
             {
@@ -106,7 +105,7 @@ def kwok_managed(core: client.CoreV1Api, prefix: str) -> Iterator[list[str]]:
                 "metadata": {
                     "name": name,
                     "annotations": {"kwok.x-k8s.io/node": "fake"},
-                    "labels": {"kubernetes.io/hostname": name, "cp-test": prefix},
+                    "labels": {"kubernetes.io/hostname": name, "cp-test": label},
                 },
                 "status": {
                     "capacity": {"cpu": "16", "memory": "64Gi", "pods": "110"},
@@ -123,6 +122,13 @@ def kwok_managed(core: client.CoreV1Api, prefix: str) -> Iterator[list[str]]:
             except ApiException as exc:
                 if exc.status != 404:
                     raise
+
+
+@pytest.fixture
+def kwok_managed(core: client.CoreV1Api, prefix: str) -> Iterator[list[str]]:
+    """Five Nodes of this test's own, faked by kwok."""
+    with kwok_managed_nodes(core, [f"{prefix}-{i}-0" for i in range(5)], prefix) as names:
+        yield names
 
 
 def test_a_killed_agents_claim_and_pods_move_to_another_node(
@@ -205,8 +211,8 @@ def test_a_killed_agents_claim_and_pods_move_to_another_node(
 
         # the dead node is shown as such, fenced, and holds nothing of the claim any more
         cn = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", dead)
-        ready = next(c for c in cn["status"]["conditions"] if c["type"] == "Ready")
-        assert (ready["status"], ready["reason"]) == ("Unknown", "NodeFailed"), ready
+        assert _condition(cn, "Ready") == ("Unknown", "NodeFailed")
+        assert _condition(cn, "Fenced") == ("True", "NodeFenced")
         assert FAILED_TAINT in taints(core, dead)
         holders = [
             h["claim"] for a in (cn["status"].get("allocated") or {}).values() for h in a["holders"]
@@ -237,6 +243,17 @@ def test_a_killed_agents_claim_and_pods_move_to_another_node(
         )
         wait_for(f"{dead} unfenced", lambda: FAILED_TAINT not in taints(core, dead), timeout=30)
         assert "trusted again" in op.output()
+        wait_for(
+            f"{dead} Fenced=False",
+            lambda: (
+                _condition(
+                    env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", dead),
+                    "Fenced",
+                )
+                == ("False", "NodeReturned")
+            ),
+            timeout=10,
+        )
 
 
 def test_a_blip_shorter_than_the_lease_moves_nothing(env: Env, prefix: str) -> None:
@@ -292,6 +309,14 @@ def _proxied_kubeconfig(kubeconfig: Path, port: int, path: Path) -> Path:
 def _api_port(kubeconfig: Path) -> int:
     server = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]["server"]
     return int(server.rsplit(":", 1)[1].rstrip("/"))
+
+
+def _condition(cn: dict[str, Any], kind: str) -> tuple[str, str] | None:
+    """(status, reason) of a CapacityNode's condition of type ``kind``."""
+    for c in (cn.get("status") or {}).get("conditions") or []:
+        if c["type"] == kind:
+            return (c["status"], c.get("reason", ""))
+    return None
 
 
 def _ready_reason(env: Env, node: str) -> str | None:

@@ -526,6 +526,24 @@ def test_nodes_marked_by_the_operator_show_suspect_or_failed() -> None:
     assert capctl.nodes_json([failed], {}, now=NOW)[0]["liveness"] == "Failed"
     ready.reason = "LeaseExpired"
     assert capctl.nodes_json([failed], {}, now=NOW)[0]["liveness"] == "Suspect"
+    ready.reason = "WitnessedAlive"
+    assert capctl.nodes_json([failed], {}, now=NOW)[0]["liveness"] == "Suspect"
+
+
+def test_a_node_back_but_not_trusted_yet_shows_returning() -> None:
+    node = cnode("node-r")
+    assert node.status is not None
+    assert node.status.conditions is not None
+    fenced = node.status.conditions[0].model_copy(
+        update={"type": "Fenced", "reason": "Returning", "message": "renews its lease again"}
+    )
+    node.status.conditions.append(fenced)
+    assert capctl.nodes_json([node], {}, now=NOW)[0]["liveness"] == "Returning"
+    fenced.reason = "NodeFenced"
+    assert capctl.nodes_json([node], {}, now=NOW)[0]["liveness"] == "Failed"
+    fenced.status = fenced.status.__class__("False")
+    fenced.reason = "NodeReturned"
+    assert capctl.nodes_json([node], {}, now=NOW)[0]["liveness"] == "Alive"
 
 
 def test_no_nodes() -> None:

@@ -223,6 +223,33 @@ def test_a_collector_that_stops_working_goes_stale_and_keeps_its_last_readings()
     assert reading.load.mean == 0.7
 
 
+def test_a_gap_longer_than_stale_after_restarts_the_window() -> None:
+    """A frozen agent (SIGSTOP) or a long outage: what came before the gap is forgotten, so the
+    node fills minSamples again before its readings count."""
+    clock = Clock()
+    loads = [0.9]
+
+    def step(now: float) -> Sample:
+        return Sample(substrate=Substrate.HOST, time=now, load=loads[0], signals={"cpu": loads[0]})
+
+    m = NodeMeasurements([FakeCollector(Substrate.HOST, step, clock)], stale_after=3.0)
+    run(m, clock, 20)
+    run(m, clock, 1, every=3.0)  # exactly stale_after: still one series
+    assert m.samples(Substrate.HOST) == 21
+    assert m.gaps == 0
+    loads[0] = 0.2
+    run(m, clock, 1, every=30.0)  # frozen for 30 s
+    assert m.samples(Substrate.HOST) == 1
+    assert m.gaps == 1
+    np.testing.assert_allclose(m.series(Substrate.HOST), [0.2])  # nothing of before the gap
+    run(m, clock, 4)
+    assert m.samples(Substrate.HOST) == 5
+    readings = m.build_status(clock.now).readings
+    assert readings is not None
+    assert readings["host"].samples == 5
+    assert readings["host"].load.p95 == pytest.approx(0.2)
+
+
 def test_priming_is_skipped_without_counting_as_a_failure() -> None:
     clock = Clock()
     calls = [0]
