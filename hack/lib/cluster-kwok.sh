@@ -50,6 +50,9 @@ YAML
 }
 
 kwok_node_manifest() {  # index
+  # no node.alpha.kubernetes.io/ttl here: kube-controller-manager's TTL controller owns it and
+  # raises it once the cluster has more than 100 nodes, and a value of ours would then conflict
+  # with it on the next `up`
   local name="kwok-node-$1"
   cat <<YAML
 apiVersion: v1
@@ -58,7 +61,6 @@ metadata:
   name: $name
   annotations:
     kwok.x-k8s.io/node: fake
-    node.alpha.kubernetes.io/ttl: "0"
   labels:
     kubernetes.io/hostname: $name
     kubernetes.io/os: linux
