@@ -224,14 +224,27 @@ def plan_recovery(
     excluded: Iterable[str] = (),
     *,
     min_isolation: float = 0.0,
+    distrusted: Iterable[str] | None = None,
 ) -> PlacementPlan | NoPlacement:
-    """Placement for the lost part only: as many nodes as were lost, never a failed node nor a
-    node that already holds a share of the claim."""
+    """Placement for the lost part only: as many nodes as were lost, never a ``distrusted`` node
+    (failed, or back and not trusted again yet; by default every lost node) nor a node that
+    already holds a share of the claim. A lost node that is trusted again may take its share
+    back (the commit then replaces its old holder there)."""
     lost_nodes = set(lost)
+    barred = lost_nodes if distrusted is None else set(distrusted)
     keep = {p.node for p in survivors(claim, lost_nodes)}
-    usable = [v for v in views if v.name not in lost_nodes and v.name not in keep]
+    usable = [v for v in views if v.name not in barred and v.name not in keep]
     spec = claim.spec.model_copy(update={"replicas": len(lost_nodes)})
     return plan_placement(spec, substrate, usable, excluded, min_isolation=min_isolation)
+
+
+def recovery_moves(lost: Iterable[str], placement: Iterable[str]) -> dict[str, str]:
+    """Which new placement node takes each lost node's share: a lost node placed again takes
+    its own back; the others pair with the new nodes in order."""
+    lost_nodes, placed = sorted(set(lost)), list(placement)
+    back = {n: n for n in lost_nodes if n in placed}
+    fresh = [n for n in placed if n not in back]
+    return {**back, **dict(zip([n for n in lost_nodes if n not in back], fresh, strict=False))}
 
 
 @dataclass

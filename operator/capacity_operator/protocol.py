@@ -57,6 +57,7 @@ from capacity_api.recovery import (
     Decision,
     RecoveryDecision,
     plan_recovery,
+    recovery_moves,
     stranded_on,
     survivors,
 )
@@ -525,8 +526,11 @@ class Engine:
         log.info("claim %s %s", holder.claim, message)
         self.emit(body, "Normal", reasons.QUORUM_REACHED, message)
 
-    async def _add_holder(self, node: str, substrate: Substrate, holder: Holder) -> str | None:
-        """Add the holder to the node's ledger; None on success, else why it cannot."""
+    async def _add_holder(
+        self, node: str, substrate: Substrate, holder: Holder, *, replace_older: bool = False
+    ) -> str | None:
+        """Add the holder to the node's ledger; None on success, else why it cannot. With
+        ``replace_older``, the claim's holders of older epochs there go in the same write."""
         async with self._node_locks[node]:
             # first try on the cached object: a stale one fails the resourceVersion check
             cn = self.nodes.get(node)
@@ -536,6 +540,10 @@ class Engine:
                 current = _holders(cn, substrate)
                 if any(h.uid == holder.uid and h.epoch == holder.epoch for h in current):
                     return None
+                if replace_older:
+                    current = [
+                        h for h in current if not (h.uid == holder.uid and h.epoch < holder.epoch)
+                    ]
                 held = sum(h.share for h in current)
                 if held + holder.share > 1.0 + EPSILON:
                     return (
@@ -762,15 +770,17 @@ class Engine:
             else set()
         )
 
-    def _open_recovery_proposal(self, claim: CapacityClaim) -> Proposal | None:
+    def _open_recovery_proposal(self, claim: CapacityClaim, lost: Iterable[str]) -> Proposal | None:
+        """The recovery proposal still to be tallied: newer than every placement, and on none
+        of the surviving ones (a lost node trusted again may be proposed for its own share)."""
         status = claim.status
         if status is None or status.proposal is None:
             return None
         held = status.placements or []
         newest = max((p.epoch or 0 for p in held), default=0)
         proposal = status.proposal
-        placed = {p.node for p in held}
-        if proposal.epoch > newest and placed.isdisjoint(proposal.placement):
+        surviving = {p.node for p in held} - set(lost)
+        if proposal.epoch > newest and surviving.isdisjoint(proposal.placement):
             return proposal
         return None
 
@@ -780,7 +790,7 @@ class Engine:
         lost = self._lost(claim)
         if not lost:
             return
-        proposal = self._open_recovery_proposal(claim)
+        proposal = self._open_recovery_proposal(claim, lost)
         if proposal is not None:
             result = tally(proposal, status.votes, self.clock())
             self._track(claim, proposal)
@@ -823,8 +833,9 @@ class Engine:
             refused = {}
         else:
             plan = plan_recovery(
-                claim, substrate, self.views(exclude_claim=uid), lost, refused, min_isolation=iso
-            )
+                claim, substrate, self.views(exclude_claim=uid), lost, refused, min_isolation=iso,
+                distrusted={*self.failed, *self.returning},
+            )  # fmt: skip
         if isinstance(plan, NoPlacement):
             started = min(
                 (r.at for r in status.recoveries or [] if r.from_node in lost), default=None
@@ -886,7 +897,9 @@ class Engine:
         uid = claim.metadata.uid or ""
         holder = Holder(claim=claim_key(claim), uid=uid, epoch=proposal.epoch, share=share)
         for node in sorted(proposal.placement):
-            taken = await self._add_holder(node, substrate, holder)
+            # a lost node trusted again that takes its share back: the new holder replaces the
+            # old one in the same compare-and-swap write, so the share is never counted twice
+            taken = await self._add_holder(node, substrate, holder, replace_older=True)
             if taken is not None:
                 await self._remove_holders(uid, proposal.epoch, proposal.placement)
                 self.inflight.pop(uid, None)
@@ -896,7 +909,8 @@ class Engine:
                 )  # fmt: skip
                 return
         now = self.clock()
-        moves = dict(zip(lost, proposal.placement, strict=False))
+        moves = recovery_moves(lost, proposal.placement)
+        gone = [n for n in lost if n not in proposal.placement]
         entries = []
         for entry in status.recoveries or []:
             wire = entry.wire()
@@ -943,11 +957,11 @@ class Engine:
         self.emit(body, "Normal", reasons.RECOVERED_REASON, message)
         # the failed nodes are fenced: their old shares are released, their pods deleted so
         # that their controllers recreate them, bound to the new placement by the webhook
-        await self._remove_holders(uid, None, lost)
+        await self._remove_holders(uid, None, gone)
         namespace = claim.metadata.namespace or ""
         selector = f"{CLAIM_LABEL}={claim.metadata.name}"
-        for pod in await self.kube.list_pods(namespace, selector):
-            where = stranded_on(pod, lost)
+        for pod in await self.kube.list_pods(namespace, selector) if gone else []:
+            where = stranded_on(pod, gone)
             if where is None:
                 continue
             name = pod["metadata"]["name"]

@@ -500,6 +500,8 @@ def _pods_running_on(core: client.CoreV1Api, namespace: str) -> Any:
 
 
 def test_two_claims_recovering_onto_room_for_one_exactly_one_gets_it(env: Env, prefix: str) -> None:
+    """...and the one left waiting takes its share back on its own node once that node returns
+    and is trusted again, its old holder replaced, never counted twice."""
     cluster, ns = env.cluster, env.namespace
     with ExitStack() as stack:
         op = stack.enter_context(
@@ -534,6 +536,30 @@ def test_two_claims_recovering_onto_room_for_one_exactly_one_gets_it(env: Env, p
         held = sorted(h["claim"] for h in node["status"]["allocated"]["host"]["holders"])
         assert held == sorted([f"{ns}/c3", f"{ns}/{winner}"])
         assert node["status"]["allocated"]["host"]["share"] == pytest.approx(0.8)
+
+        # the failed node returns: trusted again, it takes the waiting claim's share back
+        (loser,) = [c for c in states if c != winner]
+        home = f"{prefix}-a-0"
+        stack.enter_context(Running(agent(env.kubeconfig, env.platform, env.logs, f"{prefix}-a")))
+
+        def back_home() -> dict[str, Any] | None:
+            status = claim_status(cluster, ns, loser)
+            return status if status.get("phase") == "Admitted" else None
+
+        status = wait_for(f"{loser} back on {home}", back_home, timeout=60)
+        assert placement_nodes(status) == [home], show(op)
+        last = status["recoveries"][-1]
+        assert (last["from"], last["to"]) == (home, home)
+        assert status["placements"][0]["epoch"] == last["epoch"]
+        cn = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", home)
+        holders = node_holders(cn)["host"]
+        # exactly one holder, the new epoch's: the old share was replaced in the same write
+        assert [(h["claim"], h["epoch"]) for h in holders] == [(f"{ns}/{loser}", last["epoch"])]
+        assert cn["status"]["allocated"]["host"]["share"] == pytest.approx(0.4)
+        assert ledger_from_claims(cluster.claims(ns)) == {
+            (home, "host"): pytest.approx(0.4),
+            (room, "host"): pytest.approx(0.8),
+        }
 
 
 def test_operator_killed_during_recoveries_leaves_one_placement_per_claim(

@@ -15,6 +15,7 @@ import json
 import ssl
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,8 @@ def env(
     return Env(kubeconfig, api, namespace, platform, tmp_path)
 
 
-@pytest.fixture
-def webhook(env: Env) -> Iterator[Webhook]:
+@contextmanager
+def serving_webhook(env: Env) -> Iterator[Webhook]:
     """The webhook process and its two configurations (deleted again before it stops)."""
     port = free_port()
     config = unique("cp-webhook")
@@ -151,6 +152,12 @@ def webhook(env: Env) -> Iterator[Webhook]:
     finally:
         _delete_configs(env.admission, config)
         proc.stop()
+
+
+@pytest.fixture
+def webhook(env: Env) -> Iterator[Webhook]:
+    with serving_webhook(env) as serving:
+        yield serving
 
 
 def _delete_configs(admission: client.AdmissionregistrationV1Api, name: str) -> None:

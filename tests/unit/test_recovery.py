@@ -21,6 +21,7 @@ from capacity_api.recovery import (
     partition,
     peering_active,
     plan_recovery,
+    recovery_moves,
     stranded_on,
     trusted_again,
 )
@@ -132,6 +133,25 @@ def test_recovery_with_no_other_node_has_no_placement() -> None:
     views = [view(node(n)) for n in ("a", "b")]
     plan = plan_recovery(admitted(("a", "b")), Substrate.HOST, views, ["b"])
     assert isinstance(plan, NoPlacement)
+
+
+def test_a_lost_node_trusted_again_may_take_its_share_back() -> None:
+    views = [view(node(n)) for n in ("a", "b")]
+    claim = admitted(("a", "b"))
+    # b is still failed (or back, not trusted yet): nowhere to go
+    assert isinstance(
+        plan_recovery(claim, Substrate.HOST, views, ["b"], distrusted=["b"]), NoPlacement
+    )
+    # trusted again: b takes its own share back; a, which holds the other share, never does
+    plan = plan_recovery(claim, Substrate.HOST, views, ["b"], distrusted=[])
+    assert isinstance(plan, PlacementPlan)
+    assert plan.placement == ["b"]
+
+
+def test_recovery_moves_pair_lost_nodes_with_new_ones_and_a_returned_node_with_itself() -> None:
+    assert recovery_moves(["x"], ["y"]) == {"x": "y"}
+    assert recovery_moves(["x", "y"], ["z", "x"]) == {"x": "x", "y": "z"}
+    assert recovery_moves(["y", "x"], ["z", "w"]) == {"x": "z", "y": "w"}
 
 
 def test_an_in_flight_recovery_holder_is_not_a_leak() -> None:
