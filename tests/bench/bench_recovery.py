@@ -16,6 +16,8 @@ written by the operator), and from lease expiry to the claim's new pod seen Runn
 node (polled every 0.2 s, so up to 0.2 s late), as p50 / p99 / max over ``BENCH_KILLS`` kills
 (default 20) at each scale of ``BENCH_SCALES`` (default 10,100). Leases are ``BENCH_LEASE`` s
 (default 6, renewed every second), the operator's failure grace ``BENCH_GRACE`` s (default 2).
+Killable nodes sample every 0.25 s, background nodes every ``BENCH_BACKGROUND_INTERVAL`` s
+(default 1, the agent's default).
 
 Compare: Kubernetes' defaults for pods on a dead node are about 40-50 s to NotReady plus 300 s of
 NoExecute toleration before eviction, about 5 min 45 s in all.
@@ -58,6 +60,11 @@ from tests.integration.test_webhook import (  # noqa: E402
 RESULTS = REPO / "tests" / "bench" / "results" / "recovery.json"
 KILLABLE = 10
 PER_PROCESS = 30
+BACKGROUND_INTERVAL = float(os.environ.get("BENCH_BACKGROUND_INTERVAL", "1.0"))
+"""Sampling interval of the background nodes: the agent's default. On a real cluster each agent
+has a machine of its own; here 90 of them share two cores with everything else, and at the
+killable nodes' 0.25 s (fast, so that a restarted node fills its window in 4 s) they saturated
+the machine and the figures measured the machine more than the recovery."""
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -70,11 +77,14 @@ def parse_time(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def agent(kubeconfig: Path, ns: str, logs: Path, prefix: str, *, count: int, source: str) -> Proc:
+def agent(
+    kubeconfig: Path, ns: str, logs: Path, prefix: str, *, count: int, source: str,
+    interval: float = 0.25,
+) -> Proc:  # fmt: skip
     lease = int(os.environ.get("BENCH_LEASE", "6"))
     return agents_proc(
         kubeconfig, ns, logs / f"{prefix}.log", prefix=prefix, count=count, source=source,
-        interval=0.25, publish_interval=1.0, lease_duration=lease, lease_renew_interval=1.0,
+        interval=interval, publish_interval=1.0, lease_duration=lease, lease_renew_interval=1.0,
     )  # fmt: skip
 
 
@@ -145,7 +155,13 @@ def scenario(  # noqa: PLR0912 - one run, read top to bottom
             for prefix, count in groups:
                 background.append(
                     agent(
-                        kubeconfig, platform, logs, prefix, count=count, source="synthetic:periodic"
+                        kubeconfig,
+                        platform,
+                        logs,
+                        prefix,
+                        count=count,
+                        source="synthetic:periodic",
+                        interval=BACKGROUND_INTERVAL,
                     ).start()
                 )
             for prefix in killable:
@@ -244,6 +260,7 @@ def scenario(  # noqa: PLR0912 - one run, read top to bottom
                 "recovered_claims": len(from_expiry),
                 "lease_seconds": int(os.environ.get("BENCH_LEASE", "6")),
                 "grace_seconds": float(grace),
+                "background_interval_s": BACKGROUND_INTERVAL,
                 "from_lease_expiry_s": summary(from_expiry),
                 "pods_running_from_lease_expiry_s": summary(pods_from_expiry),
                 "from_kill_s": summary(from_kill),
