@@ -133,7 +133,9 @@ def operator_proc(
         argv.append("--standalone")
     if peering:
         argv += ["--peering", peering]
-    return Proc("operator", argv, log)
+    # the outcome store's SQLite file beside the log (not in the user's state directory)
+    env = {"CAPACITY_OPERATOR_STORE_PATH": str(log.with_suffix(".outcomes.db"))}
+    return Proc("operator", argv, log, env=env)
 
 
 def agents_proc(

@@ -288,6 +288,56 @@ class Recovery(Model):
     """The admission epoch of the recovery."""
 
 
+class Verdict(StrEnum):
+    """What really happened to an admission or a rejection (DESIGN section 7)."""
+
+    OBSERVING = "Observing"
+    CONFIRMED = "Confirmed"
+    FALSIFIED = "Falsified"
+    MISSED_OPPORTUNITY = "MissedOpportunity"
+    RIGHTLY_REJECTED = "RightlyRejected"
+
+
+class Evidence(Model):
+    """One thing seen that falsifies an admission."""
+
+    kind: str = Field(max_length=64)
+    """OOMKilled, Evicted, RepeatedRestarts or NodePressure."""
+    node: NodeName | None = None
+    """The node it happened on."""
+    pod: str | None = Field(default=None, max_length=253)
+    """The pod (for pod evidence)."""
+    container: str | None = Field(default=None, max_length=253)
+    """The container (for OOMKilled and RepeatedRestarts)."""
+    reason: str = Field(max_length=1024)
+    """The Kubernetes reason or the node condition (e.g. OOMKilled, MemoryPressure)."""
+    message: str | None = Field(default=None, max_length=1024)
+    """What it said."""
+    time: datetime | None = None
+    """When it happened (or was first seen)."""
+
+
+class Truth(Model):
+    """The check of one decision against what happened afterwards, written by the operator."""
+
+    decision: Phase
+    """The decision checked: Admitted or Rejected."""
+    verdict: Verdict
+    """Observing until the period ends; then Confirmed or Falsified (admitted), MissedOpportunity
+    or RightlyRejected (rejected). Falsified may come at any time of the period."""
+    since: datetime
+    """When the observation began (the admission or the rejection)."""
+    until: datetime
+    """When it ends."""
+    decided_at: datetime | None = None
+    """When the verdict became final."""
+    evidence: list[Evidence] | None = Field(default=None, max_length=8)
+    """What falsified the admission (at most 8 items)."""
+    headroom: dict[str, float] | None = None
+    """Rejected claims: the lowest headroom each candidate node showed so far during the period,
+    for the claim's substrate."""
+
+
 class CapacityClaimStatus(Model):
     """Observed state of a claim, written by the operator and by voting agents."""
 
@@ -316,6 +366,8 @@ class CapacityClaimStatus(Model):
     """Placement nodes, comma-separated (for kubectl get)."""
     vote_count: str | None = Field(default=None, max_length=16)
     """YES votes over votes needed, e.g. 2/3 (for kubectl get)."""
+    truth: Truth | None = None
+    """The decision checked against what happened (admitted and rejected claims)."""
     conditions: list[Condition] | None = None
     """Admitted, Recovered and Falsified."""
 

@@ -314,6 +314,7 @@ def explanation_json(e: Explanation) -> JSON:
         ],
         "placements": [p.wire() for p in (status.placements or [])] if status else [],
         "recoveries": [r.wire() for r in (status.recoveries or [])] if status else [],
+        "truth": status.truth.wire() if status and status.truth else None,
         "conditions": [c.wire() for c in (status.conditions or [])] if status else [],
         "events": [ev.wire() for ev in e.events],
     }
@@ -353,6 +354,7 @@ def explanation_text(e: Explanation) -> str:
         _refusal_lines(e),
         _placement_lines(e),
         _recovery_lines(e),
+        _truth_lines(e),
         _condition_lines(e),
         _event_lines(e),
     ]
@@ -491,6 +493,28 @@ def _recovery_lines(e: Explanation) -> list[str]:
         for r in recoveries
     ]
     return ["Recoveries:", table(["FROM", "TO", "AGE", "EPOCH", "REASON"], rows)]
+
+
+def _truth_lines(e: Explanation) -> list[str]:
+    status = e.claim.status
+    truth = status.truth if status else None
+    if truth is None:
+        return []
+    lines = [
+        f"Truth: {truth.verdict.value} (the {truth.decision.value.lower()} decision, observed "
+        f"from {iso(truth.since)} to {iso(truth.until)})"
+    ]
+    if truth.evidence:
+        rows = [
+            [ev.kind, ev.node or "-", "/".join(x for x in (ev.pod, ev.container) if x) or "-",
+             age_text(ev.time, e.now) if ev.time else "-", ev.message or ""]
+            for ev in truth.evidence
+        ]  # fmt: skip
+        lines.append(table(["EVIDENCE", "NODE", "POD/CONTAINER", "AGE", "MESSAGE"], rows))
+    if truth.headroom:
+        rows = [[node, f"{value:.3f}"] for node, value in sorted(truth.headroom.items())]
+        lines.append(table(["CANDIDATE", "LOWEST HEADROOM"], rows))
+    return lines
 
 
 def _condition_lines(e: Explanation) -> list[str]:

@@ -23,11 +23,14 @@ from capacity_api import GROUP, VERSION
 from capacity_api.lease import parse_lease
 from capacity_api.models import Phase
 from capacity_api.reasons import WAITING_FOR_CAPACITY, WAITING_FOR_NODES
+from capacity_api.webhook import CLAIM_LABEL
 from capacity_operator import cluster
 from capacity_operator.kube import JSON, Kube
 from capacity_operator.lifecycle import Lifecycle
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
+from capacity_operator.store import OutcomeStore, database_url
+from capacity_operator.truth import TruthKeeper, observed, pod_view
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     engine = Engine(kube, cfg, emit)
     memo["api"] = api
     memo["engine"] = engine
+    store = OutcomeStore(database_url(cfg.store_path, cfg.store_dsn))
+    store.start()
+    memo["store"] = store
+    memo["truth"] = TruthKeeper(engine, emit, store)
     await engine.start()
     lifecycle = Lifecycle(engine, kube, emit, priority=memo["priority"])
     memo["lifecycle"] = asyncio.create_task(lifecycle.run(), name="node-lifecycle")
@@ -111,6 +118,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+    store: OutcomeStore | None = memo.get("store")
+    if store is not None:
+        await asyncio.to_thread(store.stop)  # flushes what is pending (bounded wait)
     api = memo.get("api")
     if api is not None:
         api.close()
@@ -168,6 +178,35 @@ async def recovery_step(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 @kopf.timer(*CLAIMS, interval=1.0, when=_waiting)
 async def waiting_for_nodes(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     await _engine(memo).reconcile(dict(body))
+
+
+def _observed(status: kopf.Status, **_: Any) -> bool:
+    return observed(status)
+
+
+@kopf.timer(*CLAIMS, interval=1.0, when=_observed)
+async def truth_check(
+    body: kopf.Body,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    claim_pods: kopf.Index[tuple[str, str], JSON] | None = None,  # kopf passes the index below
+    **_: Any,
+) -> None:
+    """Checks the decision against its pods (the index below) and its nodes."""
+    engine = _engine(memo)
+    await engine.ready.wait()
+    keeper: TruthKeeper = memo["truth"]
+    pods = list(claim_pods.get((namespace or "", name), [])) if claim_pods is not None else []
+    await keeper.check(dict(body), pods)
+
+
+@kopf.index("pods", labels={CLAIM_LABEL: kopf.PRESENT})
+def claim_pods(
+    namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], JSON]:
+    """The pods bound to each claim, by (namespace, claim): what truth needs of them only."""
+    return {(namespace or "", labels[CLAIM_LABEL]): pod_view(body)}
 
 
 @kopf.on.delete(*CLAIMS)

@@ -321,7 +321,7 @@ class Engine:
             claim,
             {
                 "observedGeneration": generation,
-                "conditions": _conditions(
+                "conditions": with_condition(
                     claim,
                     type_=reasons.ADMITTED,
                     value=True,
@@ -512,7 +512,7 @@ class Engine:
                 "voteCount": result.vote_count,
                 "refusals": None,
                 "observedGeneration": claim.metadata.generation,
-                "conditions": _conditions(
+                "conditions": with_condition(
                     claim,
                     type_=reasons.ADMITTED,
                     value=True,
@@ -648,7 +648,7 @@ class Engine:
                 "refusals": refusals or None,
                 "nodes": None,
                 "observedGeneration": claim.metadata.generation,
-                "conditions": _conditions(
+                "conditions": with_condition(
                     claim,
                     type_=reasons.ADMITTED,
                     value=False,
@@ -716,7 +716,7 @@ class Engine:
                     "recoveries": entries,
                     "attempts": 0,
                     "refusals": None,
-                    "conditions": _conditions(
+                    "conditions": with_condition(
                         claim,
                         type_=reasons.RECOVERED,
                         value=False,
@@ -739,7 +739,7 @@ class Engine:
                 "phase": Phase.FAILED.value,
                 "reason": reason,
                 "message": message,
-                "conditions": _conditions(
+                "conditions": with_condition(
                     claim,
                     type_=reasons.RECOVERED,
                     value=False,
@@ -942,7 +942,7 @@ class Engine:
                 "voteCount": result.vote_count,
                 "refusals": None,
                 "attempts": 0,
-                "conditions": _conditions(
+                "conditions": with_condition(
                     claim,
                     type_=reasons.RECOVERED,
                     value=True,
@@ -1053,7 +1053,7 @@ def _rv_older(candidate: str, known: str) -> bool:
         return False
 
 
-def _conditions(
+def with_condition(
     claim: CapacityClaim,
     *,
     type_: str,

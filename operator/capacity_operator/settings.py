@@ -57,3 +57,15 @@ class OperatorSettings(BaseSettings):
     """How long a recovering claim waits for a node with room before it is Failed."""
     lifecycle_interval_seconds: float = Field(default=1.0, gt=0)
     """Seconds between two passes of the node lifecycle."""
+    truth_observation_seconds: float = Field(default=600.0, gt=0)
+    """How long every decision is checked against what happens afterwards: an admitted claim's
+    pods and placement nodes, a rejected claim's candidate nodes (DESIGN section 7)."""
+    truth_restart_limit: int = Field(default=3, ge=1)
+    """Restarts after SIGKILL (exit code 137, no OOM reason) of one container that falsify an
+    admission."""
+    store_path: str | None = None
+    """SQLite file of the outcome store; unset: ``$XDG_STATE_HOME`` (or ``~/.local/state``)
+    ``/capacity-platform/operator/outcomes.db``. The chart puts it on the operator's volume."""
+    store_dsn: str | None = None
+    """PostgreSQL DSN of the outcome store (``postgresql://user:password@host:port/db``); when
+    set, used instead of the SQLite file. The chart takes it from a Secret."""

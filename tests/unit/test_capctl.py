@@ -10,7 +10,7 @@ import pytest
 
 import capacity_cli as capctl
 from capacity_api.lease import LeaseInfo
-from capacity_api.models import CapacityClaim, CapacityNode
+from capacity_api.models import CapacityClaim, CapacityNode, Truth
 from capacity_cli import Calibration, EventInfo
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -565,3 +565,34 @@ def test_parser_accepts_flags_on_either_side() -> None:
     assert (args.claim, args.namespace, args.output) == ("web", "team-a", "json")
     args = parser.parse_args(["-o", "json", "--platform-namespace", "p", "nodes"])
     assert (args.output, args.platform_namespace, args.namespace) == ("json", "p", None)
+
+
+def test_explain_shows_the_truth_of_the_decision() -> None:
+    c = admitted()
+    assert c.status is not None
+    c.status.truth = Truth.model_validate(
+        {
+            "decision": "Admitted", "verdict": "Falsified",
+            "since": (NOW - timedelta(seconds=60)).isoformat(),
+            "until": (NOW + timedelta(seconds=540)).isoformat(),
+            "evidence": [{"kind": "OOMKilled", "node": "node-a", "pod": "web-1",
+                          "container": "main", "reason": "OOMKilled",
+                          "message": "exit code 137, restarts 0",
+                          "time": (NOW - timedelta(seconds=30)).isoformat()}],
+        }
+    )  # fmt: skip
+    text = capctl.explain_text(c, now=NOW)
+    assert "Truth: Falsified (the admitted decision, observed from" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("OOMKilled"))
+    assert row.split()[:4] == ["OOMKilled", "node-a", "web-1/main", "30s"]
+    data = capctl.explain_json(c, now=NOW)
+    assert data["truth"]["verdict"] == "Falsified"
+    r = rejected()
+    assert r.status is not None
+    r.status.truth = Truth.model_validate(
+        {"decision": "Rejected", "verdict": "MissedOpportunity",
+         "since": NOW.isoformat(), "until": NOW.isoformat(), "headroom": {"node-b": 0.61}}
+    )  # fmt: skip
+    text = capctl.explain_text(r, now=NOW)
+    assert "Truth: MissedOpportunity (the rejected decision" in text
+    assert "node-b     0.610" in text

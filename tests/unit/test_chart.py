@@ -205,6 +205,32 @@ def test_node_restriction_policy_names_the_agent_accounts() -> None:
     assert of_kind(disabled, "ValidatingAdmissionPolicy") == []
 
 
+def test_outcome_store_on_an_empty_dir_a_kept_claim_or_postgresql_from_a_secret() -> None:
+    def store(*args: str) -> tuple[Obj, dict[str, Obj], list[Obj]]:
+        objs = render(*args)
+        spec = one(objs, "Deployment", "capacity-platform-operator")["spec"]["template"]["spec"]
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        volume = next(v for v in spec["volumes"] if v["name"] == "outcomes")
+        return volume, env, of_kind(objs, "PersistentVolumeClaim")
+
+    volume, env, claims = store()
+    assert "emptyDir" in volume
+    assert claims == []
+    assert env["CAPACITY_OPERATOR_STORE_PATH"]["value"] == "/var/lib/capacity-platform/outcomes.db"
+    assert "CAPACITY_OPERATOR_STORE_DSN" not in env
+    volume, env, claims = store(
+        "--set", "operator.store.persistence.enabled=true",
+        "--set", "operator.store.persistence.size=5Gi",
+        "--set", "operator.store.postgres.existingSecret=outcomes-db",
+    )  # fmt: skip
+    (claim,) = claims
+    assert volume["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "5Gi"
+    assert claim["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    ref = env["CAPACITY_OPERATOR_STORE_DSN"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "outcomes-db", "key": "dsn"}
+
+
 @pytest.mark.parametrize(
     ("flag", "says"),
     [
@@ -214,6 +240,7 @@ def test_node_restriction_policy_names_the_agent_accounts() -> None:
         ("agent.cgroupPath=kubepods", "/agent/cgroupPath"),
         ("simulator.nodeNamePrefix=kwok", "/simulator/nodeNamePrefix"),
         ("operator.maxAttempts=0", "/operator/maxAttempts"),
+        ("operator.store.persistence.enabled=maybe", "/operator/store/persistence/enabled"),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("agent.intervall=1", "intervall"),
     ],

@@ -1,0 +1,234 @@
+"""Truth (DESIGN section 7) with the real operator and agent processes on the local cluster:
+an admission falsified by a real kernel OOM kill on the real node, an admission confirmed after a
+clean observation period on a kwok node, and a rejection that the idle nodes then show to have
+been a missed opportunity.
+
+Pods carry the claim label and are placed by hand (the webhook's binding is tested elsewhere):
+truth follows the label, whoever bound the pod.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+
+from capacity_api.gates import CALIBRATION_CONFIGMAP, THRESHOLD_BOUNDS
+from capacity_api.webhook import CLAIM_LABEL
+from capacity_operator.store import database_url, outcomes
+from tests.cluster import Proc, agents_proc, show, unique, wait_for
+from tests.integration.test_recovery import (
+    LEASE,
+    Running,
+    agent,
+    claim_status,
+    kwok_managed_nodes,
+    operator,
+    placement_nodes,
+)
+from tests.integration.test_recovery_real_node import (
+    INTERVAL,
+    MIN_SAMPLES,
+    _cn,
+    _host_samples,
+    real_node,
+)
+from tests.integration.test_webhook import IMAGE, Env, env
+from tests.nodes import describe, image_ref, on_real_node
+
+__all__ = ["env", "real_node"]  # fixtures used here
+
+PERIOD = 8.0
+"""The operator's observation period in these tests."""
+
+
+def truthful_operator(env: Env) -> Proc:
+    proc = operator(env.kubeconfig, env.platform, env.logs / "op.log")
+    proc.env["CAPACITY_OPERATOR_TRUTH_OBSERVATION_SECONDS"] = str(PERIOD)
+    return proc
+
+
+def calibration(env: Env, **data: str) -> None:
+    env.core.create_namespaced_config_map(
+        env.platform, {"metadata": {"name": CALIBRATION_CONFIGMAP}, "data": data}
+    )
+
+
+def labelled_pod(name: str, claim: str, spec: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": {CLAIM_LABEL: claim}},
+        "spec": spec,
+    }
+
+
+def stored_rows(url: str) -> list[dict[str, Any]]:
+    """The outcome store's rows, read straight from its database."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            return [dict(r) for r in connection.execute(sa.select(outcomes)).mappings()]
+    except sa.exc.OperationalError:
+        return []  # no file or no table yet
+    finally:
+        engine.dispose()
+
+
+def truth_of(env: Env, name: str) -> dict[str, Any]:
+    return dict(claim_status(env.cluster, env.namespace, name).get("truth") or {})
+
+
+def condition(env: Env, name: str, kind: str) -> dict[str, Any] | None:
+    for c in claim_status(env.cluster, env.namespace, name).get("conditions") or []:
+        if c["type"] == kind:
+            return dict(c)
+    return None
+
+
+def events(env: Env, name: str) -> dict[str, str]:
+    found = env.core.list_namespaced_event(
+        env.namespace, field_selector=f"involvedObject.name={name}"
+    ).items
+    return {e.reason: e.message for e in found}
+
+
+def test_a_real_oom_kill_on_the_real_node_falsifies_its_claim(env: Env, real_node: str) -> None:
+    cluster, core, ns = env.cluster, env.core, env.namespace
+    # the live host's spectral readings are noisy; this test is about truth, not the gates
+    calibration(
+        env,
+        thetaGlue=str(THRESHOLD_BOUNDS["theta_glue"][1]),
+        thetaBurst=str(THRESHOLD_BOUNDS["theta_burst"][1]),
+    )
+    real_agent = agents_proc(
+        env.kubeconfig, env.platform, env.logs / "real-agent.log", prefix=real_node, count=None,
+        source="live", interval=INTERVAL, lease_duration=LEASE, lease_renew_interval=1.0,
+        extra=["--substrates", "host"],
+    )  # fmt: skip
+    with ExitStack() as stack:
+        op = stack.enter_context(Running(truthful_operator(env)))
+        stack.enter_context(Running(real_agent))
+        wait_for(
+            f"{real_node} published a full window",
+            lambda: _host_samples(_cn(env, real_node)) >= MIN_SAMPLES,
+            timeout=60,
+        )
+        cluster.create_claim(ns, "hog", cGeo=0.05, substrate="host")
+        try:
+            cluster.wait_phase(ns, "hog", {"Admitted"}, timeout=60)
+        except AssertionError:
+            raise AssertionError(f"{claim_status(cluster, ns, 'hog')}\n{show(op)}") from None
+        assert placement_nodes(claim_status(cluster, ns, "hog")) == [real_node]
+        assert truth_of(env, "hog").get("verdict") in (None, "Observing")
+
+        pod = unique("hog")
+        spec = on_real_node(
+            {
+                "restartPolicy": "Never",
+                "containers": [
+                    {
+                        "name": "hog",
+                        "image": image_ref("testbox"),
+                        "imagePullPolicy": "Never",
+                        # a real allocation, page by page, far past the limit
+                        "command": ["/bin/memhog", "200"],
+                        "resources": {"limits": {"memory": "32Mi", "cpu": "500m"}},
+                    }
+                ],
+            }
+        )
+        core.create_namespaced_pod(ns, labelled_pod(pod, "hog", spec))
+
+        def falsified() -> dict[str, Any] | None:
+            t = truth_of(env, "hog")
+            return t if t.get("verdict") == "Falsified" else None
+
+        try:
+            t = wait_for("hog falsified", falsified, timeout=90)
+        except AssertionError:
+            raise AssertionError(f"{describe(core, ns, pod)}\n{show(op)}") from None
+        (evidence,) = [e for e in t["evidence"] if e["kind"] == "OOMKilled"]
+        assert (evidence["pod"], evidence["container"], evidence["node"]) == (pod, "hog", real_node)
+        assert evidence["reason"] == "OOMKilled"
+        assert evidence["time"] >= t["since"]
+        cond = condition(env, "hog", "Falsified")
+        assert cond is not None
+        assert (cond["status"], cond["reason"]) == ("True", "OOMKilled")
+        assert pod in cond["message"]
+        said = events(env, "hog")
+        assert "Falsified" in said, said
+        assert f"OOMKilled pod {pod}/hog on {real_node}" in said["Falsified"]
+        # the outcome is in the store (the operator's SQLite file), with what it was decided on
+        db = database_url(str((env.logs / "op.log").with_suffix(".outcomes.db")), None)
+
+        def stored() -> dict[str, Any] | None:
+            rows = [r for r in stored_rows(db) if r["claim"] == f"{ns}/hog"]
+            return rows[0] if rows and rows[0]["verdict"] == "Falsified" else None
+
+        outcome = wait_for("hog's outcome stored", stored, timeout=30)
+        assert outcome["evidence"][0]["kind"] == "OOMKilled"
+        assert outcome["nodes"] == [real_node]
+        assert outcome["readings"][real_node]["headroom"] > 0
+        assert outcome["fingerprints"][real_node]
+        # final: the period running out does not turn it into Confirmed
+        until = datetime.fromisoformat(t["until"].replace("Z", "+00:00"))
+        wait_for("the period over", lambda: datetime.now(UTC) > until + timedelta(seconds=2),
+                 timeout=PERIOD + 10)  # fmt: skip
+        assert truth_of(env, "hog")["verdict"] == "Falsified"
+
+
+def test_a_clean_period_confirms_and_an_idle_node_shows_a_missed_opportunity(env: Env) -> None:
+    """On one kwok node with a steady load (headroom about 0.65): a small claim is admitted and
+    its pod runs clean, so it is Confirmed; a claim of 0.55 is rejected by theta_iso 0.5 (0.45
+    of the node would stay free) though the node keeps room for it all period: a missed
+    opportunity; a claim larger than the node is rightly rejected."""
+    cluster, core, ns = env.cluster, env.core, env.namespace
+    prefix = unique("cp-truth")
+    node = f"{prefix}-0"
+    calibration(env, thetaIso=str(THRESHOLD_BOUNDS["theta_iso"][1]))
+    with ExitStack() as stack:
+        stack.enter_context(kwok_managed_nodes(core, [node], prefix))
+        stack.callback(cluster.delete_nodes, prefix)
+        op = stack.enter_context(Running(truthful_operator(env)))
+        stack.enter_context(Running(agent(env.kubeconfig, env.platform, env.logs, prefix)))
+        cluster.wait_nodes_ready(prefix, 1)
+        cluster.create_claim(ns, "small", cGeo=0.1, substrate="host")
+        cluster.wait_phase(ns, "small", {"Admitted"}, timeout=60)
+        core.create_namespaced_pod(
+            ns,
+            labelled_pod(
+                "small-0", "small",
+                {"nodeName": node, "containers": [{"name": "main", "image": IMAGE}]},
+            ),
+        )  # fmt: skip
+        cluster.create_claim(ns, "wide", cGeo=0.55, substrate="host")
+        cluster.create_claim(ns, "huge", resources={"cpu": "4096"})
+        for name in ("wide", "huge"):
+            cluster.wait_phase(ns, name, {"Rejected"}, timeout=60)
+        assert "theta_iso" in claim_status(cluster, ns, "wide")["message"]
+
+        def final(name: str) -> dict[str, Any] | None:
+            t = truth_of(env, name)
+            return t if t.get("verdict") not in (None, "Observing") else None
+
+        try:
+            small = wait_for("small decided", lambda: final("small"), timeout=PERIOD + 30)
+            wide = wait_for("wide decided", lambda: final("wide"), timeout=PERIOD + 30)
+            huge = wait_for("huge decided", lambda: final("huge"), timeout=PERIOD + 30)
+        except AssertionError:
+            raise AssertionError(show(op)) from None
+        assert small["verdict"] == "Confirmed", small
+        assert not small.get("evidence")
+        cond = condition(env, "small", "Falsified")
+        assert cond is not None
+        assert (cond["status"], cond["reason"]) == ("False", "Confirmed")
+        assert "Confirmed" in events(env, "small")
+
+        assert wide["verdict"] == "MissedOpportunity", wide
+        assert wide["headroom"][node] >= 0.55
+        assert "MissedOpportunity" in events(env, "wide")
+        assert huge["verdict"] == "RightlyRejected", huge
+        assert condition(env, "wide", "Falsified") is None  # rejected claims have no such
