@@ -529,8 +529,12 @@ class Engine:
     async def _add_holder(
         self, node: str, substrate: Substrate, holder: Holder, *, replace_older: bool = False
     ) -> str | None:
-        """Add the holder to the node's ledger; None on success, else why it cannot. With
-        ``replace_older``, the claim's holders of older epochs there go in the same write."""
+        """Add the holder to the node's ledger; None on success, else why it cannot: beyond
+        capacity, or leaving less promised slack than theta_iso (the isolation gate is a
+        function of promises only, so this compare-and-swap write is where it holds whatever
+        the votes saw). With ``replace_older``, the claim's holders of older epochs there go in
+        the same write."""
+        iso = (await self.thresholds()).theta_iso
         async with self._node_locks[node]:
             # first try on the cached object: a stale one fails the resourceVersion check
             cn = self.nodes.get(node)
@@ -549,6 +553,12 @@ class Engine:
                     return (
                         f"allocated {held:.3f} + request {holder.share:.3f} exceeds capacity "
                         "(taken by claims committed meanwhile)"
+                    )
+                if 1.0 - held - holder.share < iso - EPSILON:
+                    return (
+                        f"isolation {max(0.0, 1.0 - held - holder.share):.2f} < theta_iso "
+                        f"{iso:.2f} (allocated {held:.3f} + request {holder.share:.3f}, taken by "
+                        "claims committed meanwhile)"
                     )
                 alloc = allocation([*current, holder])
                 try:
