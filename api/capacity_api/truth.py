@@ -52,8 +52,11 @@ def _int(value: Any) -> int:
 
 
 def _after(at: datetime | None, since: datetime) -> bool:
-    """Unknown times count: a termination without a time is not proof it came before."""
-    return at is None or at >= since
+    """``at`` is not before ``since``, at the kubelet's precision: container times are whole
+    seconds, so an OOM kill 0.3 s after an admission at 12:00:00.9 reads 12:00:01, and one in
+    the same second reads 12:00:00. Unknown times count: a termination without a time is not
+    proof that it came before."""
+    return at is None or at >= since.replace(microsecond=0)
 
 
 def _get(obj: Mapping[str, Any] | None, *path: str) -> Any:

@@ -60,6 +60,9 @@ class OperatorSettings(BaseSettings):
     truth_observation_seconds: float = Field(default=600.0, gt=0)
     """How long every decision is checked against what happens afterwards: an admitted claim's
     pods and placement nodes, a rejected claim's candidate nodes (DESIGN section 7)."""
+    truth_interval_seconds: float = Field(default=5.0, gt=0)
+    """How often each open check looks at its claim's pods and nodes (an OOM kill is seen at
+    most this late)."""
     truth_restart_limit: int = Field(default=3, ge=1)
     """Restarts after SIGKILL (exit code 137, no OOM reason) of one container that falsify an
     admission."""

@@ -167,8 +167,13 @@ class OutcomeStore:
     _migrated: bool = False
 
     def start(self) -> None:
+        """Start the writer (connecting, migrating and writing are its work, so that a database
+        that is not there yet never stops the operator from starting)."""
         if self.url.startswith("sqlite:///"):
-            Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # reported by the writer's first attempt, like any outage
+                log.warning("outcome store directory: %s", exc)
         self._engine = sa.create_engine(self.url, pool_pre_ping=True)
         self._thread = threading.Thread(target=self._run, name="outcome-store", daemon=True)
         self._thread.start()

@@ -32,6 +32,8 @@ from capacity_operator.store import OutcomeRow, OutcomeStore, decision_id
 
 log = logging.getLogger(__name__)
 
+LOOKED_MAX = 10_000
+"""Claims remembered as looked at before the old ones are forgotten."""
 HEADROOM_STEP = 0.01
 """A candidate's lowest headroom is written again only when it dropped by more than this."""
 
@@ -78,17 +80,38 @@ class TruthKeeper:
         self.settings = engine.settings
         self.emit = emit
         self.store = store
+        self._looked: dict[str, datetime] = {}
+        """When each claim (by uid) was last looked at."""
+        self._started: set[str] = set()
+        """Claims (by uid) whose decision this process recorded in the store."""
+
+    def _forget(self, now: datetime) -> None:
+        """Drop the claims not looked at for a while (deleted, or their check closed)."""
+        horizon = 10 * self.settings.truth_interval_seconds
+        self._looked = {
+            uid: at for uid, at in self._looked.items() if (now - at).total_seconds() < horizon
+        }
+        self._started &= set(self._looked)
 
     @property
     def period(self) -> timedelta:
         return timedelta(seconds=self.settings.truth_observation_seconds)
 
     async def check(self, body: JSON, pods: Iterable[Mapping[str, Any]]) -> None:
+        """Look at one claim, at most every ``truth_interval_seconds`` (kopf's timer fires every
+        second; the skip costs a dict lookup, not a parse)."""
+        uid = str((body.get("metadata") or {}).get("uid") or "")
+        now = self.engine.clock()
+        last = self._looked.get(uid)
+        if last is not None and (now - last).total_seconds() < self.settings.truth_interval_seconds:
+            return
+        self._looked[uid] = now
+        if len(self._looked) > LOOKED_MAX:
+            self._forget(now)
         claim = parse_claim(body)
         status = claim.status
         if status is None or status.phase not in (Phase.ADMITTED, Phase.REJECTED):
             return
-        now = self.engine.clock()
         current = status.truth
         if current is None or current.decision is not status.phase:
             current = decide.start(status.phase, _decided_at(claim, now), self.period)
@@ -102,10 +125,19 @@ class TruthKeeper:
             new = self._rejected(claim, current, now)
         if new is None:
             return
+        uid = claim.metadata.uid or ""
+        if uid not in self._started:
+            # what the decision was made on goes to the store once per process (an upsert:
+            # after a restart it is recorded again, still one row)
+            self._started.add(uid)
+            await self._record(claim, new, first=True)
+        quiet = new.decision is Phase.ADMITTED and new.verdict is Verdict.OBSERVING
+        if fresh and quiet:
+            return  # its start follows from the Admitted condition: nothing to write yet
         if not fresh and not self._worth_writing(current, new):
             return
         if await self._write(claim, body, new):
-            await self._record(claim, new, first=fresh)
+            await self._record(claim, new, first=False)
 
     def _admitted(
         self, claim: CapacityClaim, current: Truth, pods: Iterable[Mapping[str, Any]],

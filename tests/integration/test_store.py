@@ -53,8 +53,9 @@ def test_the_store_cases_hold_on_postgresql(postgres: PostgresServer, database: 
     recorded_twice_is_one_row_with_the_newest_outcome(url(postgres, database))
 
 
-def stored(dsn: str) -> dict[str, dict[str, Any]]:
-    """claim name -> row, read straight from the database (not through the store)."""
+def stored(dsn: str, namespace: str) -> dict[str, dict[str, Any]]:
+    """claim name -> row of the claims of ``namespace``, read straight from the database (not
+    through the store; the operator also records claims other tests left behind)."""
     engine = sa.create_engine(dsn)
     try:
         with engine.connect() as connection:
@@ -63,7 +64,11 @@ def stored(dsn: str) -> dict[str, dict[str, Any]]:
         return {}  # no table yet: the operator has not migrated
     finally:
         engine.dispose()
-    return {str(r["claim"]).split("/", 1)[1]: dict(r) for r in rows}
+    return {
+        str(r["claim"]).split("/", 1)[1]: dict(r)
+        for r in rows
+        if str(r["claim"]).startswith(f"{namespace}/")
+    }
 
 
 def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catches_up(
@@ -87,6 +92,7 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
         proc = operator(env.kubeconfig, env.platform, env.logs / "op.log")
         proc.env.update(
             CAPACITY_OPERATOR_TRUTH_OBSERVATION_SECONDS=str(PERIOD),
+            CAPACITY_OPERATOR_TRUTH_INTERVAL_SECONDS="1",
             CAPACITY_OPERATOR_STORE_DSN=(
                 f"postgresql://{postgres.user}:{postgres.password}@127.0.0.1:{port}/{database}"
             ),
@@ -109,12 +115,12 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
         try:
             wait_for(
                 "before's outcome stored",
-                lambda: stored(direct).get("before", {}).get("verdict") == "Confirmed",
+                lambda: stored(direct, ns).get("before", {}).get("verdict") == "Confirmed",
                 timeout=30,
             )
         except AssertionError:
             raise AssertionError(show(op)) from None
-        first = stored(direct)["before"]
+        first = stored(direct, ns)["before"]
         assert first["decision"] == "Admitted"
         assert first["nodes"] == [f"{prefix}-0"]
         assert first["readings"][f"{prefix}-0"]["headroom"] > 0
@@ -130,13 +136,13 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
             lambda: "outcome store" in op.output() and "unavailable" in op.output(),
             timeout=30,
         )
-        assert "during" not in stored(direct)
+        assert "during" not in stored(direct, ns)
 
         # back: what was pending is written, once
         stack.enter_context(Running(proxy()))
         wait_for(
             "during's outcome caught up",
-            lambda: stored(direct).get("during", {}).get("verdict") == "Confirmed",
+            lambda: stored(direct, ns).get("during", {}).get("verdict") == "Confirmed",
             timeout=60,
         )
         assert "reachable again" in op.output()
@@ -146,11 +152,14 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
         op = stack.enter_context(Running(operator_proc()))
         cluster.create_claim(ns, "after", cGeo=0.05, substrate="host")
         wait_for("after Confirmed", lambda: verdict("after", "Confirmed"), timeout=PERIOD + 60)
-        wait_for("after stored", lambda: "after" in stored(direct), timeout=30)
-        rows = stored(direct)
+        wait_for("after stored", lambda: "after" in stored(direct, ns), timeout=30)
+        rows = stored(direct, ns)
         assert sorted(rows) == ["after", "before", "during"]
         engine = sa.create_engine(direct)
         with engine.connect() as connection:
-            count = connection.execute(sa.select(sa.func.count()).select_from(outcomes)).scalar()
+            mine = outcomes.c.claim.like(f"{ns}/%")
+            count = connection.execute(
+                sa.select(sa.func.count()).select_from(outcomes).where(mine)
+            ).scalar()
         engine.dispose()
         assert count == 3

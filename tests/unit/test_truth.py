@@ -45,6 +45,16 @@ def test_an_oom_kill_after_admission_is_evidence_with_pod_container_node_and_tim
     assert [e.kind for e in truth.pod_evidence(p, T0, restart_limit=3)] == ["OOMKilled"]
 
 
+def test_container_times_count_at_whole_seconds() -> None:
+    """An OOM kill in the same second as the admission reads as that whole second."""
+    since = T0 + timedelta(milliseconds=900)
+    same_second = pod(containerStatuses=[{"name": "c", "state": terminated("OOMKilled", 137, T0)}])
+    assert [e.kind for e in truth.pod_evidence(same_second, since, 3)] == ["OOMKilled"]
+    before = T0 - timedelta(seconds=1)
+    earlier = pod(containerStatuses=[{"name": "c", "state": terminated("OOMKilled", 137, before)}])
+    assert truth.pod_evidence(earlier, since, 3) == []
+
+
 def test_an_oom_kill_before_the_admission_is_not_evidence() -> None:
     before = T0 - timedelta(seconds=1)
     p = pod(
