@@ -358,15 +358,19 @@ class Thresholds:
                 raise ValueError(f"{field.name} {value!r} is outside [{low:g}, {high:g}]")
 
     @classmethod
-    def from_configmap(cls, data: Mapping[str, str] | None) -> ThresholdsParse:
+    def from_configmap(
+        cls, data: Mapping[str, str] | None, last_good: Thresholds | None = None
+    ) -> ThresholdsParse:
         """Parse the ``capacity-calibration`` ConfigMap data.
 
         Missing keys take the default; values outside :data:`THRESHOLD_BOUNDS` are clamped to the
-        bound; values that are not finite numbers (or, for minSamples, not integers) take the
-        default. Each clamp and each default for a present key adds a warning. Other keys
-        (counters, history) are ignored.
+        bound; values that are not finite numbers (or, for minSamples, not integers) are refused:
+        the threshold keeps its ``last_good`` value (the one in force before this read; the
+        default when there is none). Each clamp and each refusal adds a warning naming the key.
+        Other keys (counters, history) are ignored.
         """
         defaults = cls()
+        kept = last_good or defaults
         values: dict[str, Any] = {}
         warnings: list[str] = []
         data = data or {}
@@ -379,8 +383,13 @@ class Thresholds:
             parsed = _parse_number(raw, integer=name == "min_samples")
             if parsed is None:
                 kind = "an integer" if name == "min_samples" else "a finite number"
-                warnings.append(f"{key}: {raw!r} is not {kind}; using the default {default:g}")
-                values[name] = default
+                previous = getattr(kept, name)
+                source = "the last good value" if last_good is not None else "the default"
+                warnings.append(
+                    f"{key}: {str(raw)[:64]!r} is not {kind}; refused, keeping {source} "
+                    f"{previous:g}"
+                )
+                values[name] = previous
                 continue
             low, high = THRESHOLD_BOUNDS[name]
             if parsed < low or parsed > high:

@@ -58,3 +58,6 @@ RECOVERED_REASON: Final = "Recovered"
 MAX_RECOVERIES: Final = "MaxRecoveriesReached"
 RECOVERY_RATE_LIMITED: Final = "RecoveryRateLimited"
 RECOVERY_GAVE_UP: Final = "RecoveryGaveUp"
+
+# Calibration (Events on the capacity-calibration ConfigMap)
+INVALID_THRESHOLD: Final = "InvalidThreshold"

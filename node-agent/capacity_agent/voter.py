@@ -455,7 +455,7 @@ class Voter:
             if exc.status != 404:
                 raise
             data = None
-        parsed = Thresholds.from_configmap(data)
+        parsed = Thresholds.from_configmap(data, self._thresholds[1] if self._thresholds else None)
         for warning in parsed.warnings:
             log.warning("calibration ConfigMap: %s", warning)
         self._thresholds = (now, parsed.thresholds)

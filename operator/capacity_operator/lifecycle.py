@@ -180,6 +180,13 @@ class Lifecycle:
                 await self._fence(name, now)
         if not check.partitioned and engine.failed:
             await self._recover_claims(now)
+        try:
+            # the thresholds in force are re-read here too (at most every 5 s), so that an edit
+            # of the calibration ConfigMap is picked up, or refused with an Event, within
+            # seconds even while no claim is decided
+            await engine.thresholds()
+        except Exception:
+            log.exception("could not read the calibration ConfigMap; keeping the thresholds")
 
     def _partition_changed(
         self, check: PartitionCheck, leases: dict[str, LeaseInfo | None], now: datetime

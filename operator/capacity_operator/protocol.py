@@ -124,6 +124,8 @@ class Engine:
         self._claim_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self.ready = asyncio.Event()
         self._thresholds: tuple[datetime, Thresholds] | None = None
+        self._threshold_warnings: tuple[str, ...] = ()
+        """What was wrong with the calibration ConfigMap at the last read (said once)."""
         self.failed: dict[str, datetime] = {}
         """Nodes declared failed (and fenced) by the node lifecycle, with when."""
         self.returning: dict[str, datetime] = {}
@@ -205,9 +207,19 @@ class Engine:
         if self._thresholds is not None and (now - self._thresholds[0]).total_seconds() < 5:
             return self._thresholds[1]
         data = await self.kube.get_configmap_data(self.settings.namespace, CALIBRATION_CONFIGMAP)
-        parsed = Thresholds.from_configmap(data)
-        for warning in parsed.warnings:
-            log.warning("calibration ConfigMap: %s", warning)
+        last_good = self._thresholds[1] if self._thresholds is not None else None
+        parsed = Thresholds.from_configmap(data, last_good)
+        if parsed.warnings != self._threshold_warnings:
+            # said once per change of what is wrong, not on every re-read
+            self._threshold_warnings = parsed.warnings
+            for warning in parsed.warnings:
+                log.warning("calibration ConfigMap: %s", warning)
+                self.emit(
+                    {"apiVersion": "v1", "kind": "ConfigMap",
+                     "metadata": {"name": CALIBRATION_CONFIGMAP,
+                                  "namespace": self.settings.namespace}},
+                    "Warning", reasons.INVALID_THRESHOLD, warning,
+                )  # fmt: skip
         self._thresholds = (now, parsed.thresholds)
         return parsed.thresholds
 

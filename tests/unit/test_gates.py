@@ -419,6 +419,17 @@ def test_configmap_garbage_takes_the_default(key: str, raw: str, field: str) -> 
     assert "default" in warnings[0]
 
 
+def test_configmap_garbage_keeps_the_last_good_value_and_names_the_key() -> None:
+    good, _ = Thresholds.from_configmap({"thetaIso": "0.4", "thetaFit": "0.2"})
+    edited = {"thetaIso": "banana", "thetaFit": "0.3"}
+    thresholds, warnings = Thresholds.from_configmap(edited, good)
+    assert thresholds.theta_iso == 0.4  # refused: the last good value stays in force
+    assert thresholds.theta_fit == 0.3  # the valid key still takes effect
+    (warning,) = warnings
+    assert warning.startswith("thetaIso: 'banana' is not a finite number; refused")
+    assert "keeping the last good value 0.4" in warning
+
+
 @FAST
 @given(
     st.builds(
