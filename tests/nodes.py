@@ -77,6 +77,25 @@ def on_real_node(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def oom_pod_spec() -> dict[str, Any]:
+    """A pod for the real node whose one container allocates 200 MiB, page by page, under a
+    32 MiB limit: the kernel OOM-kills it (restartPolicy Never: the pod then goes Failed)."""
+    return on_real_node(
+        {
+            "restartPolicy": "Never",
+            "containers": [
+                {
+                    "name": "hog",
+                    "image": image_ref("testbox"),
+                    "imagePullPolicy": "Never",
+                    "command": ["/bin/memhog", "200"],
+                    "resources": {"limits": {"memory": "32Mi", "cpu": "500m"}},
+                }
+            ],
+        }
+    )
+
+
 def wait_default_service_account(core: client.CoreV1Api, namespace: str) -> None:
     """Pods need their namespace's ``default`` ServiceAccount (the ServiceAccount admission
     plugin refuses them before kube-controller-manager has made it)."""

@@ -24,6 +24,7 @@ from tests.nodes import (
     image_ref,
     nodes_of_kind,
     on_real_node,
+    oom_pod_spec,
     pod,
     ready,
     real_node_or_skip,
@@ -109,21 +110,7 @@ def test_memory_limit_exceeded_is_a_kernel_oom_kill(
     core: client.CoreV1Api, namespace: str, real_node: str
 ) -> None:
     name = unique("hog")
-    spec = on_real_node(
-        {
-            "restartPolicy": "Never",
-            "containers": [
-                {
-                    "name": "hog",
-                    "image": image_ref("testbox"),
-                    "imagePullPolicy": "Never",
-                    # a real allocation, page by page, far past the limit
-                    "command": ["/bin/memhog", "200"],
-                    "resources": {"limits": {"memory": "32Mi", "cpu": "500m"}},
-                }
-            ],
-        }
-    )
+    spec = oom_pod_spec()
     create_pod(core, namespace, name, spec)
     done = wait_terminated(core, namespace, name)
     assert done.reason == "OOMKilled", describe(core, namespace, name)

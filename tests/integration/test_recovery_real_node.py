@@ -29,7 +29,7 @@ from kubernetes.client.rest import ApiException
 from capacity_api import GROUP, VERSION
 from capacity_api.gates import CALIBRATION_CONFIGMAP, THRESHOLD_BOUNDS, Thresholds
 from capacity_api.webhook import CLAIM_LABEL
-from tests.cluster import agents_proc, show, unique, wait_for
+from tests.cluster import Proc, agents_proc, show, unique, wait_for
 from tests.integration.test_recovery import (
     FAILED_TAINT,
     LEASE,
@@ -122,6 +122,40 @@ def _processes_of(pod_uid: str) -> list[int]:
     return pids
 
 
+def real_node_agent(env: Env, real_node: str) -> Proc:
+    """The real node's own agent process: live host readings every :data:`INTERVAL`, short
+    leases."""
+    proc = agents_proc(
+        env.kubeconfig, env.platform, env.logs / "real-agent.log", prefix=real_node, count=None,
+        source="live", interval=INTERVAL, lease_duration=LEASE, lease_renew_interval=1.0,
+        extra=["--substrates", "host"],
+    )  # fmt: skip
+    proc.name = f"agent:{real_node}"
+    return proc
+
+
+def loosest_spectral_gates(env: Env) -> None:
+    """The live host's load is noisy (its gluing delta was seen at 0.12-0.15, above the default
+    0.1): a test about something else sets the spectral gates to their loosest bounds in its
+    platform's calibration ConfigMap."""
+    env.core.create_namespaced_config_map(
+        env.platform,
+        {
+            "metadata": {"name": CALIBRATION_CONFIGMAP},
+            "data": {"thetaGlue": str(THRESHOLD_BOUNDS["theta_glue"][1]),
+                     "thetaBurst": str(THRESHOLD_BOUNDS["theta_burst"][1])},
+        },
+    )  # fmt: skip
+
+
+def wait_full_window(env: Env, node: str) -> None:
+    wait_for(
+        f"{node} published a full window",
+        lambda: _host_samples(_cn(env, node)) >= MIN_SAMPLES,
+        timeout=60,
+    )
+
+
 def _deployment(name: str, claim: str) -> dict[str, Any]:
     labels = {"app": name, CLAIM_LABEL: claim}
     return {
@@ -158,23 +192,9 @@ def test_the_real_node_failing_moves_its_claim_and_pod_to_a_kwok_node_and_is_tru
     cluster, core, ns = env.cluster, env.core, env.namespace
     prefix = unique("cp-rn")
     spare = f"{prefix}-0"
-    real_agent = agents_proc(
-        env.kubeconfig, env.platform, env.logs / "real-agent.log", prefix=real_node, count=None,
-        source="live", interval=INTERVAL, lease_duration=LEASE, lease_renew_interval=1.0,
-        extra=["--substrates", "host"],
-    )  # fmt: skip
-    real_agent.name = f"agent:{real_node}"
+    real_agent = real_node_agent(env, real_node)
     groups = {c: _process_group(c) for c in ("kubelet", "containerd")}
-    # the live host's load is noisy (its gluing delta was seen at 0.15, above the default 0.1):
-    # this test is about recovery, so the spectral gates are set to their loosest bounds
-    core.create_namespaced_config_map(
-        env.platform,
-        {
-            "metadata": {"name": CALIBRATION_CONFIGMAP},
-            "data": {"thetaGlue": str(THRESHOLD_BOUNDS["theta_glue"][1]),
-                     "thetaBurst": str(THRESHOLD_BOUNDS["theta_burst"][1])},
-        },
-    )  # fmt: skip
+    loosest_spectral_gates(env)  # this test is about recovery, not the gates
     with ExitStack() as stack:
         stack.enter_context(kwok_managed_nodes(core, [spare], prefix))
         stack.callback(cluster.delete_nodes, prefix)
@@ -182,11 +202,7 @@ def test_the_real_node_failing_moves_its_claim_and_pod_to_a_kwok_node_and_is_tru
             Running(operator(env.kubeconfig, env.platform, env.logs / "op.log"))
         )
         stack.enter_context(Running(real_agent))
-        wait_for(
-            f"{real_node} published a full window",
-            lambda: _host_samples(_cn(env, real_node)) >= MIN_SAMPLES,
-            timeout=60,
-        )
+        wait_full_window(env, real_node)
         # the only node yet: the claim lands on the real node
         cluster.create_claim(ns, "db", cGeo=0.05, substrate="host")
         try:

@@ -18,9 +18,8 @@ import sqlalchemy as sa
 from capacity_api.gates import CALIBRATION_CONFIGMAP, THRESHOLD_BOUNDS
 from capacity_api.webhook import CLAIM_LABEL
 from capacity_operator.store import database_url, outcomes
-from tests.cluster import Proc, agents_proc, show, unique, wait_for
+from tests.cluster import Proc, show, unique, wait_for
 from tests.integration.test_recovery import (
-    LEASE,
     Running,
     agent,
     claim_status,
@@ -29,14 +28,13 @@ from tests.integration.test_recovery import (
     placement_nodes,
 )
 from tests.integration.test_recovery_real_node import (
-    INTERVAL,
-    MIN_SAMPLES,
-    _cn,
-    _host_samples,
+    loosest_spectral_gates,
     real_node,
+    real_node_agent,
+    wait_full_window,
 )
 from tests.integration.test_webhook import IMAGE, Env, env
-from tests.nodes import describe, image_ref, on_real_node
+from tests.nodes import describe, oom_pod_spec
 
 __all__ = ["env", "real_node"]  # fixtures used here
 
@@ -98,25 +96,11 @@ def events(env: Env, name: str) -> dict[str, str]:
 
 def test_a_real_oom_kill_on_the_real_node_falsifies_its_claim(env: Env, real_node: str) -> None:
     cluster, core, ns = env.cluster, env.core, env.namespace
-    # the live host's spectral readings are noisy; this test is about truth, not the gates
-    calibration(
-        env,
-        thetaGlue=str(THRESHOLD_BOUNDS["theta_glue"][1]),
-        thetaBurst=str(THRESHOLD_BOUNDS["theta_burst"][1]),
-    )
-    real_agent = agents_proc(
-        env.kubeconfig, env.platform, env.logs / "real-agent.log", prefix=real_node, count=None,
-        source="live", interval=INTERVAL, lease_duration=LEASE, lease_renew_interval=1.0,
-        extra=["--substrates", "host"],
-    )  # fmt: skip
+    loosest_spectral_gates(env)  # this test is about truth, not the gates
     with ExitStack() as stack:
         op = stack.enter_context(Running(truthful_operator(env)))
-        stack.enter_context(Running(real_agent))
-        wait_for(
-            f"{real_node} published a full window",
-            lambda: _host_samples(_cn(env, real_node)) >= MIN_SAMPLES,
-            timeout=60,
-        )
+        stack.enter_context(Running(real_node_agent(env, real_node)))
+        wait_full_window(env, real_node)
         cluster.create_claim(ns, "hog", cGeo=0.05, substrate="host")
         try:
             cluster.wait_phase(ns, "hog", {"Admitted"}, timeout=60)
@@ -126,21 +110,7 @@ def test_a_real_oom_kill_on_the_real_node_falsifies_its_claim(env: Env, real_nod
         assert truth_of(env, "hog").get("verdict") in (None, "Observing")
 
         pod = unique("hog")
-        spec = on_real_node(
-            {
-                "restartPolicy": "Never",
-                "containers": [
-                    {
-                        "name": "hog",
-                        "image": image_ref("testbox"),
-                        "imagePullPolicy": "Never",
-                        # a real allocation, page by page, far past the limit
-                        "command": ["/bin/memhog", "200"],
-                        "resources": {"limits": {"memory": "32Mi", "cpu": "500m"}},
-                    }
-                ],
-            }
-        )
+        spec = oom_pod_spec()
         core.create_namespaced_pod(ns, labelled_pod(pod, "hog", spec))
 
         def falsified() -> dict[str, Any] | None:
