@@ -237,10 +237,10 @@ class Lifecycle:
             )  # fmt: skip
             return
         engine.returning.pop(name)
-        await self._unfence(name)
         message = "renewed its lease and published a full window since it came back: trusted again"
-        await self._set_fenced(name, False, reasons.NODE_RETURNED, message, now)
         log.info("node %s %s", name, message)
+        await self._unfence(name)
+        await self._set_fenced(name, False, reasons.NODE_RETURNED, message, now)
         if node is not None:
             self.emit(_node_body(node), "Normal", reasons.NODE_RETURNED, message)
 

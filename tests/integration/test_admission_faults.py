@@ -135,13 +135,21 @@ def test_two_operators_exactly_one_acts_and_the_other_takes_over(
                 cluster.create_claim(namespace, f"p{i}", cGeo=0.1)
             for i in range(4):
                 cluster.wait_phase(namespace, f"p{i}", ["Admitted"], timeout=60)
-            assert first.output().count(f"claim {namespace}/p") == 4
+            wait_for(
+                "4 admissions in the first's log",
+                lambda: first.output().count(f"claim {namespace}/p") == 4,
+                timeout=5,
+            )
             assert f"claim {namespace}/" not in second.output()
 
             first.stop()  # a clean stop removes its peering entry at once
             cluster.create_claim(namespace, "after", cGeo=0.1)
             cluster.wait_phase(namespace, "after", ["Admitted"], timeout=60)
-            assert f"claim {namespace}/after admitted on" in second.output()
+            wait_for(
+                "the second logs the admission",
+                lambda: f"claim {namespace}/after admitted on" in second.output(),
+                timeout=5,
+            )
             assert_ledger_consistent(cluster, namespace, prefix)
     finally:
         cluster.delete_nodes(prefix)

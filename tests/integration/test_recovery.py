@@ -242,7 +242,8 @@ def test_a_killed_agents_claim_and_pods_move_to_another_node(
             Running(agent(env.kubeconfig, env.platform, env.logs, dead.removesuffix("-0")))
         )
         wait_for(f"{dead} unfenced", lambda: FAILED_TAINT not in taints(core, dead), timeout=30)
-        assert "trusted again" in op.output()
+        # the log line is read from the operator's pipe by a thread: wait for it, do not race it
+        wait_for("operator logs trusted again", lambda: "trusted again" in op.output(), timeout=5)
         wait_for(
             f"{dead} Fenced=False",
             lambda: (
@@ -445,7 +446,9 @@ def test_a_partition_moves_nothing_until_it_clears(env: Env, prefix: str) -> Non
             return any(e.involved_object.name.startswith(prefix) for e in events.items)
 
         wait_for("the PartitionSuspected Event", partition_event, timeout=LEASE + GRACE + 15)
-        assert "6 of 10 node leases expired" in op.output()
+        wait_for(
+            "the log says 6 of 10", lambda: "6 of 10 node leases expired" in op.output(), timeout=5
+        )
         deadline = time.monotonic() + GRACE + 2
         while time.monotonic() < deadline:
             for c, n in placed.items():

@@ -145,7 +145,9 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
             lambda: stored(direct, ns).get("during", {}).get("verdict") == "Confirmed",
             timeout=60,
         )
-        assert "reachable again" in op.output()
+        wait_for(
+            "the log says reachable again", lambda: "reachable again" in op.output(), timeout=5
+        )
 
         # an operator restart loses nothing and records nothing twice
         op.stop()

@@ -376,7 +376,11 @@ def test_pods_of_an_admitted_claim_run_only_on_its_placement_nodes(
                 return False
 
         wait_for("the second replica to be ready", ready, timeout=30)
-        assert "reusing the certificate in Secret" in second.output()
+        wait_for(
+            "the second logs the reuse",
+            lambda: "reusing the certificate in Secret" in second.output(),
+            timeout=5,
+        )
     finally:
         second.stop()
     assert core.read_namespaced_secret(SECRET, env.platform).metadata.resource_version == before
