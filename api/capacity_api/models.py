@@ -254,6 +254,9 @@ class Vote(Model):
     """The proposal epoch this vote is for."""
     reason: str | None = Field(default=None, max_length=1024)
     """Why, naming the failing gate for a NO."""
+    gate: str | None = Field(default=None, max_length=32)
+    """A placement node's NO: the first gate that failed (samples, freshness, capacity, fit,
+    isolation, gluing, burst, pressure); calibration reads it."""
     readings: dict[str, float] | None = None
     """The gate readings the vote was decided on."""
     time: datetime | None = None

@@ -61,3 +61,9 @@ RECOVERY_GAVE_UP: Final = "RecoveryGaveUp"
 
 # Calibration (Events on the capacity-calibration ConfigMap)
 INVALID_THRESHOLD: Final = "InvalidThreshold"
+INVALID_CALIBRATION: Final = "InvalidCalibration"
+"""A key of the calibration ConfigMap other than a threshold (pins, history) could not be read."""
+THRESHOLD_MOVED: Final = "ThresholdMoved"
+"""Calibration moved a threshold (the message says from, to and why)."""
+THRESHOLD_CHANGED: Final = "ThresholdChanged"
+"""A threshold was changed by hand or rolled back (recorded in the history)."""

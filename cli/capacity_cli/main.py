@@ -12,6 +12,16 @@ import urllib3
 from kubernetes import client
 
 from capacity_api import __version__
+from capacity_api.calibration import CALIBRATED
+from capacity_api.gates import CONFIGMAP_KEYS
+from capacity_cli.calibration import (
+    calibration_json,
+    calibration_text,
+    change_state,
+    do_pin,
+    do_rollback,
+    read_state,
+)
 from capacity_cli.cluster import (
     PLATFORM_NAMESPACE,
     load_client,
@@ -62,7 +72,8 @@ def _common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """capctl's command line: ``explain CLAIM`` and ``nodes``, global flags on either side."""
+    """capctl's command line: ``explain CLAIM``, ``nodes`` and ``calibration``, global flags on
+    either side."""
     parser = argparse.ArgumentParser(
         prog="capctl", description="Explain Capacity Platform claims and nodes."
     )
@@ -84,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
         "substrate, p95 load, headroom, allocation and gate readings.",
     )
     _common(nodes_cmd, suppress=True)
+    cal = sub.add_parser(
+        "calibration",
+        help="the thresholds, their history and the falsification and miss rates",
+        description="Show the calibration ConfigMap: each threshold with its bounds and whether "
+        "it is pinned, the falsification and miss rates per substrate, and the history of "
+        "every change. 'pin' and 'unpin' stop and resume automatic moves of thresholds; "
+        "'rollback ID' sets the thresholds back to what they were right after history entry "
+        "ID (0: before every entry kept).",
+    )
+    _common(cal, suppress=True)
+    actions = cal.add_subparsers(dest="action", metavar="ACTION")
+    show = actions.add_parser("show", help="the thresholds, rates and history (the default)")
+    _common(show, suppress=True)
+    keys = ", ".join(CONFIGMAP_KEYS[n] for n in CALIBRATED)
+    for action, verb in (("pin", "stop"), ("unpin", "resume")):
+        cmd = actions.add_parser(action, help=f"{verb} automatic moves of thresholds ({keys})")
+        cmd.add_argument("keys", nargs="+", metavar="KEY", help=f"one of {keys}")
+        _common(cmd, suppress=True)
+    back = actions.add_parser("rollback", help="thresholds as they were after a history entry")
+    back.add_argument("entry", type=int, metavar="ID", help="history entry (0: before all)")
+    _common(back, suppress=True)
     return parser
 
 
@@ -112,6 +144,18 @@ def _command(
         events = read_events(api, claim)
         e = explain(claim, calibration, events, now=now())
         emit(args.output, explanation_json(e), explanation_text(e))
+    elif args.command == "calibration":
+        action = getattr(args, "action", None) or "show"
+        at = now()
+        if action == "show":
+            state, _, _ = read_state(api, args.platform_namespace)
+        elif action in ("pin", "unpin"):
+            state = change_state(
+                api, args.platform_namespace, do_pin(args.keys, pinned=action == "pin")
+            )
+        else:
+            state = change_state(api, args.platform_namespace, do_rollback(args.entry, at))
+        emit(args.output, calibration_json(state), calibration_text(state, now=at))
     else:
         nodes = read_nodes(api)
         leases = read_leases(api, args.platform_namespace)

@@ -155,6 +155,7 @@ def decide_placement(
         role=VoterRole.PLACEMENT,
         epoch=epoch,
         reason=decision.reason,
+        gate=decision.gate,
         readings=readings,
         time=datetime.fromtimestamp(now, UTC),
     )

@@ -25,6 +25,7 @@ from capacity_api.models import Phase
 from capacity_api.reasons import WAITING_FOR_CAPACITY, WAITING_FOR_NODES
 from capacity_api.webhook import CLAIM_LABEL
 from capacity_operator import cluster
+from capacity_operator.calibration import Calibrator
 from capacity_operator.kube import JSON, Kube
 from capacity_operator.lifecycle import Lifecycle
 from capacity_operator.protocol import Engine
@@ -91,6 +92,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     await engine.start()
     lifecycle = Lifecycle(engine, kube, emit, priority=memo["priority"])
     memo["lifecycle"] = asyncio.create_task(lifecycle.run(), name="node-lifecycle")
+    calibrator = Calibrator(kube, cfg, store, emit, active=lifecycle.active)
+    memo["calibration"] = asyncio.create_task(calibrator.run(), name="calibration")
     log.info(
         "admission engine ready: %d nodes, %d leases cached, ledger rebuilt from claims",
         len(engine.nodes),
@@ -113,11 +116,12 @@ def _ensure_peering_object(api: client.ApiClient, name: str) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("lifecycle")
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    for name in ("calibration", "lifecycle"):
+        task = memo.get(name)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
     store: OutcomeStore | None = memo.get("store")
     if store is not None:
         await asyncio.to_thread(store.stop)  # flushes what is pending (bounded wait)

@@ -222,6 +222,34 @@ class Kube:
             return None
         return dict(cm.data or {})
 
+    async def get_configmap(self, namespace: str, name: str) -> tuple[str, dict[str, str]] | None:
+        """(resourceVersion, data) of a ConfigMap, or None when there is none."""
+        try:
+            cm = await self._call(self.core.read_namespaced_config_map, name, namespace)
+        except NotFoundError:
+            return None
+        return str(cm.metadata.resource_version), dict(cm.data or {})
+
+    async def write_configmap(
+        self,
+        namespace: str,
+        name: str,
+        resource_version: str | None,
+        data: dict[str, str],
+        previous: dict[str, str] | None = None,
+    ) -> None:
+        """Compare-and-swap write of a ConfigMap's data: a patch at ``resource_version`` (its
+        labels and annotations stay; keys of ``previous`` not in ``data`` are removed), or a
+        create when ``resource_version`` is None. ConflictError when it moved meanwhile."""
+        if resource_version is None:
+            body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name), data=data)
+            await self._call(self.core.create_namespaced_config_map, namespace, body)
+            return
+        changes: dict[str, str | None] = {k: None for k in previous or {} if k not in data}
+        changes.update(data)
+        patch = {"metadata": {"resourceVersion": resource_version}, "data": changes}
+        await self._call(self.core.patch_namespaced_config_map, name, namespace, patch)
+
     async def _call(self, fn: Any, *args: Any) -> Any:
         try:
             return await asyncio.to_thread(fn, *args)

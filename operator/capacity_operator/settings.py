@@ -66,6 +66,20 @@ class OperatorSettings(BaseSettings):
     truth_restart_limit: int = Field(default=3, ge=1)
     """Restarts after SIGKILL (exit code 137, no OOM reason) of one container that falsify an
     admission."""
+    calibration_interval_seconds: float = Field(default=30.0, gt=0)
+    """Seconds between two calibration rounds (DESIGN section 7, docs/calibration.md)."""
+    calibration_min_outcomes: int = Field(default=20, ge=1)
+    """Final outcomes a threshold needs before calibration moves it."""
+    calibration_window: int = Field(default=200, ge=1, le=100_000)
+    """The newest final outcomes a calibration round looks at."""
+    calibration_max_step: float = Field(default=0.1, gt=0, le=1)
+    """Largest move of a threshold per round, as a share of the width of its bounds."""
+    calibration_weight_falsified: float = Field(default=1.0, ge=0)
+    """Cost of a falsified admission in calibration's objective."""
+    calibration_weight_missed: float = Field(default=0.5, ge=0)
+    """Cost of a missed opportunity in calibration's objective."""
+    calibration_history_limit: int = Field(default=50, ge=1, le=1000)
+    """Entries of the calibration history kept in the ConfigMap."""
     store_path: str | None = None
     """SQLite file of the outcome store; unset: ``$XDG_STATE_HOME`` (or ``~/.local/state``)
     ``/capacity-platform/operator/outcomes.db``. The chart puts it on the operator's volume."""

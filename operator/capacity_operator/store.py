@@ -214,6 +214,32 @@ class OutcomeStore:
             result = connection.execute(sa.select(outcomes).order_by(outcomes.c.decided_at))
             return [{k: _aware(v) for k, v in r._mapping.items()} for r in result]
 
+    def calibration_input(
+        self, window: int, verdicts: frozenset[str]
+    ) -> tuple[list[dict[str, Any]], dict[str, dict[str, int]]]:
+        """The newest ``window`` rows whose verdict is one of ``verdicts`` (newest first), and
+        the count of every row per substrate and verdict (blocking; raises when the database
+        cannot be read: calibration waits for it)."""
+        assert self._engine is not None
+        final = outcomes.c.verdict.in_(sorted(verdicts))
+        with self._engine.connect() as connection:
+            result = connection.execute(
+                sa.select(outcomes)
+                .where(final)
+                .order_by(outcomes.c.decided_at.desc())
+                .limit(window)
+            )
+            rows = [{k: _aware(v) for k, v in r._mapping.items()} for r in result]
+            counted = connection.execute(
+                sa.select(outcomes.c.substrate, outcomes.c.verdict, sa.func.count()).group_by(
+                    outcomes.c.substrate, outcomes.c.verdict
+                )
+            )
+            counts: dict[str, dict[str, int]] = {}
+            for substrate, verdict, n in counted:
+                counts.setdefault(substrate or "unknown", {})[verdict] = int(n)
+        return rows, counts
+
     # -- the writer thread ---------------------------------------------------------------------
 
     def _run(self) -> None:

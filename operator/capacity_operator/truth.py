@@ -199,7 +199,13 @@ class TruthKeeper:
             nodes = sorted(truth.headroom or {})
         readings = fingerprints = thresholds = None
         if first:
-            readings = {n: v.readings for n, v in (status.votes or {}).items() if v.readings}
+            # each placement vote with its readings, its YES or NO and the gate that said NO:
+            # what calibration replays (capacity_api.calibration)
+            readings = {
+                n: {**v.readings, "vote": v.vote.value, "gate": v.gate}
+                for n, v in (status.votes or {}).items()
+                if v.readings
+            }
             fingerprints = {}
             for name in sorted({*nodes, *(status.votes or {})}):
                 node = self.engine.nodes.get(name)
