@@ -233,6 +233,16 @@ class Cluster:
             raise
         return out
 
+    def delete_claim(self, namespace: str, name: str) -> None:
+        """Delete a claim (no error when it is gone already)."""
+        try:
+            self.custom.delete_namespaced_custom_object(
+                GROUP, VERSION, namespace, "capacityclaims", name
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
     def claims(self, namespace: str) -> list[dict[str, Any]]:
         out = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, "capacityclaims")
         return list(out["items"])

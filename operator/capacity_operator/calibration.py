@@ -117,6 +117,9 @@ class Calibrator:
                 state, outcomes, counts, self.policy, now=self.clock(), previous=self.last
             )
             new = updated_data(data, result.state, result.changes)
+            if not counts and not result.changes:
+                self.last = result.state.thresholds
+                return result  # nothing decided yet: nothing to write
             if same_but_time(new, data):
                 self.last = result.state.thresholds
                 return result

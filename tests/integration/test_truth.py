@@ -9,6 +9,7 @@ truth follows the label, whoever bound the pod.
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -42,11 +43,19 @@ PERIOD = 8.0
 """The operator's observation period in these tests."""
 
 
-def truthful_operator(env: Env) -> Proc:
+def truthful_operator(env: Env, period: float = PERIOD) -> Proc:
+    """The operator with a short observation period and a calibration round every second."""
     proc = operator(env.kubeconfig, env.platform, env.logs / "op.log")
-    proc.env["CAPACITY_OPERATOR_TRUTH_OBSERVATION_SECONDS"] = str(PERIOD)
+    proc.env["CAPACITY_OPERATOR_TRUTH_OBSERVATION_SECONDS"] = str(period)
     proc.env["CAPACITY_OPERATOR_TRUTH_INTERVAL_SECONDS"] = "1"
+    proc.env["CAPACITY_OPERATOR_CALIBRATION_INTERVAL_SECONDS"] = "1"
     return proc
+
+
+def counters(env: Env) -> dict[str, int]:
+    """The host substrate's counters in the calibration ConfigMap (empty: none yet)."""
+    data = env.core.read_namespaced_config_map(CALIBRATION_CONFIGMAP, env.platform).data or {}
+    return dict(json.loads(data.get("counters") or "{}").get("host") or {})
 
 
 def calibration(env: Env, **data: str) -> None:
@@ -140,6 +149,9 @@ def test_a_real_oom_kill_on_the_real_node_falsifies_its_claim(env: Env, real_nod
             return rows[0] if rows and rows[0]["verdict"] == "Falsified" else None
 
         outcome = wait_for("hog's outcome stored", stored, timeout=30)
+        # calibration counted it
+        wait_for("the falsification counter", lambda: counters(env).get("falsified") == 1,
+                 timeout=30)  # fmt: skip
         assert outcome["evidence"][0]["kind"] == "OOMKilled"
         assert outcome["nodes"] == [real_node]
         assert outcome["readings"][real_node]["headroom"] > 0
@@ -202,4 +214,6 @@ def test_a_clean_period_confirms_and_an_idle_node_shows_a_missed_opportunity(env
         assert wide["headroom"][node] >= 0.55
         assert "MissedOpportunity" in events(env, "wide")
         assert huge["verdict"] == "RightlyRejected", huge
+        wanted = {"confirmed": 1, "falsified": 0, "missed": 1, "rightlyRejected": 1}
+        wait_for("calibration's counters", lambda: counters(env) == wanted, timeout=30)
         assert condition(env, "wide", "Falsified") is None  # rejected claims have no such
