@@ -17,11 +17,13 @@ other thresholds as they are now:
 A replayed admission of a claim that was Falsified, or of a claim RightlyRejected, is a
 falsification; a replayed refusal of a claim that was Confirmed, or of a MissedOpportunity, is a
 missed opportunity. The cost of a value is ``weight_falsified * falsifications + weight_missed *
-misses`` over the threshold's outcomes: the newest ``window`` final outcomes decided after the
-threshold's last change by hand (a user's edit or a rollback; before that, all of them). The
-engine moves a threshold when it has at least ``min_outcomes`` of them and some value in its
+misses`` over the outcomes: the newest ``window`` final outcomes decided after the last change
+by hand (a user's edit or a rollback of any threshold; before there is one, all of them). A
+threshold can move when there are at least ``min_outcomes`` of them and some value in its
 bounds costs less than the current one: toward the cheapest value (the nearest to the current
-one when several tie), by at most ``max_step`` of the bounds' width per round. A pinned
+one when several tie), by at most ``max_step`` of the bounds' width. Each round moves one
+threshold, the one whose cheapest value gains most (ties: theta_fit, theta_iso, theta_glue,
+theta_burst, in that order); the next round looks again with that move in force. A pinned
 threshold never moves. Each move is one entry of the bounded history: from, to, when, why, and on
 how many outcomes.
 
@@ -308,10 +310,12 @@ class State:
                 return change.after
         return None
 
-    def evidence_since(self, key: str) -> datetime | None:
-        """Outcomes decided before the newest change by hand of ``key`` do not count for it."""
+    def evidence_since(self) -> datetime | None:
+        """Outcomes decided before the newest change by hand (an edit or a rollback, of any
+        threshold) do not count: a user who sets a threshold back says the outcomes misled
+        calibration, and another threshold must not step in to explain the same outcomes."""
         for change in reversed(self.history):
-            if change.key == key and change.by in (BY_USER, BY_ROLLBACK):
+            if change.by in (BY_USER, BY_ROLLBACK):
                 return change.at
         return None
 
@@ -544,11 +548,9 @@ def calibrate(
     )[: policy.window]
     edits = hand_changes(state, previous, now)
     state = state.with_changes(edits, policy.history_limit)
-    assessments: list[Assessment] = []
-    for name in CALIBRATED:
-        since = state.evidence_since(CONFIGMAP_KEYS[name])
-        mine = [o for o in final if since is None or o.decided_at >= since]
-        assessments.append(assess(state, name, mine, policy))
+    since = state.evidence_since()
+    mine = [o for o in final if since is None or o.decided_at >= since]
+    assessments = [assess(state, name, mine, policy) for name in CALIBRATED]
     # one threshold per round, the one whose best value gains most: the readings of one
     # decision are correlated, and each threshold alone can always refuse the failures (and
     # with them the good admissions); the next round looks again with that move in force

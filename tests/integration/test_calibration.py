@@ -197,11 +197,13 @@ def test_calibration_learns_from_real_oom_kills_and_keeps_a_pinned_threshold(
         assert float(back["thetaIso"]) == iso_low
         last = json.loads(back["history"])[-1]
         assert (last["by"], last["key"], last["to"]) == ("rollback", "thetaIso", iso_low)
-        # the outcomes before the rollback no longer count for theta_iso: once the two new
-        # claims' verdicts are counted (a round has run since), it is still where it was put
+        # the outcomes before the rollback no longer count: once the two new claims' verdicts
+        # are counted (a round has run since), nothing has moved
         wait_for(
             "the two new verdicts counted",
             lambda: sum(json.loads(_data(env)["counters"])["host"].values()) == len(stream) + 2,
             timeout=PERIOD + 30,
         )
-        assert float(_data(env)["thetaIso"]) == iso_low
+        after = _data(env)
+        assert float(after["thetaIso"]) == iso_low
+        assert json.loads(after["history"])[-1] == last
