@@ -144,6 +144,9 @@ class StoreHealth:
     connected: bool = False
     pending: int = 0
     written: int = 0
+    """Rows upserted (a decision recorded twice counts twice)."""
+    transactions: int = 0
+    """Transactions committed (one per batch)."""
     failures: int = 0
     last_error: str | None = None
     since: datetime | None = None
@@ -204,6 +207,11 @@ class OutcomeStore:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        h = self.health
+        log.info(
+            "outcome store: %d rows written in %d transactions, %d failed attempts, %d pending "
+            "dropped", h.written, h.transactions, h.failures, h.pending,
+        )  # fmt: skip
         if self._engine is not None:
             self._engine.dispose()
 
@@ -278,6 +286,7 @@ class OutcomeStore:
                         del self._pending[row.decision_id]
                 self.health.pending = len(self._pending)
                 self.health.written += len(batch)
+                self.health.transactions += 1
             if not batch:
                 return
 
