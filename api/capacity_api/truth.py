@@ -7,8 +7,10 @@ the verdict is:
 - an admitted claim is **Falsified** as soon as any of its pods, during the observation period,
   has a container killed by the kernel's OOM killer (``OOMKilled``), is ``Evicted``, or restarts
   ``restart_limit`` times or more after SIGKILL (exit code 137) without an OOM reason, or one of
-  its placement nodes reports a pressure condition (``MemoryPressure``, ``CPUPressure``,
-  ``IOPressure`` True) while placed. It is **Confirmed** when the period ends clean;
+  its placement nodes reports a pressure condition while placed: our agent's (``MemoryPressure``,
+  ``CPUPressure``, ``IOPressure`` True on the CapacityNode) or the kubelet's
+  (``MemoryPressure``, ``DiskPressure``, ``PIDPressure`` True on the Node). It is
+  **Confirmed** when the period ends clean;
 - a rejected claim is a **MissedOpportunity** when, for the whole period afterwards, at least
   ``replicas`` of its candidate nodes kept a headroom of at least its share (it would have
   fitted), and **RightlyRejected** otherwise. The lowest headroom each candidate showed so far is
@@ -141,6 +143,41 @@ def node_evidence(node: CapacityNode, since: datetime) -> list[Evidence]:
                     time=at if at is not None and at >= since else since,
                 )
             )  # fmt: skip
+    return found
+
+
+KUBELET_PRESSURE = ("MemoryPressure", "DiskPressure", "PIDPressure")
+"""The kubelet's pressure conditions on a Kubernetes Node (it evicts pods under them)."""
+
+
+def kubelet_pressure(conditions: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The kubelet pressure conditions that are True among a Node's ``status.conditions``
+    (what the operator's index keeps of a Node: type, message, lastTransitionTime)."""
+    return [
+        {"type": c.get("type"), "message": c.get("message"),
+         "lastTransitionTime": c.get("lastTransitionTime")}
+        for c in conditions
+        if isinstance(c, Mapping) and c.get("type") in KUBELET_PRESSURE
+        and c.get("status") == "True"
+    ]  # fmt: skip
+
+
+def kubelet_evidence(
+    node: str, pressure: Iterable[Mapping[str, Any]], since: datetime
+) -> list[Evidence]:
+    """A placement node's kubelet pressure conditions (from :func:`kubelet_pressure`) seen
+    while the claim is placed: falsifying, like our agents' own pressure conditions."""
+    found = []
+    for c in pressure:
+        at = _time(c.get("lastTransitionTime"))
+        message = str(c.get("message") or "")
+        found.append(
+            Evidence(
+                kind=NODE_PRESSURE, node=node, reason=str(c.get("type")),
+                message=f"kubelet: {message}"[:1024] if message else "kubelet",
+                time=at if at is not None and at >= since else since,
+            )
+        )  # fmt: skip
     return found
 
 

@@ -23,6 +23,7 @@ from capacity_api import GROUP, VERSION
 from capacity_api.lease import parse_lease
 from capacity_api.models import Phase
 from capacity_api.reasons import WAITING_FOR_CAPACITY, WAITING_FOR_NODES
+from capacity_api.truth import kubelet_pressure as truth_pressure
 from capacity_api.webhook import CLAIM_LABEL
 from capacity_operator import cluster
 from capacity_operator.calibration import Calibrator
@@ -191,18 +192,24 @@ def _observed(status: kopf.Status, **_: Any) -> bool:
 @kopf.timer(*CLAIMS, interval=1.0, when=_observed)
 async def truth_check(
     body: kopf.Body,
+    *,
     namespace: str | None,
     name: str,
     memo: kopf.Memo,
     claim_pods: kopf.Index[tuple[str, str], JSON] | None = None,  # kopf passes the index below
+    kubelet_pressure: kopf.Index[str, list[JSON]] | None = None,  # and this one
     **_: Any,
 ) -> None:
-    """Checks the decision against its pods (the index below) and its nodes."""
+    """Checks the decision against its pods and its nodes (the indexes below)."""
     engine = _engine(memo)
     await engine.ready.wait()
     keeper: TruthKeeper = memo["truth"]
     pods = list(claim_pods.get((namespace or "", name), [])) if claim_pods is not None else []
-    await keeper.check(dict(body), pods)
+    pressure: dict[str, list[JSON]] = {}
+    if kubelet_pressure is not None:
+        for node, store in kubelet_pressure.items():
+            pressure[node] = [c for conditions in store for c in conditions]
+    await keeper.check(dict(body), pods, pressure)
 
 
 @kopf.index("pods", labels={CLAIM_LABEL: kopf.PRESENT})
@@ -211,6 +218,15 @@ def claim_pods(
 ) -> dict[tuple[str, str], JSON]:
     """The pods bound to each claim, by (namespace, claim): what truth needs of them only."""
     return {(namespace or "", labels[CLAIM_LABEL]): pod_view(body)}
+
+
+@kopf.index("nodes")
+def kubelet_pressure(name: str, status: kopf.Status, **_: Any) -> dict[str, list[JSON]]:
+    """Each Kubernetes Node's kubelet pressure conditions that are True: truth reads them for
+    the placement nodes of an admitted claim. A node without any is not kept (an empty result,
+    which also drops what the node had before; None would keep it)."""
+    pressure = truth_pressure(status.get("conditions") or [])
+    return {name: pressure} if pressure else {}
 
 
 @kopf.on.delete(*CLAIMS)

@@ -97,7 +97,12 @@ class TruthKeeper:
     def period(self) -> timedelta:
         return timedelta(seconds=self.settings.truth_observation_seconds)
 
-    async def check(self, body: JSON, pods: Iterable[Mapping[str, Any]]) -> None:
+    async def check(
+        self,
+        body: JSON,
+        pods: Iterable[Mapping[str, Any]],
+        kubelet: Mapping[str, Iterable[Mapping[str, Any]]] | None = None,
+    ) -> None:
         """Look at one claim, at most every ``truth_interval_seconds`` (kopf's timer fires every
         second; the skip costs a dict lookup, not a parse)."""
         uid = str((body.get("metadata") or {}).get("uid") or "")
@@ -120,7 +125,7 @@ class TruthKeeper:
             fresh = False
         new: Truth | None
         if status.phase is Phase.ADMITTED:
-            new = self._admitted(claim, current, pods, now)
+            new = self._admitted(claim, current, pods, kubelet or {}, now)
         else:
             new = self._rejected(claim, current, now)
         if new is None:
@@ -141,7 +146,7 @@ class TruthKeeper:
 
     def _admitted(
         self, claim: CapacityClaim, current: Truth, pods: Iterable[Mapping[str, Any]],
-        now: datetime,
+        kubelet: Mapping[str, Iterable[Mapping[str, Any]]], now: datetime,
     ) -> Truth:  # fmt: skip
         since = current.since
         limit = self.settings.truth_restart_limit
@@ -151,6 +156,7 @@ class TruthKeeper:
             node = self.engine.nodes.get(name)
             if node is not None:
                 evidence += decide.node_evidence(node, since)
+            evidence += decide.kubelet_evidence(name, kubelet.get(name, ()), since)
         return decide.judge_admitted(current, evidence, now)
 
     def _rejected(self, claim: CapacityClaim, current: Truth, now: datetime) -> Truth | None:

@@ -184,21 +184,27 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
                     "thetaIso": float(cm["thetaIso"]),
                     "thetaGlue": float(cm["thetaGlue"]),
                     "thetaBurst": float(cm["thetaBurst"]),
+                    "shares": [],
                     "admitted": 0,
                     "falsified": 0,
                     "rejected": 0,
+                    "rejectedBy": {},
                 }
                 rejected: list[str] = []
                 for _ in range(per_round):
                     name = f"c{n}"
                     n += 1
                     share = round(rng.uniform(*SHARES), 3)
+                    row["shares"].append(share)
                     cluster.create_claim(ns, name, cGeo=share, substrate="host")
                     body = cluster.wait_phase(ns, name, {"Admitted", "Rejected"}, timeout=60)
                     decisions += 1
                     if body["status"]["phase"] == "Rejected":
                         row["rejected"] += 1
                         rejected.append(name)
+                        gates = [v.get("gate") for v in body["status"].get("votes", {}).values()]
+                        why = ",".join(sorted({g for g in gates if g})) or "other"
+                        row["rejectedBy"][why] = row["rejectedBy"].get(why, 0) + 1
                         continue
                     row["admitted"] += 1
                     vote = body["status"]["votes"][node]["readings"]

@@ -217,3 +217,45 @@ def test_a_clean_period_confirms_and_an_idle_node_shows_a_missed_opportunity(env
         wanted = {"confirmed": 1, "falsified": 0, "missed": 1, "rightlyRejected": 1}
         wait_for("calibration's counters", lambda: counters(env) == wanted, timeout=30)
         assert condition(env, "wide", "Falsified") is None  # rejected claims have no such
+
+
+def test_the_kubelets_memory_pressure_on_the_placement_node_falsifies(env: Env) -> None:
+    """A kwok node's Node gets the kubelet condition MemoryPressure=True while a claim is placed
+    on it (written here as a kubelet would): the admission is Falsified with that evidence."""
+    cluster, core, ns = env.cluster, env.core, env.namespace
+    prefix = unique("cp-kp")
+    node = f"{prefix}-0"
+    with ExitStack() as stack:
+        stack.enter_context(kwok_managed_nodes(core, [node], prefix))
+        stack.callback(cluster.delete_nodes, prefix)
+        op = stack.enter_context(Running(truthful_operator(env, period=60)))
+        stack.enter_context(Running(agent(env.kubeconfig, env.platform, env.logs, prefix)))
+        cluster.wait_nodes_ready(prefix, 1)
+        cluster.create_claim(ns, "squeezed", cGeo=0.1, substrate="host")
+        cluster.wait_phase(ns, "squeezed", {"Admitted"}, timeout=60)
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+        pressure = {
+            "type": "MemoryPressure", "status": "True", "reason": "KubeletHasInsufficientMemory",
+            "message": "kubelet has insufficient memory available", "lastHeartbeatTime": now,
+            "lastTransitionTime": now,
+        }  # fmt: skip
+        # a strategic merge patch: conditions merge by type, the others stay
+        core.patch_node_status(node, {"status": {"conditions": [pressure]}})
+
+        def falsified() -> dict[str, Any] | None:
+            t = truth_of(env, "squeezed")
+            return t if t.get("verdict") == "Falsified" else None
+
+        try:
+            t = wait_for("squeezed falsified", falsified, timeout=30)
+        except AssertionError:
+            conditions = core.read_node_status(node).status.conditions
+            raise AssertionError(f"{conditions}\n{show(op)}") from None
+        (evidence,) = t["evidence"]
+        assert (evidence["kind"], evidence["node"], evidence["reason"]) == (
+            "NodePressure", node, "MemoryPressure",
+        )  # fmt: skip
+        assert evidence["message"] == "kubelet: kubelet has insufficient memory available"
+        cond = condition(env, "squeezed", "Falsified")
+        assert cond is not None
+        assert (cond["status"], cond["reason"]) == ("True", "NodePressure")

@@ -117,6 +117,26 @@ def test_pressure_on_a_placement_node_is_evidence() -> None:
     assert truth.node_evidence(cnode("n1", MemoryPressure="False"), T0) == []
 
 
+def test_the_kubelets_pressure_on_a_placement_node_is_evidence() -> None:
+    conditions = [
+        {"type": "Ready", "status": "True"},
+        {"type": "MemoryPressure", "status": "True", "message": "kubelet has insufficient memory",
+         "lastTransitionTime": iso(T0 + timedelta(seconds=5))},
+        {"type": "DiskPressure", "status": "False"},
+        {"type": "PIDPressure", "status": "Unknown"},
+    ]  # fmt: skip
+    kept = truth.kubelet_pressure(conditions)
+    assert [c["type"] for c in kept] == ["MemoryPressure"]
+    (e,) = truth.kubelet_evidence("n1", kept, T0)
+    assert (e.kind, e.node, e.reason) == ("NodePressure", "n1", "MemoryPressure")
+    assert e.message == "kubelet: kubelet has insufficient memory"
+    assert e.time == T0 + timedelta(seconds=5)
+    # a condition older than the admission counts from the admission (it was there while placed)
+    (old,) = truth.kubelet_evidence("n1", kept, T0 + timedelta(minutes=1))
+    assert old.time == T0 + timedelta(minutes=1)
+    assert truth.kubelet_pressure([{"type": "MemoryPressure", "status": "False"}]) == []
+
+
 def test_an_admission_is_falsified_at_once_or_confirmed_at_the_end_and_then_stays() -> None:
     t = truth.start(Phase.ADMITTED, T0, PERIOD)
     assert truth.judge_admitted(t, [], T0 + timedelta(seconds=30)).verdict is Verdict.OBSERVING
