@@ -77,23 +77,31 @@ def on_real_node(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def oom_pod_spec() -> dict[str, Any]:
-    """A pod for the real node whose one container allocates 200 MiB, page by page, under a
-    32 MiB limit: the kernel OOM-kills it (restartPolicy Never: the pod then goes Failed)."""
+def real_node_pod_spec(
+    command: list[str], *, memory: str, cpu: str = "500m", restart: str = "Never"
+) -> dict[str, Any]:
+    """A pod for the real node running ``command`` in the testbox image under these limits."""
     return on_real_node(
         {
-            "restartPolicy": "Never",
+            "restartPolicy": restart,
+            "terminationGracePeriodSeconds": 1,
             "containers": [
                 {
-                    "name": "hog",
+                    "name": "hog" if command[0] == "/bin/memhog" else "main",
                     "image": image_ref("testbox"),
                     "imagePullPolicy": "Never",
-                    "command": ["/bin/memhog", "200"],
-                    "resources": {"limits": {"memory": "32Mi", "cpu": "500m"}},
+                    "command": command,
+                    "resources": {"limits": {"memory": memory, "cpu": cpu}},
                 }
             ],
         }
     )
+
+
+def oom_pod_spec() -> dict[str, Any]:
+    """A pod for the real node whose one container allocates 200 MiB, page by page, under a
+    32 MiB limit: the kernel OOM-kills it (restartPolicy Never: the pod then goes Failed)."""
+    return real_node_pod_spec(["/bin/memhog", "200"], memory="32Mi")
 
 
 def wait_default_service_account(core: client.CoreV1Api, namespace: str) -> None:

@@ -61,7 +61,7 @@ from tests.integration.test_recovery_real_node import (  # noqa: E402
 )
 from tests.integration.test_truth import labelled_pod, truthful_operator  # noqa: E402
 from tests.integration.test_webhook import Env  # noqa: E402
-from tests.nodes import image_ref, nodes_of_kind, on_real_node, ready  # noqa: E402
+from tests.nodes import nodes_of_kind, ready, real_node_pod_spec  # noqa: E402
 
 RESULTS = REPO / "tests" / "bench" / "results" / "calibration.json"
 POOL_MIB = 160
@@ -71,21 +71,8 @@ SHARES = (0.05, 0.9)
 
 def pod_spec(slack: float) -> dict[str, Any]:
     limit = max(8, round(slack * POOL_MIB))
-    return on_real_node(
-        {
-            "restartPolicy": "Never",
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": "work",
-                    "image": image_ref("testbox"),
-                    "imagePullPolicy": "Never",
-                    "command": ["/bin/memhog", str(NEED_MIB), "inf"],
-                    "resources": {"limits": {"memory": f"{limit}Mi", "cpu": "200m"}},
-                }
-            ],
-        }
-    )
+    command = ["/bin/memhog", str(NEED_MIB), "inf"]
+    return real_node_pod_spec(command, memory=f"{limit}Mi", cpu="200m")
 
 
 class Sampler:

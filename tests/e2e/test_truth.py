@@ -64,3 +64,17 @@ def test_a_clean_pod_through_the_period_confirms_its_claim_and_the_outcome_is_st
         return rows if rows and rows[0][0] == "Confirmed" else None
 
     assert wait_for("the outcome stored", row, timeout=30) == [["Confirmed", "Admitted"]]
+
+    # calibration, with the chart's RBAC (get and patch on its one ConfigMap), counted it
+    def counted() -> dict[str, int] | None:
+        data = core.read_namespaced_config_map("capacity-calibration", NAMESPACE).data or {}
+        host = json.loads(data.get("counters") or "{}").get("host") or {}
+        return host if host.get("confirmed", 0) >= 1 else None
+
+    wait_for("the calibration counters", counted, timeout=30)
+    shown = kubectl(
+        "exec", "-n", NAMESPACE, "deploy/capacity-platform-operator", "--",
+        "capctl", "--platform-namespace", NAMESPACE, "calibration", check=False,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "thetaIso" in shown.stdout

@@ -31,7 +31,7 @@ from tests.integration.test_truth import (
     truthful_operator,
 )
 from tests.integration.test_webhook import Env, env
-from tests.nodes import describe, image_ref, on_real_node, oom_pod_spec
+from tests.nodes import describe, oom_pod_spec, real_node_pod_spec
 
 __all__ = ["env", "real_node"]  # fixtures used here
 
@@ -47,20 +47,7 @@ def _data(env: Env) -> dict[str, str]:
 
 
 def _clean_pod_spec() -> dict[str, Any]:
-    return on_real_node(
-        {
-            "terminationGracePeriodSeconds": 1,
-            "containers": [
-                {
-                    "name": "main",
-                    "image": image_ref("testbox"),
-                    "imagePullPolicy": "Never",
-                    "command": ["sleep", "3600"],
-                    "resources": {"limits": {"memory": "32Mi", "cpu": "100m"}},
-                }
-            ],
-        }
-    )
+    return real_node_pod_spec(["sleep", "3600"], memory="32Mi", cpu="100m", restart="Always")
 
 
 def capctl(env: Env, *args: str) -> str:
