@@ -3,11 +3,11 @@ with the thresholds' path; and the operator's cost of truth keeping.
 
 On the shared local cluster (or CAPACITY_TEST_KUBECONFIG), in a platform namespace of its own:
 the operator (observation period ``BENCH_PERIOD`` s, default 4; a calibration round every
-second, moves after ``BENCH_MIN_OUTCOMES`` outcomes, default 6) and the real node's own agent.
+second, moves after ``BENCH_MIN_OUTCOMES`` outcomes, default 16: two rounds' worth) and the real node's own agent.
 The thresholds start loose: thetaIso at its lowest bound (0.01), thetaFit at its highest and
 pinned, the spectral gates at their highest (the live host is noisy).
 
-``BENCH_ROUNDS`` rounds (default 8) of ``BENCH_PER_ROUND`` claims (default 6), one claim at a
+``BENCH_ROUNDS`` rounds (default 10) of ``BENCH_PER_ROUND`` claims (default 8), one claim at a
 time, each asking for a share drawn uniformly from 0.05-0.9 of the real node (seeded). An
 admitted claim gets one pod on the real node running ``memhog 64 inf``: it touches 64 MiB and
 holds it. Its memory limit is ``slack x 160 MiB``, where slack is the share of the node left
@@ -114,10 +114,10 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
     if not real:
         raise SystemExit("bench_calibration: no Ready real node (hack/control-plane up)")
     node = real[0]
-    rounds = int(os.environ.get("BENCH_ROUNDS", "8"))
-    per_round = int(os.environ.get("BENCH_PER_ROUND", "6"))
+    rounds = int(os.environ.get("BENCH_ROUNDS", "10"))
+    per_round = int(os.environ.get("BENCH_PER_ROUND", "8"))
     period = float(os.environ.get("BENCH_PERIOD", "4"))
-    min_outcomes = os.environ.get("BENCH_MIN_OUTCOMES", "6")
+    min_outcomes = os.environ.get("BENCH_MIN_OUTCOMES", "16")
     rng = random.Random(int(os.environ.get("BENCH_SEED", "7")))
     tag = uuid.uuid4().hex[:6]
     platform, ns = f"bench-cal-p-{tag}", f"bench-cal-{tag}"

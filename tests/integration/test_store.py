@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from capacity_operator.store import database_url, outcomes
 from tests.cluster import Proc, show, unique, wait_for
 from tests.integration.test_recovery import Running, agent, operator
+from tests.integration.test_truth import counters
 from tests.integration.test_webhook import Env, env
 from tests.services import PostgresServer, free_port, postgres_fixture
 from tests.unit.test_store import recorded_twice_is_one_row_with_the_newest_outcome
@@ -93,11 +94,17 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
         proc.env.update(
             CAPACITY_OPERATOR_TRUTH_OBSERVATION_SECONDS=str(PERIOD),
             CAPACITY_OPERATOR_TRUTH_INTERVAL_SECONDS="1",
+            CAPACITY_OPERATOR_CALIBRATION_INTERVAL_SECONDS="1",
             CAPACITY_OPERATOR_STORE_DSN=(
                 f"postgresql://{postgres.user}:{postgres.password}@127.0.0.1:{port}/{database}"
             ),
         )
         return proc
+
+    def confirmed() -> int:
+        """Confirmed outcomes counted in the calibration ConfigMap (the database is this
+        test's own, so every outcome in it is one of this test's claims)."""
+        return counters(env).get("confirmed", 0)
 
     def verdict(name: str, wanted: str) -> bool:
         truth = (cluster.claim(ns, name) or {}).get("status", {}).get("truth") or {}
@@ -125,6 +132,8 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
         assert first["nodes"] == [f"{prefix}-0"]
         assert first["readings"][f"{prefix}-0"]["headroom"] > 0
         assert first["thresholds"]["thetaFit"]
+        # calibration reads the store: it counts the outcome (and creates its ConfigMap for it)
+        wait_for("calibration counts before", lambda: confirmed() == 1, timeout=30)
 
         # the database is cut off: admission and truth go on, the store says so and waits
         link.stop()
@@ -137,6 +146,10 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
             timeout=30,
         )
         assert "during" not in stored(direct, ns)
+        wait_for(
+            "calibration says it waits", lambda: "calibration waits" in op.output(), timeout=30
+        )
+        assert confirmed() == 1
 
         # back: what was pending is written, once
         stack.enter_context(Running(proxy()))
@@ -148,6 +161,8 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
         wait_for(
             "the log says reachable again", lambda: "reachable again" in op.output(), timeout=5
         )
+        wait_for("calibration caught up", lambda: confirmed() == 2, timeout=30)
+        assert "calibration resumes" in op.output()
 
         # an operator restart loses nothing and records nothing twice
         op.stop()
@@ -165,3 +180,4 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
             ).scalar()
         engine.dispose()
         assert count == 3
+        wait_for("calibration counts after", lambda: confirmed() == 3, timeout=30)

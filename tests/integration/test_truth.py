@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
+from kubernetes.client.rest import ApiException
 
 from capacity_api.gates import CALIBRATION_CONFIGMAP, THRESHOLD_BOUNDS
 from capacity_api.webhook import CLAIM_LABEL
@@ -54,8 +55,13 @@ def truthful_operator(env: Env, period: float = PERIOD) -> Proc:
 
 def counters(env: Env) -> dict[str, int]:
     """The host substrate's counters in the calibration ConfigMap (empty: none yet)."""
-    data = env.core.read_namespaced_config_map(CALIBRATION_CONFIGMAP, env.platform).data or {}
-    return dict(json.loads(data.get("counters") or "{}").get("host") or {})
+    try:
+        cm = env.core.read_namespaced_config_map(CALIBRATION_CONFIGMAP, env.platform)
+    except ApiException as exc:
+        if exc.status == 404:
+            return {}  # calibration creates it once something is counted
+        raise
+    return dict(json.loads((cm.data or {}).get("counters") or "{}").get("host") or {})
 
 
 def calibration(env: Env, **data: str) -> None:
