@@ -147,8 +147,10 @@ def change_state(api: client.ApiClient, namespace: str, change: Callable[[State]
         except CalibrationError as exc:
             raise CapctlError(str(exc)) from exc
         added = new.history[len(state.history) :]  # capctl never drops history: the operator does
-        written = updated_data(data, new, added)
-        patch = {"metadata": {"resourceVersion": version}, "data": written}
+        written: dict[str, str | None] = dict(updated_data(data, new, added))
+        # a key left out (an empty pin list) is removed: null in a strategic merge patch
+        removed: dict[str, str | None] = {k: None for k in data if k not in written}
+        patch = {"metadata": {"resourceVersion": version}, "data": removed | written}
         try:
             core.patch_namespaced_config_map(CALIBRATION_CONFIGMAP, namespace, patch)
         except ApiException as exc:

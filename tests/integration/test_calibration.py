@@ -194,3 +194,10 @@ def test_calibration_learns_from_real_oom_kills_and_keeps_a_pinned_threshold(
         after = _data(env)
         assert float(after["thetaIso"]) == iso_low
         assert json.loads(after["history"])[-1] == last
+
+        # pins through capctl: unpinning the last one removes the key, pinning writes it
+        capctl(env, "unpin", "thetaFit")
+        assert "pinned" not in _data(env)
+        shown = capctl(env, "pin", "thetaGlue", "thetaBurst")
+        assert _data(env)["pinned"] == "thetaBurst,thetaGlue"
+        assert shown.count("pinned") == 2
