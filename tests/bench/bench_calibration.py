@@ -3,7 +3,8 @@ with the thresholds' path; and the operator's cost of truth keeping.
 
 On the shared local cluster (or CAPACITY_TEST_KUBECONFIG), in a platform namespace of its own:
 the operator (observation period ``BENCH_PERIOD`` s, default 4; a calibration round every
-second, moves after ``BENCH_MIN_OUTCOMES`` outcomes, default 16: two rounds' worth) and the real node's own agent.
+second, moves after ``BENCH_MIN_OUTCOMES`` outcomes, default 16: two rounds' worth) and the
+real node's own agent.
 The thresholds start loose: thetaIso at its lowest bound (0.01), thetaFit at its highest and
 pinned, the spectral gates at their highest (the live host is noisy).
 

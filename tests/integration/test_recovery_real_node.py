@@ -92,7 +92,7 @@ def frozen(groups: dict[str, int]) -> Iterator[None]:
             os.killpg(pgid, signal.SIGCONT)
 
 
-def _cn(env: Env, name: str) -> dict[str, Any]:
+def capacity_node(env: Env, name: str) -> dict[str, Any]:
     """The CapacityNode (empty until its agent created it)."""
     try:
         return dict(env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", name))
@@ -151,7 +151,7 @@ def loosest_spectral_gates(env: Env) -> None:
 def wait_full_window(env: Env, node: str) -> None:
     wait_for(
         f"{node} published a full window",
-        lambda: _host_samples(_cn(env, node)) >= MIN_SAMPLES,
+        lambda: _host_samples(capacity_node(env, node)) >= MIN_SAMPLES,
         timeout=60,
     )
 
@@ -248,7 +248,7 @@ def test_the_real_node_failing_moves_its_claim_and_pod_to_a_kwok_node_and_is_tru
             (recovery,) = status["recoveries"]
             assert (recovery["from"], recovery["to"]) == (real_node, spare)
             assert FAILED_TAINT in taints(core, real_node)
-            cn = _cn(env, real_node)
+            cn = capacity_node(env, real_node)
             assert _condition(cn, "Ready") == ("Unknown", "NodeFailed")
             assert _condition(cn, "Fenced") == ("True", "NodeFenced")
             # the pod moves: deleted on the frozen node (Terminating there: no kubelet confirms
@@ -278,7 +278,7 @@ def test_the_real_node_failing_moves_its_claim_and_pod_to_a_kwok_node_and_is_tru
         cluster.create_claim(ns, "pair", cGeo=0.05, substrate="host", replicas=2)
 
         def watch_returning() -> dict[str, Any] | None:
-            cn = _cn(env, real_node)
+            cn = capacity_node(env, real_node)
             fenced = _condition(cn, "Fenced")
             observed.append(
                 (FAILED_TAINT in taints(core, real_node), _host_samples(cn), fenced and fenced[1])
@@ -293,7 +293,7 @@ def test_the_real_node_failing_moves_its_claim_and_pod_to_a_kwok_node_and_is_tru
         assert FAILED_TAINT in taints(core, real_node), "trusted before the claim was decided"
 
         def unfenced() -> bool:
-            cn = _cn(env, real_node)
+            cn = capacity_node(env, real_node)
             fenced = _condition(cn, "Fenced")
             observed.append(
                 (FAILED_TAINT in taints(core, real_node), _host_samples(cn), fenced and fenced[1])
@@ -310,7 +310,9 @@ def test_the_real_node_failing_moves_its_claim_and_pod_to_a_kwok_node_and_is_tru
         assert all(s >= MIN_SAMPLES for tainted, s, _ in observed if not tainted), observed
         wait_for(
             f"{real_node} Fenced=False",
-            lambda: _condition(_cn(env, real_node), "Fenced") == ("False", "NodeReturned"),
+            lambda: (
+                _condition(capacity_node(env, real_node), "Fenced") == ("False", "NodeReturned")
+            ),
             timeout=10,
         )
         events = core.list_event_for_all_namespaces(
