@@ -18,6 +18,9 @@ the limit is under what the pod touches and the kernel OOM-kills it: the admissi
 Falsified. Otherwise it runs clean for the period: Confirmed. A rejected claim is kept until its
 own verdict (MissedOpportunity or RightlyRejected).
 
+``BENCH_STATIC=1`` pins thetaIso too: the same stream (same seed) against static limits, for
+comparison; it writes calibration-static.json.
+
 Per round: the thresholds at its start, the claims admitted, falsified and rejected, and the
 falsification rate (falsified / admitted). At the end: the history of every move, and the
 operator's CPU seconds, peak RSS and outcome-store writes (rows and transactions, from its log
@@ -120,6 +123,7 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
     period = float(os.environ.get("BENCH_PERIOD", "4"))
     min_outcomes = os.environ.get("BENCH_MIN_OUTCOMES", "16")
     rng = random.Random(int(os.environ.get("BENCH_SEED", "7")))
+    static = os.environ.get("BENCH_STATIC") == "1"
     tag = uuid.uuid4().hex[:6]
     platform, ns = f"bench-cal-p-{tag}", f"bench-cal-{tag}"
     for name in (platform, ns):
@@ -135,7 +139,8 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
                 "thetaFit": str(THRESHOLD_BOUNDS["theta_fit"][1]),
                 "thetaGlue": str(THRESHOLD_BOUNDS["theta_glue"][1]),
                 "thetaBurst": str(THRESHOLD_BOUNDS["theta_burst"][1]),
-                "pinned": "thetaFit",
+                # BENCH_STATIC=1: thetaIso pinned too, the same stream against static limits
+                "pinned": "thetaFit,thetaIso" if static else "thetaFit",
             },
         },
     )
@@ -191,7 +196,8 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
                         row["rejected"] += 1
                         rejected.append(name)
                         gates = [v.get("gate") for v in body["status"].get("votes", {}).values()]
-                        why = ",".join(sorted({g for g in gates if g})) or "other"
+                        why = ",".join(sorted({g for g in gates if g}))
+                        why = why or str(body["status"].get("message", "?"))[:80]
                         row["rejectedBy"][why] = row["rejectedBy"].get(why, 0) + 1
                         continue
                     row["admitted"] += 1
@@ -234,6 +240,7 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
         if exc.status != 404:
             raise
     return {
+        "static": static,
         "rounds": table,
         "perRound": per_round,
         "period": period,
@@ -270,10 +277,11 @@ def main() -> int:
     outcome = scenario(api, kubeconfig)
     print(json.dumps({k: v for k, v in outcome.items() if k != "rounds"}, indent=2), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(
+    results = RESULTS.with_name("calibration-static.json") if outcome["static"] else RESULTS
+    results.write_text(
         json.dumps({"machine": {"cpus": os.cpu_count()}, **outcome}, indent=2) + "\n"
     )
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
     return 0
 
 
