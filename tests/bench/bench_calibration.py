@@ -18,8 +18,8 @@ the limit is under what the pod touches and the kernel OOM-kills it: the admissi
 Falsified. Otherwise it runs clean for the period: Confirmed. A rejected claim is kept until its
 own verdict (MissedOpportunity or RightlyRejected).
 
-``BENCH_STATIC=1`` pins thetaIso too: the same stream (same seed) against static limits, for
-comparison; it writes calibration-static.json.
+``BENCH_STATIC=1`` pins every threshold: the same stream (same seed) against static limits,
+for comparison; it writes calibration-static.json.
 
 Per round: the thresholds at its start, the claims admitted, falsified and rejected, and the
 falsification rate (falsified / admitted). At the end: the history of every move, and the
@@ -139,8 +139,8 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
                 "thetaFit": str(THRESHOLD_BOUNDS["theta_fit"][1]),
                 "thetaGlue": str(THRESHOLD_BOUNDS["theta_glue"][1]),
                 "thetaBurst": str(THRESHOLD_BOUNDS["theta_burst"][1]),
-                # BENCH_STATIC=1: thetaIso pinned too, the same stream against static limits
-                "pinned": "thetaFit,thetaIso" if static else "thetaFit",
+                # BENCH_STATIC=1: every threshold pinned, the same stream against static limits
+                "pinned": "thetaFit,thetaIso,thetaGlue,thetaBurst" if static else "thetaFit",
             },
         },
     )
