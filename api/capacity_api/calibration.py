@@ -21,7 +21,9 @@ misses`` over the outcomes: the newest ``window`` final outcomes decided after t
 by hand (a user's edit or a rollback of any threshold; before there is one, all of them). A
 threshold can move when there are at least ``min_outcomes`` of them and some value in its
 bounds costs less than the current one: toward the cheapest value (the nearest to the current
-one when several tie), by at most ``max_step`` of the bounds' width. Each round moves one
+one when several tie), by at most ``max_step`` of the bounds' width, and only when the move
+holds on outcomes it was not chosen on (the value cheapest on the older half of the outcomes
+does not raise the cost of the newer half: see :func:`assess`). Each round moves one
 threshold, the one whose cheapest value gains most (ties: theta_fit, theta_iso, theta_glue,
 theta_burst, in that order); the next round looks again with that move in force. A pinned
 threshold never moves. Each move is one entry of the bounded history: from, to, when, why, and on
@@ -429,9 +431,30 @@ class Assessment:
     """Why it moved or why not, one sentence."""
 
 
+def _cheapest(
+    state: State, name: str, outcomes: Sequence[Outcome], policy: Policy
+) -> tuple[float, Cost]:
+    """The value of least cost over ``outcomes`` (the nearest to the current one when several
+    tie) and its cost."""
+    current = state.value_of(name)
+    best, best_cost = current, cost(outcomes, state.thresholds)
+    for value in _candidates(name, outcomes, current):
+        c = cost(outcomes, _with(state.thresholds, {name: value}))
+        better = c.weighted(policy) < best_cost.weighted(policy) - 1e-12
+        tie = abs(c.weighted(policy) - best_cost.weighted(policy)) <= 1e-12
+        if better or (tie and abs(value - current) < abs(best - current)):
+            best, best_cost = value, c
+    return best, best_cost
+
+
 def assess(state: State, name: str, outcomes: Sequence[Outcome], policy: Policy) -> Assessment:
     """Where one threshold should go on these outcomes (all of them count: the caller picks
-    the threshold's window)."""
+    the window).
+
+    A move must hold on outcomes it was not chosen on: the value of least cost over the older
+    half of the outcomes must not cost more than the current value over the newer half. A
+    threshold whose readings split the older failures from the older successes only by chance
+    (the spectral gates on a noisy host) then refuses newer successes, and stays where it is."""
     key = CONFIGMAP_KEYS[name]
     current = state.value_of(name)
     n = len(outcomes)
@@ -443,17 +466,23 @@ def assess(state: State, name: str, outcomes: Sequence[Outcome], policy: Policy)
             f"{n} outcomes, fewer than the {policy.min_outcomes} a move needs",
         )  # fmt: skip
     here = cost(outcomes, state.thresholds)
-    best, best_cost = current, here
-    for value in _candidates(name, outcomes, current):
-        c = cost(outcomes, _with(state.thresholds, {name: value}))
-        better = c.weighted(policy) < best_cost.weighted(policy) - 1e-12
-        tie = abs(c.weighted(policy) - best_cost.weighted(policy)) <= 1e-12
-        if better or (tie and abs(value - current) < abs(best - current)):
-            best, best_cost = value, c
+    best, best_cost = _cheapest(state, name, outcomes, policy)
     if best == current or best_cost.weighted(policy) >= here.weighted(policy):
         return Assessment(
             key, current, n, here, best, best_cost, None,
             f"{here.text(policy)} on {n} outcomes; no value in bounds costs less",
+        )  # fmt: skip
+    ordered = sorted(outcomes, key=lambda o: o.decided_at)
+    older, newer = ordered[: n // 2], ordered[n // 2 :]
+    probe, _ = _cheapest(state, name, older, policy)
+    held = cost(newer, _with(state.thresholds, {name: probe}))
+    before = cost(newer, state.thresholds)
+    if held.weighted(policy) > before.weighted(policy):
+        return Assessment(
+            key, current, n, here, best, best_cost, None,
+            f"{key} {best:g} has {best_cost.text(policy)} against {here.text(policy)} on {n} "
+            f"outcomes, but {probe:g}, the cheapest on the older {len(older)}, raises the "
+            f"newer {len(newer)}'s {before.text(policy)} to {held.text(policy)}: not moved",
         )  # fmt: skip
     low, high = THRESHOLD_BOUNDS[name]
     limit = policy.max_step * (high - low)
@@ -462,7 +491,7 @@ def assess(state: State, name: str, outcomes: Sequence[Outcome], policy: Policy)
     bounded = "" if target == best else f", step bounded to {limit:.4g}"
     note = (
         f"on {n} outcomes {key} {best:g} has {best_cost.text(policy)} against "
-        f"{here.text(policy)} at {current:g}{bounded}"
+        f"{here.text(policy)} at {current:g} (holds on the newer half){bounded}"
     )
     return Assessment(key, current, n, here, best, best_cost, target, note)
 

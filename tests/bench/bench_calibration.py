@@ -19,7 +19,9 @@ Falsified. Otherwise it runs clean for the period: Confirmed. A rejected claim i
 own verdict (MissedOpportunity or RightlyRejected).
 
 ``BENCH_STATIC=1`` pins every threshold: the same stream (same seed) against static limits,
-for comparison; it writes calibration-static.json.
+for comparison; it writes calibration-static.json. ``BENCH_PINNED`` (comma-separated keys,
+default thetaFit) pins others; a run with more than thetaFit pinned writes
+calibration-<keys>.json.
 
 Per round: the thresholds at its start, the claims admitted, falsified and rejected, and the
 falsification rate (falsified / admitted). At the end: the history of every move, and the
@@ -123,7 +125,10 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
     period = float(os.environ.get("BENCH_PERIOD", "4"))
     min_outcomes = os.environ.get("BENCH_MIN_OUTCOMES", "16")
     rng = random.Random(int(os.environ.get("BENCH_SEED", "7")))
+    # BENCH_STATIC=1: every threshold pinned, the same stream against static limits
     static = os.environ.get("BENCH_STATIC") == "1"
+    pinned = "thetaFit,thetaIso,thetaGlue,thetaBurst" if static else "thetaFit"
+    pinned = os.environ.get("BENCH_PINNED", pinned)
     tag = uuid.uuid4().hex[:6]
     platform, ns = f"bench-cal-p-{tag}", f"bench-cal-{tag}"
     for name in (platform, ns):
@@ -139,8 +144,7 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
                 "thetaFit": str(THRESHOLD_BOUNDS["theta_fit"][1]),
                 "thetaGlue": str(THRESHOLD_BOUNDS["theta_glue"][1]),
                 "thetaBurst": str(THRESHOLD_BOUNDS["theta_burst"][1]),
-                # BENCH_STATIC=1: every threshold pinned, the same stream against static limits
-                "pinned": "thetaFit,thetaIso,thetaGlue,thetaBurst" if static else "thetaFit",
+                "pinned": pinned,
             },
         },
     )
@@ -241,6 +245,7 @@ def scenario(api: client.ApiClient, kubeconfig: Path) -> dict[str, Any]:
             raise
     return {
         "static": static,
+        "pinned": pinned,
         "rounds": table,
         "perRound": per_round,
         "period": period,
@@ -277,7 +282,8 @@ def main() -> int:
     outcome = scenario(api, kubeconfig)
     print(json.dumps({k: v for k, v in outcome.items() if k != "rounds"}, indent=2), flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    results = RESULTS.with_name("calibration-static.json") if outcome["static"] else RESULTS
+    label = "static" if outcome["static"] else outcome["pinned"].replace(",", "-")
+    results = RESULTS if label == "thetaFit" else RESULTS.with_name(f"calibration-{label}.json")
     results.write_text(
         json.dumps({"machine": {"cpus": os.cpu_count()}, **outcome}, indent=2) + "\n"
     )

@@ -294,3 +294,23 @@ def test_capctl_calibration_shows_thresholds_rates_and_history() -> None:
     assert (iso["value"], iso["bounds"], iso["pinned"]) == (0.059, [0.01, 0.5], False)
     assert data["substrates"]["host"]["falsificationRate"] == 0.25
     assert data["history"][0]["to"] == 0.059
+
+
+def test_a_split_that_does_not_hold_on_the_newer_outcomes_moves_nothing() -> None:
+    """In the older half the one failure has the burstiest reading; in the newer half a success
+    does: a chance split, not a cause. theta_burst stays."""
+    rows = [
+        (Verdict.FALSIFIED, 0.9), (Verdict.CONFIRMED, 0.35), (Verdict.CONFIRMED, 0.35),
+        (Verdict.CONFIRMED, 0.35),  # older half
+        (Verdict.FALSIFIED, 0.35), (Verdict.CONFIRMED, 0.9), (Verdict.CONFIRMED, 0.35),
+        (Verdict.CONFIRMED, 0.35),  # newer half
+    ]  # fmt: skip
+    stream = [admitted(v, i, burst=b) for i, (v, b) in enumerate(rows)]
+    state = State(thresholds=Thresholds(theta_burst=1.0))
+    result = calibrate(state, stream, {}, POLICY, now=T0)
+    (burst,) = [a for a in result.assessments if a.key == "thetaBurst"]
+    assert burst.best is not None
+    assert burst.best < 0.9  # over all eight, refusing the burstiest looks cheaper ...
+    assert burst.moved_to is None  # ... but it does not hold on the newer four
+    assert "raises the newer 4's cost 1 (1 falsified, 0 missed) to cost 1.5" in burst.note
+    assert result.changes == ()
