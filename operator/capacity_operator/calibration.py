@@ -45,6 +45,7 @@ def policy_of(settings: OperatorSettings) -> Policy:
         weight_falsified=settings.calibration_weight_falsified,
         weight_missed=settings.calibration_weight_missed,
         history_limit=settings.calibration_history_limit,
+        min_gain=settings.calibration_min_gain,
     )
 
 

@@ -78,6 +78,8 @@ class OperatorSettings(BaseSettings):
     """Cost of a falsified admission in calibration's objective."""
     calibration_weight_missed: float = Field(default=0.5, ge=0)
     """Cost of a missed opportunity in calibration's objective."""
+    calibration_min_gain: float = Field(default=0.2, ge=0, lt=1)
+    """Share of the current cost a threshold move must save at least."""
     calibration_history_limit: int = Field(default=50, ge=1, le=1000)
     """Entries of the calibration history kept in the ConfigMap."""
     store_path: str | None = None

@@ -4,6 +4,7 @@ ConfigMap round trip."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -314,3 +315,27 @@ def test_a_split_that_does_not_hold_on_the_newer_outcomes_moves_nothing() -> Non
     assert burst.moved_to is None  # ... but it does not hold on the newer four
     assert "raises the newer 4's cost 1 (1 falsified, 0 missed) to cost 1.5" in burst.note
     assert result.changes == ()
+
+
+def test_a_move_that_saves_less_than_min_gain_is_not_made() -> None:
+    """Six failures, four of them at the higher gluing delta: refusing it would trade those four
+    for seven refused successes, cost 5.5 against 6, too little to be worth a move."""
+    older = (
+        [(Verdict.FALSIFIED, 0.06)] * 2
+        + [(Verdict.FALSIFIED, 0.01)]
+        + [(Verdict.CONFIRMED, 0.06)] * 4
+        + [(Verdict.CONFIRMED, 0.01)] * 7
+    )
+    newer = (
+        [(Verdict.FALSIFIED, 0.06)] * 2
+        + [(Verdict.FALSIFIED, 0.01)]
+        + [(Verdict.CONFIRMED, 0.06)] * 3
+        + [(Verdict.CONFIRMED, 0.01)] * 8
+    )
+    stream = [admitted(v, i, glue=g) for i, (v, g) in enumerate(older + newer)]
+    state = State(thresholds=Thresholds(theta_glue=0.5), pinned=frozenset({"theta_iso"}))
+    result = calibrate(state, stream, {}, POLICY, now=T0)
+    (glue,) = [a for a in result.assessments if a.key == "thetaGlue"]
+    assert glue.moved_to is None
+    assert "less than 20% of the cost" in glue.note
+    assert calibrate(state, stream, {}, replace(POLICY, min_gain=0.0), now=T0).changes
