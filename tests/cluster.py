@@ -49,6 +49,27 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
+def wait_events(
+    core: client.CoreV1Api,
+    namespace: str | None,
+    field_selector: str,
+    match: Callable[[Any], bool] = lambda _: True,
+    timeout: float = 15.0,
+) -> list[Any]:
+    """The Events that ``field_selector`` selects (in ``namespace``, or in all namespaces) and
+    ``match`` accepts, waited for until there is one: an Event is posted after the write it tells
+    of, so it can come a moment after the state a test waited on."""
+
+    def found() -> list[Any]:
+        if namespace is None:
+            items = core.list_event_for_all_namespaces(field_selector=field_selector).items
+        else:
+            items = core.list_namespaced_event(namespace, field_selector=field_selector).items
+        return [e for e in items if match(e)]
+
+    return wait_for(f"an Event with {field_selector}", found, timeout=timeout)
+
+
 @dataclass
 class Proc:
     """A child process with its log file."""

@@ -10,7 +10,7 @@ from typing import Any
 
 from kubernetes import client
 
-from tests.cluster import Cluster, wait_for
+from tests.cluster import Cluster, wait_events, wait_for
 from tests.e2e.conftest import NAMESPACE, Platform
 from tests.e2e.test_webhook_binding import _pod, _pod_spec
 
@@ -40,10 +40,7 @@ def test_a_clean_pod_through_the_period_confirms_its_claim_and_the_outcome_is_st
     status = wait_for("checked Confirmed", confirmed, timeout=OBSERVATION + 60)
     falsified = next(c for c in status["conditions"] if c["type"] == "Falsified")
     assert (falsified["status"], falsified["reason"]) == ("False", "Confirmed")
-    events = core.list_namespaced_event(
-        namespace, field_selector="involvedObject.name=checked,reason=Confirmed"
-    ).items
-    assert events, "no Confirmed Event"
+    wait_events(core, namespace, "involvedObject.name=checked,reason=Confirmed")
 
     # the outcome row, read from the operator's SQLite file inside its pod
     uid = claim["metadata"]["uid"]

@@ -20,7 +20,7 @@ from contextlib import ExitStack
 from typing import Any
 
 from capacity_api.gates import CALIBRATION_CONFIGMAP, THRESHOLD_BOUNDS
-from tests.cluster import show, unique, wait_for
+from tests.cluster import show, unique, wait_events, wait_for
 from tests.integration.test_recovery import Running, claim_status, placement_nodes
 from tests.integration.test_recovery_real_node import (
     capacity_node,
@@ -193,11 +193,11 @@ def test_calibration_learns_from_real_oom_kills_and_keeps_a_pinned_threshold(
         assert "thetaFit" not in {h["key"] for h in history}
         counters = json.loads(data["counters"])["host"]
         assert (counters["falsified"], counters["confirmed"]) == (len(TIGHT), len(LOOSE))
-        events = core.list_namespaced_event(
-            env.platform,
-            field_selector=f"involvedObject.name={CALIBRATION_CONFIGMAP},reason=ThresholdMoved",
-        ).items
-        assert any("thetaIso" in e.message for e in events)
+        wait_events(
+            core, env.platform,
+            f"involvedObject.name={CALIBRATION_CONFIGMAP},reason=ThresholdMoved",
+            lambda e: "thetaIso" in e.message,
+        )  # fmt: skip
 
         shown = capctl(env)
         assert "pinned" in shown

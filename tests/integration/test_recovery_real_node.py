@@ -29,7 +29,7 @@ from kubernetes.client.rest import ApiException
 from capacity_api import GROUP, VERSION
 from capacity_api.gates import CALIBRATION_CONFIGMAP, THRESHOLD_BOUNDS, Thresholds
 from capacity_api.webhook import CLAIM_LABEL
-from tests.cluster import Proc, agents_proc, show, unique, wait_for
+from tests.cluster import Proc, agents_proc, show, unique, wait_events, wait_for
 from tests.integration.test_recovery import (
     FAILED_TAINT,
     LEASE,
@@ -315,10 +315,7 @@ def test_the_real_node_failing_moves_its_claim_and_pod_to_a_kwok_node_and_is_tru
             ),
             timeout=10,
         )
-        events = core.list_event_for_all_namespaces(
-            field_selector=f"involvedObject.name={real_node},reason=NodeReturned"
-        ).items
-        assert events, "no NodeReturned Event"
+        wait_events(core, None, f"involvedObject.name={real_node},reason=NodeReturned")
 
         # used again: a claim that needs both nodes is admitted onto both
         cluster.create_claim(ns, "pair-again", cGeo=0.05, substrate="host", replicas=2)

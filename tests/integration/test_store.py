@@ -90,7 +90,8 @@ def test_admission_goes_on_while_the_database_is_unreachable_and_the_store_catch
     direct = url(postgres, database)
 
     def operator_proc() -> Proc:
-        proc = operator(env.kubeconfig, env.platform, env.logs / "op.log")
+        # only this test's namespace: claims other tests left behind would be recorded too
+        proc = operator(env.kubeconfig, env.platform, env.logs / "op.log", ns)
         proc.env.update(
             CAPACITY_OPERATOR_TRUTH_OBSERVATION_SECONDS=str(PERIOD),
             CAPACITY_OPERATOR_TRUTH_INTERVAL_SECONDS="1",

@@ -20,7 +20,7 @@ from kubernetes.client.rest import ApiException
 from capacity_api.gates import CALIBRATION_CONFIGMAP, THRESHOLD_BOUNDS
 from capacity_api.webhook import CLAIM_LABEL
 from capacity_operator.store import database_url, outcomes
-from tests.cluster import Proc, show, unique, wait_for
+from tests.cluster import Proc, show, unique, wait_events, wait_for
 from tests.integration.test_recovery import (
     Running,
     agent,
@@ -45,8 +45,10 @@ PERIOD = 8.0
 
 
 def truthful_operator(env: Env, period: float = PERIOD) -> Proc:
-    """The operator with a short observation period and a calibration round every second."""
-    proc = operator(env.kubeconfig, env.platform, env.logs / "op.log")
+    """The operator with a short observation period and a calibration round every second. It
+    sees only the test's namespace: claims other tests left behind would otherwise be checked
+    too, and their outcomes counted with this test's."""
+    proc = operator(env.kubeconfig, env.platform, env.logs / "op.log", env.namespace)
     proc.env["CAPACITY_OPERATOR_TRUTH_OBSERVATION_SECONDS"] = str(period)
     proc.env["CAPACITY_OPERATOR_TRUTH_INTERVAL_SECONDS"] = "1"
     proc.env["CAPACITY_OPERATOR_CALIBRATION_INTERVAL_SECONDS"] = "1"
@@ -102,11 +104,10 @@ def condition(env: Env, name: str, kind: str) -> dict[str, Any] | None:
     return None
 
 
-def events(env: Env, name: str) -> dict[str, str]:
-    found = env.core.list_namespaced_event(
-        env.namespace, field_selector=f"involvedObject.name={name}"
-    ).items
-    return {e.reason: e.message for e in found}
+def event(env: Env, name: str, reason: str) -> str:
+    """The message of the claim's Event with ``reason`` (waited for)."""
+    selector = f"involvedObject.name={name},reason={reason}"
+    return str(wait_events(env.core, env.namespace, selector)[0].message)
 
 
 def test_a_real_oom_kill_on_the_real_node_falsifies_its_claim(env: Env, real_node: str) -> None:
@@ -144,9 +145,7 @@ def test_a_real_oom_kill_on_the_real_node_falsifies_its_claim(env: Env, real_nod
         assert cond is not None
         assert (cond["status"], cond["reason"]) == ("True", "OOMKilled")
         assert pod in cond["message"]
-        said = events(env, "hog")
-        assert "Falsified" in said, said
-        assert f"OOMKilled pod {pod}/hog on {real_node}" in said["Falsified"]
+        assert f"OOMKilled pod {pod}/hog on {real_node}" in event(env, "hog", "Falsified")
         # the outcome is in the store (the operator's SQLite file), with what it was decided on
         db = database_url(str((env.logs / "op.log").with_suffix(".outcomes.db")), None)
 
@@ -214,11 +213,11 @@ def test_a_clean_period_confirms_and_an_idle_node_shows_a_missed_opportunity(env
         cond = condition(env, "small", "Falsified")
         assert cond is not None
         assert (cond["status"], cond["reason"]) == ("False", "Confirmed")
-        assert "Confirmed" in events(env, "small")
+        assert event(env, "small", "Confirmed")
 
         assert wide["verdict"] == "MissedOpportunity", wide
         assert wide["headroom"][node] >= 0.55
-        assert "MissedOpportunity" in events(env, "wide")
+        assert event(env, "wide", "MissedOpportunity")
         assert huge["verdict"] == "RightlyRejected", huge
         wanted = {"confirmed": 1, "falsified": 0, "missed": 1, "rightlyRejected": 1}
         wait_for("calibration's counters", lambda: counters(env) == wanted, timeout=30)
