@@ -88,9 +88,14 @@ def load(kubeconfig: str | None) -> ClusterAccess:
     return ClusterAccess(choice, configuration, namespace)
 
 
-def api_client(access: ClusterAccess) -> client.ApiClient:
-    """The operator's Kubernetes client on ``access``."""
-    return client.ApiClient(access.configuration)
+def api_client(access: ClusterAccess, *, pool: int = 0) -> client.ApiClient:
+    """The operator's Kubernetes client on ``access``, its connection pool at least ``pool``
+    connections large: the worker threads share it, and a pool smaller than them throws
+    connections away ("Connection pool is full, discarding connection") and redoes their TLS
+    handshakes."""
+    configuration = access.configuration
+    configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, pool)
+    return client.ApiClient(configuration)
 
 
 def check_reachable(access: ClusterAccess) -> None:

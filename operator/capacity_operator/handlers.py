@@ -78,7 +78,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="kube")
     )
-    api = cluster.api_client(cluster.load(cfg.kubeconfig))
+    api = cluster.api_client(cluster.load(cfg.kubeconfig), pool=cfg.threads)
     if not cfg.standalone:
         await asyncio.to_thread(_ensure_peering_object, api, cfg.peering)
     kube = Kube(api)

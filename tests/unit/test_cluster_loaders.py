@@ -318,3 +318,14 @@ def test_the_programs_say_no_cluster_in_one_line(
         assert out.stdout == ""
         assert out.stderr.startswith(f"{prog}: no cluster: {detail}"), out.stderr
         assert out.stderr.count("\n") == 1, out.stderr
+
+
+@pytest.mark.parametrize("module", [capacity_operator.cluster, capacity_agent.cluster])
+def test_the_client_pool_holds_a_connection_per_worker_thread(module: Any, tmp_path: Path) -> None:
+    """The operator's and the agent's worker threads share one client: a smaller pool throws
+    connections away and redoes their TLS handshakes (the admission benchmark's operator log was
+    full of "Connection pool is full")."""
+    path = write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:6443")
+    api = module.api_client(module.load(str(path)), pool=64)
+    assert api.configuration.connection_pool_maxsize == 64
+    assert api.rest_client.pool_manager.connection_pool_kw["maxsize"] == 64
