@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO))
 
 from capacity_api import GROUP, VERSION  # noqa: E402
 from tests import kube  # noqa: E402
+from tests.bench.machine import MachineSampler, cluster_processes, table  # noqa: E402
 from tests.cluster import Cluster, agents_proc, operator_proc, unique  # noqa: E402
+from tests.nodes import control_plane_dir  # noqa: E402
 
 RESULTS = REPO / "tests" / "bench" / "results"
 FINAL = {"Admitted", "Rejected"}
@@ -173,6 +175,15 @@ def scenario(
         watcher.start()
         sampler = Sampler(op.popen.pid if op.popen else 0)
         sampler.start()
+        machine = MachineSampler(
+            {
+                **cluster_processes(control_plane_dir()),
+                "operator": [psutil.Process(op.popen.pid if op.popen else 0)],
+                "agents": [psutil.Process(agents.popen.pid if agents.popen else 0)],
+                "benchmark (client)": [psutil.Process()],
+            }
+        )
+        machine.start()
         before = apiserver_requests(api)
         created: dict[str, float] = {}
         start = time.time()
@@ -193,6 +204,7 @@ def scenario(
         while len(watcher.done) < claims and time.time() < deadline:
             time.sleep(0.5)
         after = apiserver_requests(api)
+        machine.stop()
         sampler.stop_flag.set()
         watcher.stop_flag.set()
         latencies = [watcher.done[n][0] - created[n] for n in created if n in watcher.done]
@@ -220,6 +232,7 @@ def scenario(
                 "operator_cpu_p90_pct": round(percentile(sampler.cpu, 90), 1),
                 "operator_rss_peak_mib": round(max(sampler.rss), 1) if sampler.rss else None,
                 "api_requests_per_claim": round(sum(delta.values()) / max(1, done), 2),
+                "cpu": machine.figures(per=done),
                 "api_requests_by_resource_per_claim": {
                     k: round(v / max(1, done), 2)
                     for k, v in sorted(by_resource.items(), key=lambda kv: -kv[1])
@@ -261,6 +274,8 @@ def main() -> int:
         print(f"-- {nodes} nodes, {claims} claims at {rate}/s", flush=True)
         outcome = scenario(api, kubeconfig, nodes=nodes, claims=claims, rate=rate, workdir=workdir)
         print(json.dumps(outcome, indent=2), flush=True)
+        if "cpu" in outcome:
+            print(table(outcome["cpu"]), flush=True)
         results.append(outcome)
     header = (
         f"{'nodes':>5} {'claims':>6} {'rate':>5} {'p50 s':>7} {'p99 s':>7} {'thru/s':>7} "

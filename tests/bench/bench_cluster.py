@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import psutil  # noqa: E402 - after the path set-up, like every import below
-from kubernetes import client  # noqa: E402
+from kubernetes import client  # noqa: E402 - after the path set-up, like every import below
 
 from tests import kube  # noqa: E402
+from tests.bench.machine import cluster_processes  # noqa: E402
 from tests.cluster import wait_for  # noqa: E402
 from tests.nodes import image_ref, on_real_node, wait_default_service_account  # noqa: E402
 
@@ -76,24 +76,8 @@ def timed(state: Path, command: str) -> tuple[float, str]:
     return time.monotonic() - started, out.stdout.strip().splitlines()[-1] if out.stdout else ""
 
 
-def processes(state: Path) -> dict[str, list[psutil.Process]]:
-    """The cluster's processes by component (containerd shims counted together)."""
-    found: dict[str, list[psutil.Process]] = {}
-    for pidfile in state.glob("*.pid"):
-        try:
-            found[pidfile.stem] = [psutil.Process(int(pidfile.read_text()))]
-        except psutil.NoSuchProcess:
-            continue
-    sock = str(state / "node" / "containerd" / "containerd.sock")
-    for proc in psutil.process_iter(["cmdline"]):
-        cmdline = proc.info["cmdline"] or []
-        if cmdline and "containerd-shim" in cmdline[0] and sock in cmdline:
-            found.setdefault("containerd-shims", []).append(proc)
-    return found
-
-
 def idle_figures(state: Path, seconds: float) -> dict[str, dict[str, float]]:
-    procs = processes(state)
+    procs = cluster_processes(state)
     cpu: dict[str, list[float]] = {name: [] for name in procs}
     rss: dict[str, float] = dict.fromkeys(procs, 0.0)
     before = {name: sum(sum(p.cpu_times()[:2]) for p in ps) for name, ps in procs.items()}
