@@ -213,7 +213,7 @@ async def truth_check(
 
 
 @kopf.index("pods", labels={CLAIM_LABEL: kopf.PRESENT})
-def claim_pods(
+async def claim_pods(
     namespace: str | None, labels: kopf.Labels, body: kopf.Body, **_: Any
 ) -> dict[tuple[str, str], JSON]:
     """The pods bound to each claim, by (namespace, claim): what truth needs of them only."""
@@ -221,7 +221,7 @@ def claim_pods(
 
 
 @kopf.index("nodes")
-def kubelet_pressure(name: str, status: kopf.Status, **_: Any) -> dict[str, list[JSON]]:
+async def kubelet_pressure(name: str, status: kopf.Status, **_: Any) -> dict[str, list[JSON]]:
     """Each Kubernetes Node's kubelet pressure conditions that are True: truth reads them for
     the placement nodes of an admitted claim. A node without any is not kept (an empty result,
     which also drops what the node had before; None would keep it)."""
@@ -239,13 +239,17 @@ async def claim_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 # -- caches -------------------------------------------------------------------------------------
 
 
+# The caches are async handlers on purpose: they run on the event loop, like every reader of
+# the caches, so no worker thread ever changes a dict that async code is iterating.
+
+
 @kopf.on.event(*NODES)
-def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     _engine(memo).observe_node(dict(event["object"]), deleted=event["type"] == "DELETED")
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases")
-def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+async def lease_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     engine = _engine(memo)
     obj = event["object"]
     if obj.get("metadata", {}).get("namespace") != engine.settings.namespace:
