@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
 
@@ -29,6 +29,7 @@ from capacity_api.models import (
     VoteValue,
 )
 from capacity_api.quantity import parse_quantity
+from capacity_api.reasons import READY
 
 EPSILON = 1e-9
 """Slack for float sums of shares: a + r <= 1 + EPSILON is still within capacity."""
@@ -110,6 +111,33 @@ def node_share(spec: CapacityClaimSpec, substrate: Substrate, node: CapacityNode
 
 # ---------------------------------------------------------------------------------------------
 # Node view and the ledger
+
+
+def node_staleness(
+    node: CapacityNode | None, now: datetime, max_age: float, min_samples: int = 0
+) -> str | None:
+    """Why a node's published readings cannot be used now, or None when they can: the one
+    freshness rule of the operator's placement and the witnesses' votes. Usable means a status
+    that is Ready, whose newest reading is at most ``max_age`` seconds old (the thresholds'
+    maxAgeSeconds), and every window holding at least ``min_samples`` samples (a node that just
+    came up or came back is not trusted before)."""
+    status = node.status if node is not None else None
+    if status is None:
+        return "no CapacityNode status"
+    if not any(c.type == READY and c.status.value == "True" for c in status.conditions or []):
+        return "not Ready"
+    readings = (status.readings or {}).values()
+    short = [r.samples for r in readings if r.samples < min_samples]
+    if short:
+        return f"window not full ({min(short)} of {min_samples} samples)"
+    newest = max((r.observed_at for r in readings), default=None)
+    if newest is None:
+        return "readings stale"
+    if newest.tzinfo is None:
+        newest = newest.replace(tzinfo=UTC)
+    if (now - newest).total_seconds() > max_age:
+        return "readings stale"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

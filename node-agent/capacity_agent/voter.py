@@ -34,6 +34,7 @@ from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
+from capacity_api.admission import node_staleness
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds, evaluate_fit
 from capacity_api.lease import parse_lease
 from capacity_api.models import (
@@ -45,7 +46,6 @@ from capacity_api.models import (
     VoterRole,
     VoteValue,
 )
-from capacity_api.reasons import READY
 
 log = logging.getLogger(__name__)
 
@@ -180,20 +180,9 @@ def decide_witness(
             problems.append(f"{name}: no lease")
         elif now - renewed > duration:
             problems.append(f"{name}: lease expired {now - renewed - duration:.0f}s ago")
-        node = nodes.get(name)
-        if node is None or node.status is None:
-            problems.append(f"{name}: no CapacityNode status")
-            continue
-        ready = any(
-            c.type == READY and c.status.value == "True" for c in node.status.conditions or []
-        )
-        newest = max(
-            (r.observed_at.timestamp() for r in (node.status.readings or {}).values()), default=None
-        )
-        if not ready:
-            problems.append(f"{name}: not Ready")
-        elif newest is None or now - newest > max_age:
-            problems.append(f"{name}: readings stale")
+        stale = node_staleness(nodes.get(name), datetime.fromtimestamp(now, UTC), max_age)
+        if stale is not None:
+            problems.append(f"{name}: {stale}")
     return Vote(
         vote=VoteValue.NO if problems else VoteValue.YES,
         role=VoterRole.WITNESS,

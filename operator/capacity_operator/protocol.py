@@ -35,6 +35,7 @@ from capacity_api.admission import (
     claim_key,
     claim_substrate,
     new_proposal,
+    node_staleness,
     plan_placement,
     quorum,
     rebuild_allocations,
@@ -176,9 +177,7 @@ class Engine:
                     name=name,
                     node=node,
                     lease_live=lease is not None and lease.live(now) and not distrusted,
-                    fresh=node_fresh(
-                        node, now, self.settings.node_max_age_seconds, self.min_samples
-                    ),
+                    fresh=node_fresh(node, now, self.max_age_seconds, self.min_samples),
                     reserved=dict(reserved.get(name, {})),
                 )
             )
@@ -200,6 +199,13 @@ class Engine:
     def min_samples(self) -> int:
         """minSamples of the thresholds in force."""
         return self._thresholds[1].min_samples if self._thresholds else Thresholds().min_samples
+
+    @property
+    def max_age_seconds(self) -> float:
+        """maxAgeSeconds of the thresholds in force: how old a node's newest reading may be for
+        placement, the same limit its agent and the witnesses apply to their votes."""
+        t = self._thresholds[1] if self._thresholds else Thresholds()
+        return t.max_age_seconds
 
     async def thresholds(self) -> Thresholds:
         """Gate thresholds from the calibration ConfigMap (re-read at most every 5 s)."""
@@ -1021,24 +1027,8 @@ class Engine:
 
 
 def node_fresh(node: CapacityNode, now: datetime, max_age: float, min_samples: int = 0) -> bool:
-    """Ready, with a reading newer than ``max_age`` seconds, and every window holding at least
-    ``min_samples`` samples (a node that just came up or came back is not trusted before)."""
-    status = node.status
-    if status is None:
-        return False
-    if any(r.samples < min_samples for r in (status.readings or {}).values()):
-        return False
-    ready = any(
-        c.type == reasons.READY and c.status.value == "True" for c in status.conditions or []
-    )
-    if not ready:
-        return False
-    newest = max((r.observed_at for r in (status.readings or {}).values()), default=None)
-    if newest is None:
-        return False
-    if newest.tzinfo is None:
-        newest = newest.replace(tzinfo=UTC)
-    return (now - newest).total_seconds() <= max_age
+    """Whether placement may use the node's readings (:func:`node_staleness`)."""
+    return node_staleness(node, now, max_age, min_samples) is None
 
 
 def _holds(node: CapacityNode | None, uid: str) -> bool:

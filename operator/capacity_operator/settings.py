@@ -20,8 +20,6 @@ class OperatorSettings(BaseSettings):
     """How long voters have to answer a proposal before the epoch is aborted."""
     max_attempts: int = Field(default=5, ge=1, le=50)
     """Proposals tried for one admission before the claim is Rejected."""
-    node_max_age_seconds: float = Field(default=30.0, gt=0)
-    """Readings older than this make a node unusable for placement."""
     peering: str = "capacity-platform"
     """kopf peering name; a second operator copy with the same name stays idle."""
     standalone: bool = False

@@ -19,6 +19,7 @@ from capacity_api.admission import (
     expected_holders,
     new_proposal,
     node_share,
+    node_staleness,
     plan_placement,
     quorum,
     rebuild_allocations,
@@ -360,3 +361,34 @@ def test_placement_skips_nodes_the_isolation_gate_would_refuse() -> None:
     assert "half: isolation 0.10 < theta_iso 0.15" in plan.message
     ok = plan_placement(spec(cGeo=0.3), Substrate.HOST, [view(half)], min_isolation=0.15)
     assert isinstance(ok, PlacementPlan)
+
+
+def _ready(n: CapacityNode, status: str = "True") -> CapacityNode:
+    body = n.model_dump(by_alias=True, mode="json", exclude_none=True)
+    body["status"]["conditions"] = [
+        {"type": "Ready", "status": status, "reason": "Measured", "message": "",
+         "lastTransitionTime": NOW.isoformat()}
+    ]  # fmt: skip
+    return CapacityNode.model_validate(body)
+
+
+@pytest.mark.parametrize(
+    ("case", "age", "min_samples", "why"),
+    [
+        ("fresh", 10.0, 0, None),
+        ("at the limit", 30.0, 64, None),
+        ("too old", 30.5, 0, "readings stale"),
+        ("clock skew (a reading from the future) is fresh", -5.0, 0, None),
+        ("window not full", 0.0, 65, "window not full (64 of 65 samples)"),
+        ("not ready", 0.0, 0, "not Ready"),
+        ("no status", 0.0, 0, "no CapacityNode status"),
+    ],
+)
+def test_one_freshness_rule_for_placement_and_witnesses(
+    case: str, age: float, min_samples: int, why: str | None
+) -> None:
+    n: CapacityNode | None = _ready(node("n1"), "False" if case == "not ready" else "True")
+    if case == "no status":
+        n = None
+    now = NOW + timedelta(seconds=age)
+    assert node_staleness(n, now, max_age=30.0, min_samples=min_samples) == why, case
