@@ -89,6 +89,10 @@ class Calibrator:
     async def round(self) -> Round | None:
         """One round; returns what it wrote (None: the store could not be read, or the
         ConfigMap kept moving under it)."""
+        if not self.store.migrated and self.store.health.since is None:
+            # the store's writer has neither reached the database yet (its first connection
+            # creates the table) nor failed to: nothing to read, and no outage to report
+            return None
         try:
             rows, counts = await asyncio.to_thread(
                 self.store.calibration_input,

@@ -181,6 +181,11 @@ class OutcomeStore:
         self._thread = threading.Thread(target=self._run, name="outcome-store", daemon=True)
         self._thread.start()
 
+    @property
+    def migrated(self) -> bool:
+        """Whether the writer has created or upgraded the schema (its first connection)."""
+        return self._migrated
+
     def record(self, row: OutcomeRow) -> None:
         """Queue the row (never blocks, never raises); the writer upserts it."""
         with self._lock:
