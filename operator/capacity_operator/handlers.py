@@ -2,6 +2,7 @@
 
 Claims are handled level-based through ``on.event`` (every change, our own writes and the
 agents' votes included, leads to one reconcile) plus timers for deadlines and waiting claims;
+truth keeping is one loop over a kopf index of the claims under observation;
 CapacityNodes and node Leases only feed the engine's caches. Deletion goes through a finalizer
 under our API group that frees the claim's allocation.
 """
@@ -58,7 +59,19 @@ def _engine(memo: kopf.Memo) -> Engine:
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+async def startup(
+    settings: kopf.OperatorSettings,
+    memo: kopf.Memo,
+    *,
+    # kopf passes its indexes (defined below) to every handler: live views, filled once the
+    # watches start
+    observed_claims: kopf.Index[tuple[str, str], JSON] | None = None,
+    claim_pods: kopf.Index[tuple[str, str], JSON] | None = None,
+    kubelet_pressure: kopf.Index[str, list[JSON]] | None = None,
+    **_: Any,
+) -> None:
+    if observed_claims is None or claim_pods is None or kubelet_pressure is None:
+        raise kopf.PermanentError("kopf passed no indexes to the startup handler")
     cfg: OperatorSettings = memo["settings"]
     # kopf's own bookkeeping under our API group, from day one
     settings.persistence.finalizer = f"{GROUP}/finalizer"
@@ -89,7 +102,11 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     store = OutcomeStore(database_url(cfg.store_path, cfg.store_dsn))
     store.start()
     memo["store"] = store
-    memo["truth"] = TruthKeeper(engine, emit, store)
+    truth = TruthKeeper(engine, emit, store)
+    memo["indexed"] = indexed = asyncio.Event()
+    memo["truth"] = asyncio.create_task(
+        truth.run(observed_claims, claim_pods, kubelet_pressure, indexed), name="truth"
+    )
     await engine.start()
     lifecycle = Lifecycle(engine, kube, emit, priority=memo["priority"])
     memo["lifecycle"] = asyncio.create_task(lifecycle.run(), name="node-lifecycle")
@@ -117,7 +134,7 @@ def _ensure_peering_object(api: client.ApiClient, name: str) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("calibration", "lifecycle"):
+    for name in ("calibration", "lifecycle", "truth"):
         task = memo.get(name)
         if task is not None:
             task.cancel()
@@ -146,6 +163,7 @@ def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.Co
 
 @kopf.on.event(*CLAIMS)
 async def claim_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    memo["indexed"].set()  # see node_event
     if event["type"] == "DELETED":
         return
     engine = _engine(memo)
@@ -189,27 +207,15 @@ def _observed(status: kopf.Status, **_: Any) -> bool:
     return observed(status)
 
 
-@kopf.timer(*CLAIMS, interval=1.0, when=_observed)
-async def truth_check(
-    body: kopf.Body,
-    *,
-    namespace: str | None,
-    name: str,
-    memo: kopf.Memo,
-    claim_pods: kopf.Index[tuple[str, str], JSON] | None = None,  # kopf passes the index below
-    kubelet_pressure: kopf.Index[str, list[JSON]] | None = None,  # and this one
-    **_: Any,
-) -> None:
-    """Checks the decision against its pods and its nodes (the indexes below)."""
-    engine = _engine(memo)
-    await engine.ready.wait()
-    keeper: TruthKeeper = memo["truth"]
-    pods = list(claim_pods.get((namespace or "", name), [])) if claim_pods is not None else []
-    pressure: dict[str, list[JSON]] = {}
-    if kubelet_pressure is not None:
-        for node, store in kubelet_pressure.items():
-            pressure[node] = [c for conditions in store for c in conditions]
-    await keeper.check(dict(body), pods, pressure)
+@kopf.index(*CLAIMS, when=_observed)
+async def observed_claims(
+    namespace: str | None, name: str, body: kopf.Body, **_: Any
+) -> dict[tuple[str, str], JSON]:
+    """The claims whose decision is still being checked, by (namespace, name): the truth loop
+    (started below) goes through them every truth interval. One loop for all claims instead of
+    a kopf timer per claim: with the default ten-minute observation, a cluster admitting ten
+    claims a second would otherwise run thousands of timers, each waking every second."""
+    return {(namespace or "", name): dict(body)}
 
 
 @kopf.index("pods", labels={CLAIM_LABEL: kopf.PRESENT})
@@ -245,6 +251,10 @@ async def claim_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 @kopf.on.event(*NODES)
 async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    # kopf calls resource handlers only once every index has been filled: the truth loop,
+    # which reads the indexes, waits for this (a claim checked against an index still empty
+    # could be Confirmed without the pod that falsifies it)
+    memo["indexed"].set()
     _engine(memo).observe_node(dict(event["object"]), deleted=event["type"] == "DELETED")
 
 
