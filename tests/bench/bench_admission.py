@@ -8,6 +8,7 @@ watch) p50/p90/p99, sustained throughput, operator CPU and RSS, and API requests
 
     python tests/bench/bench_admission.py                 # 10, 50, 100 nodes; 1000 claims; 10/s
     BENCH_NODES=100 BENCH_CLAIMS=1000 BENCH_RATE=40 python tests/bench/bench_admission.py
+    BENCH_PROFILE=1 ...        # also a py-spy profile of the operator (root), hot frames printed
 
 Prints a table and writes tests/bench/results/admission.json. Figures, not pass/fail.
 """
@@ -34,6 +35,7 @@ sys.path.insert(0, str(REPO))
 from capacity_api import GROUP, VERSION  # noqa: E402
 from tests import kube  # noqa: E402
 from tests.bench.machine import MachineSampler, cluster_processes, table  # noqa: E402
+from tests.bench.profile import Profile, hot_frames  # noqa: E402
 from tests.cluster import Cluster, agents_proc, operator_proc, unique  # noqa: E402
 from tests.nodes import control_plane_dir  # noqa: E402
 
@@ -184,6 +186,10 @@ def scenario(
             }
         )
         machine.start()
+        profile: Profile | None = None
+        if os.environ.get("BENCH_PROFILE") and op.popen:
+            name = f"profile-operator-{nodes}n-{rate:g}per-s.txt"
+            profile = Profile(op.popen.pid, RESULTS / name).__enter__()
         before = apiserver_requests(api)
         created: dict[str, float] = {}
         start = time.time()
@@ -205,6 +211,11 @@ def scenario(
             time.sleep(0.5)
         after = apiserver_requests(api)
         machine.stop()
+        if profile is not None:
+            profile.__exit__()
+            samples, frames = hot_frames(profile.path)
+            result["profile"] = {"file": str(profile.path), "samples": samples,
+                                 "frames": [[f, n] for f, n in frames]}  # fmt: skip
         sampler.stop_flag.set()
         watcher.stop_flag.set()
         latencies = [watcher.done[n][0] - created[n] for n in created if n in watcher.done]
@@ -276,6 +287,11 @@ def main() -> int:
         print(json.dumps(outcome, indent=2), flush=True)
         if "cpu" in outcome:
             print(table(outcome["cpu"]), flush=True)
+        if "profile" in outcome:
+            total = max(1, outcome["profile"]["samples"])
+            print(f"  operator profile ({total} samples, inclusive):")
+            for frame, n in outcome["profile"]["frames"]:
+                print(f"    {100 * n / total:5.1f} %  {frame}")
         results.append(outcome)
     header = (
         f"{'nodes':>5} {'claims':>6} {'rate':>5} {'p50 s':>7} {'p99 s':>7} {'thru/s':>7} "
