@@ -62,25 +62,34 @@ class MachineSampler(threading.Thread):
         super().__init__(daemon=True)
         self.groups = {name: list(procs) for name, procs in groups.items()}
         self.interval = interval
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._last: dict[str, float] = {}
         self.load: list[float] = []
         self.busy: list[float] = []
-        self._started = 0.0
-        self._stopped = 0.0
+        self._t0 = 0.0
+        self._t1 = 0.0
         self._before: dict[str, float] = {}
 
     def start(self) -> None:
         self._before = {name: _cpu_seconds(procs) for name, procs in self.groups.items()}
         self._last = dict(self._before)
-        self._started = time.monotonic()
-        psutil.cpu_percent(None)  # the next call measures from here
+        self._t0 = time.monotonic()
         super().start()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        # busy share from /proc/stat deltas (psutil.cpu_percent keeps its last reading per
+        # thread, and would measure from whatever another thread of this process did)
+        last = psutil.cpu_times()
+        while not self._halt.wait(self.interval):
             self.load.append(os.getloadavg()[0])
-            self.busy.append(psutil.cpu_percent(None))
+            now = psutil.cpu_times()
+            total = sum(now) - sum(last)
+            idle = (now.idle + getattr(now, "iowait", 0.0)) - (
+                last.idle + getattr(last, "iowait", 0.0)
+            )
+            if total > 0:
+                self.busy.append(100.0 * (1.0 - idle / total))
+            last = now
             # a process that exits keeps what it used: remember its last reading
             for name, procs in self.groups.items():
                 self._last[name] = max(self._last[name], _cpu_seconds(procs))
@@ -88,14 +97,14 @@ class MachineSampler(threading.Thread):
     def stop(self) -> None:
         for name, procs in self.groups.items():
             self._last[name] = max(self._last[name], _cpu_seconds(procs))
-        self._stopped = time.monotonic()
-        self._stop.set()
+        self._t1 = time.monotonic()
+        self._halt.set()
         self.join(timeout=5)
 
     def figures(self, per: int | None = None, per_name: str = "claim") -> dict[str, Any]:
         """CPU per group (seconds, % of one core, and per ``per`` units when given) and the
         machine's busy share and load over the interval."""
-        seconds = max(1e-9, self._stopped - self._started)
+        seconds = max(1e-9, self._t1 - self._t0)
         groups: dict[str, Any] = {}
         for name in self.groups:
             used = self._last[name] - self._before[name]
