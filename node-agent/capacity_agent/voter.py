@@ -215,6 +215,7 @@ class Voter:
         self.votes_cast = 0
         self.votes_dropped = 0
         self._thresholds: tuple[float, Thresholds] | None = None
+        self._thresholds_lock = asyncio.Lock()
         self._node_cache: dict[str, tuple[float, CapacityNode | None]] = {}
         self._lease_cache: tuple[float, dict[str, tuple[float | None, float]]] | None = None
         self._stop = threading.Event()
@@ -432,9 +433,17 @@ class Voter:
             return leases
 
     async def _current_thresholds(self) -> Thresholds:
-        now = self.clock()
-        if self._thresholds and now - self._thresholds[0] < THRESHOLDS_SECONDS:
+        """The calibration ConfigMap's thresholds, re-read at most every THRESHOLDS_SECONDS by
+        one caller while the others wait for it (not one read per concurrent vote)."""
+        if self._thresholds and self.clock() - self._thresholds[0] < THRESHOLDS_SECONDS:
             return self._thresholds[1]
+        async with self._thresholds_lock:
+            if self._thresholds and self.clock() - self._thresholds[0] < THRESHOLDS_SECONDS:
+                return self._thresholds[1]
+            return await self._read_thresholds()
+
+    async def _read_thresholds(self) -> Thresholds:
+        now = self.clock()
         data: Mapping[str, str] | None
         try:
             cm = await asyncio.to_thread(
