@@ -274,6 +274,7 @@ def scenario(
 def main() -> int:
     kubeconfig = kube.test_kubeconfig()
     api = kube.api_client(kubeconfig)
+    kube.refuse_beside_chart_operator(api, "the benchmark")
     kube.apply_crds(api)
     node_counts = [int(n) for n in os.environ.get("BENCH_NODES", "10,50,100").split(",")]
     claims = int(os.environ.get("BENCH_CLAIMS", "1000"))

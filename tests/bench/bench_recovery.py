@@ -304,6 +304,7 @@ def summary(values: list[float]) -> dict[str, float]:
 def main() -> int:
     kubeconfig = kube.test_kubeconfig()
     api = kube.api_client(kubeconfig)
+    kube.refuse_beside_chart_operator(api, "the benchmark")
     scales = [int(s) for s in os.environ.get("BENCH_SCALES", "10,100").split(",")]
     kills = int(os.environ.get("BENCH_KILLS", "20"))
     results = []

@@ -17,7 +17,9 @@ from tests.nodes import wait_default_service_account
 
 @pytest.fixture(scope="session")
 def crds(api: client.ApiClient) -> list[str]:
-    """Install the CRDs once per session (re-applied, so a changed model is picked up)."""
+    """Install the CRDs once per session (re-applied, so a changed model is picked up), on a
+    cluster where no chart-installed operator runs (it would act on the tests' claims)."""
+    kube.refuse_beside_chart_operator(api, "the integration tests")
     return kube.apply_crds(api)
 
 

@@ -267,3 +267,16 @@ def test_local_cluster_values_keep_platform_pods_on_the_real_node() -> None:
     args = simulator["spec"]["template"]["spec"]["containers"][0]["args"]
     assert "--node-name=kwok-node" in args
     assert "--simulate=3" in args
+
+
+def test_the_test_guard_finds_exactly_the_chart_operator() -> None:
+    """Integration tests and benchmarks refuse to run beside a chart-installed operator
+    (tests.kube.chart_operators): its label selector picks the operator Deployment, and only
+    it."""
+    wanted = dict(pair.split("=") for pair in kube.OPERATOR_SELECTOR.split(","))
+    picked = [
+        o["metadata"]["name"]
+        for o in render()
+        if o["kind"] == "Deployment" and wanted.items() <= o["metadata"]["labels"].items()
+    ]
+    assert picked == ["capacity-platform-operator"]
