@@ -38,6 +38,12 @@ from capacity_agent.collectors.gpu import GpuCollector
 from capacity_agent.collectors.host import HostCollector
 from capacity_agent.collectors.network import NetworkCollector
 from capacity_agent.collectors.paths import HostPaths
+from capacity_agent.collectors.sources import (
+    ReplayCollector,
+    SourceKind,
+    SyntheticCollector,
+    SyntheticKind,
+)
 from capacity_agent.collectors.storage import StorageCollector
 from capacity_agent.collectors.thermal import ThermalCollector
 from capacity_agent.lease import KubeLeaseApi, LeaseApi, LeaseRenewer
@@ -45,12 +51,6 @@ from capacity_agent.measurement import NodeMeasurements, discover
 from capacity_agent.metrics import AgentMetrics, HealthServer
 from capacity_agent.publisher import Backoff, KubeNodeApi, NodeApi, Publisher
 from capacity_agent.settings import AgentSettings
-from capacity_agent.sources import (
-    ReplayCollector,
-    SourceKind,
-    SyntheticCollector,
-    SyntheticKind,
-)
 from capacity_agent.witness import endpoint_url
 from capacity_api.models import Substrate
 

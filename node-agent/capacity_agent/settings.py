@@ -14,7 +14,7 @@ from typing import Self
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from capacity_agent.sources import SourceSpec, parse_source
+from capacity_agent.collectors.sources import SourceSpec, parse_source
 from capacity_api.models import NodeName, Substrate
 
 ENV_PREFIX = "CAPACITY_AGENT_"

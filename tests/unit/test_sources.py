@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from capacity_agent.collectors.base import CollectorError
-from capacity_agent.sources import (
+from capacity_agent.collectors.sources import (
     SOURCE_RULE,
     ReplayCollector,
     SourceKind,
