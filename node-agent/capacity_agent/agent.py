@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kubernetes import client
 
+from capacity_agent.backoff import Backoff
 from capacity_agent.collectors.base import Collector
 from capacity_agent.collectors.gpu import GpuCollector
 from capacity_agent.collectors.host import HostCollector
@@ -49,7 +50,7 @@ from capacity_agent.collectors.thermal import ThermalCollector
 from capacity_agent.lease import KubeLeaseApi, LeaseApi, LeaseRenewer
 from capacity_agent.measurement import NodeMeasurements, discover
 from capacity_agent.metrics import AgentMetrics, HealthServer
-from capacity_agent.publisher import Backoff, KubeNodeApi, NodeApi, Publisher
+from capacity_agent.publisher import KubeNodeApi, NodeApi, Publisher
 from capacity_agent.settings import AgentSettings
 from capacity_agent.witness import endpoint_url
 from capacity_api.models import Substrate

@@ -25,8 +25,9 @@ from typing import Protocol
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from capacity_agent.backoff import Backoff
 from capacity_agent.metrics import AgentMetrics
-from capacity_agent.publisher import MANAGED_BY, Backoff
+from capacity_agent.publisher import MANAGED_BY
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ import copy
 import json
 import logging
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -49,6 +48,7 @@ from typing import Any, Protocol
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from capacity_agent.backoff import Backoff
 from capacity_agent.measurement import NodeMeasurements
 from capacity_agent.metrics import AgentMetrics
 from capacity_agent.settings import FIELD_MANAGER
@@ -66,44 +66,6 @@ MAX_OBJECT_BYTES = 16 * 1024
 SPECTRAL_KEYS = frozenset({"fingerprint", "lambda1", "lambdaInt", "entropy"})
 IGNORED_KEYS = frozenset({"observedAt", "lastTransitionTime", "message", "observedGeneration"})
 MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
-
-
-# ---------------------------------------------------------------------------------------------
-# Backoff
-
-
-class Backoff:
-    """Exponential backoff with jitter: attempt n waits a uniform share of [d/2, d], where
-    d = min(cap, initial x factor^n). ``rng`` returns floats in [0, 1) (inject it in tests)."""
-
-    def __init__(
-        self,
-        initial: float = 1.0,
-        cap: float = 30.0,
-        factor: float = 2.0,
-        rng: Callable[[], float] = random.random,
-    ) -> None:
-        if not 0 < initial <= cap or factor < 1:
-            raise ValueError("backoff needs 0 < initial <= cap and factor >= 1")
-        self.initial = initial
-        self.cap = cap
-        self.factor = factor
-        self.rng = rng
-        self.attempts = 0
-        """Failures since the last reset."""
-
-    def ceiling(self, attempt: int) -> float:
-        """The largest delay of the given attempt (0-based), before jitter."""
-        return min(self.cap, self.initial * self.factor ** min(attempt, 64))
-
-    def next(self) -> float:
-        """The delay before the next attempt, in [ceiling/2, ceiling]."""
-        ceiling = self.ceiling(self.attempts)
-        self.attempts += 1
-        return ceiling * (0.5 + 0.5 * self.rng())
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ import numpy as np
 from kubernetes import client, watch
 from kubernetes.client.rest import ApiException
 
+from capacity_agent.backoff import Backoff
 from capacity_api import GROUP, VERSION
 from capacity_api.admission import node_staleness
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds, evaluate_fit
@@ -244,10 +245,11 @@ class Voter:
                 task.cancel()
 
     def _watch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[JSON]) -> None:
-        backoff = 0.5
+        backoff = Backoff(initial=0.5, cap=30.0)
         while not self._stop.is_set():
             try:
                 listing = self.custom.list_cluster_custom_object(GROUP, VERSION, "capacityclaims")
+                backoff.reset()  # the API server answers again
                 for item in listing.get("items", []):
                     loop.call_soon_threadsafe(queue.put_nowait, item)
                 version = listing["metadata"]["resourceVersion"]
@@ -270,16 +272,15 @@ class Voter:
                             loop.call_soon_threadsafe(queue.put_nowait, obj)
                         if self._stop.is_set():
                             return
-                backoff = 0.5
             except ApiException as exc:
                 if exc.status != 410:  # 410 Gone: the version expired, list again at once
-                    log.warning("claims watch failed (%s); retrying in %.1fs", exc.status, backoff)
-                    self._stop.wait(backoff)
-                    backoff = min(30.0, backoff * 2)
+                    delay = backoff.next()
+                    log.warning("claims watch failed (%s); retrying in %.1fs", exc.status, delay)
+                    self._stop.wait(delay)
             except Exception as exc:  # the watch must survive API outages of any shape
-                log.warning("claims watch broke (%s); retrying in %.1fs", exc, backoff)
-                self._stop.wait(backoff)
-                backoff = min(30.0, backoff * 2)
+                delay = backoff.next()
+                log.warning("claims watch broke (%s); retrying in %.1fs", exc, delay)
+                self._stop.wait(delay)
 
     # -- decisions ---------------------------------------------------------------------------
 

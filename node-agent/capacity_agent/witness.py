@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from capacity_agent.publisher import Backoff, KubeNodeApi
+from capacity_agent.backoff import Backoff
+from capacity_agent.publisher import KubeNodeApi
 from capacity_api import GROUP, VERSION
 from capacity_api.lease import LeaseInfo, parse_lease
 from capacity_api.models import CapacityNode, Probe, WitnessReport, WitnessStatus

@@ -13,13 +13,13 @@ from typing import Any
 import pytest
 from kubernetes.client.rest import ApiException
 
+from capacity_agent.backoff import Backoff
 from capacity_agent.collectors.base import Collector, CollectorError, Sample
 from capacity_agent.lease import LeaseRenewer, micro_time
 from capacity_agent.measurement import MAX_SIGNALS, NodeMeasurements
 from capacity_agent.metrics import AgentMetrics, make_app
 from capacity_agent.publisher import (
     MAX_OBJECT_BYTES,
-    Backoff,
     Publisher,
     allocated_shares,
     changes,
