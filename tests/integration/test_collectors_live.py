@@ -184,8 +184,9 @@ def test_storage_sees_writes_to_a_block_device(loop_device: str) -> None:
     finally:
         os.close(fd)
     sample = collector.sample()
-    written = sample.raw[f"{loop_device}.write_bytes_per_s"] * sample.raw["elapsed_s"]
-    assert written >= size, f"{loop_device} wrote {written:.0f} bytes, expected >= {size}"
+    # bytes = rate x elapsed: rounded, as the float product can land a hair under the count
+    written = round(sample.raw[f"{loop_device}.write_bytes_per_s"] * sample.raw["elapsed_s"])
+    assert written >= size, f"{loop_device} wrote {written} bytes, expected >= {size}"
     assert sample.raw[f"{loop_device}.iops"] > 0
     assert sample.raw[f"{loop_device}.busy"] > 0
     assert 0.0 < sample.signals["busy"] <= 1.0
@@ -239,7 +240,7 @@ def test_network_counts_datagrams_sent_over_a_link(veth_pair: str) -> None:
         for _ in range(count):
             sock.sendto(payload, (LINK[1], 9))
     sample = collector.sample()
-    sent = sample.raw[f"{veth_pair}.tx_bytes_per_s"] * sample.raw["elapsed_s"]
+    sent = round(sample.raw[f"{veth_pair}.tx_bytes_per_s"] * sample.raw["elapsed_s"])
     assert sent >= count * len(payload)  # plus UDP/IP/Ethernet headers
     assert sample.signals["tx"] > 0
     assert sample.load >= sample.signals["tx"]
