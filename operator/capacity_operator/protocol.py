@@ -169,6 +169,7 @@ class Engine:
             for target in flight.nodes:
                 if not _holds(self.nodes.get(target), uid):  # committed: counted as a holder
                     reserved[target][flight.substrate] += flight.share
+        max_age, min_samples = self.max_age_seconds, self.min_samples
         views = []
         for name, node in sorted(self.nodes.items()):
             lease = self.leases.get(name)
@@ -178,7 +179,7 @@ class Engine:
                     name=name,
                     node=node,
                     lease_live=lease is not None and lease.live(now) and not distrusted,
-                    fresh=node_fresh(node, now, self.max_age_seconds, self.min_samples),
+                    fresh=node_staleness(node, now, max_age, min_samples) is None,
                     reserved=dict(reserved.get(name, {})),
                 )
             )
@@ -197,16 +198,20 @@ class Engine:
         return await self._fresh_node(name)
 
     @property
+    def _in_force(self) -> Thresholds:
+        """The thresholds of the last read (the defaults before the first)."""
+        return self._thresholds[1] if self._thresholds else Thresholds()
+
+    @property
     def min_samples(self) -> int:
         """minSamples of the thresholds in force."""
-        return self._thresholds[1].min_samples if self._thresholds else Thresholds().min_samples
+        return self._in_force.min_samples
 
     @property
     def max_age_seconds(self) -> float:
         """maxAgeSeconds of the thresholds in force: how old a node's newest reading may be for
         placement, the same limit its agent and the witnesses apply to their votes."""
-        t = self._thresholds[1] if self._thresholds else Thresholds()
-        return t.max_age_seconds
+        return self._in_force.max_age_seconds
 
     async def thresholds(self) -> Thresholds:
         """Gate thresholds from the calibration ConfigMap (re-read at most every 5 s, by one
@@ -1043,11 +1048,6 @@ class Engine:
 # helpers
 
 
-def node_fresh(node: CapacityNode, now: datetime, max_age: float, min_samples: int = 0) -> bool:
-    """Whether placement may use the node's readings (:func:`node_staleness`)."""
-    return node_staleness(node, now, max_age, min_samples) is None
-
-
 def _holds(node: CapacityNode | None, uid: str) -> bool:
     if node is None or node.status is None:
         return False
@@ -1124,4 +1124,4 @@ def with_condition(
     return out
 
 
-__all__ = ["Engine", "Inflight", "node_fresh"]
+__all__ = ["Engine", "Inflight"]

@@ -33,8 +33,6 @@ from capacity_operator.store import OutcomeRow, OutcomeStore, decision_id
 
 log = logging.getLogger(__name__)
 
-LOOKED_MAX = 10_000
-"""Claims remembered as looked at before the old ones are forgotten."""
 HEADROOM_STEP = 0.01
 """A candidate's lowest headroom is written again only when it dropped by more than this."""
 
@@ -74,25 +72,17 @@ def _decided_at(claim: CapacityClaim, fallback: datetime) -> datetime:
 
 
 class TruthKeeper:
-    """Checks one claim per call (from a kopf timer), against the index and the node cache."""
+    """Checks the claims under observation (:meth:`run`, one pass per truth interval) against
+    the pod index and the node cache."""
 
     def __init__(self, engine: Engine, emit: EventSink, store: OutcomeStore | None = None) -> None:
         self.engine = engine
         self.settings = engine.settings
         self.emit = emit
         self.store = store
-        self._looked: dict[str, datetime] = {}
-        """When each claim (by uid) was last looked at."""
         self._started: set[str] = set()
-        """Claims (by uid) whose decision this process recorded in the store."""
-
-    def _forget(self, now: datetime) -> None:
-        """Drop the claims not looked at for a while (deleted, or their check closed)."""
-        horizon = 10 * self.settings.truth_interval_seconds
-        self._looked = {
-            uid: at for uid, at in self._looked.items() if (now - at).total_seconds() < horizon
-        }
-        self._started &= set(self._looked)
+        """Claims (by uid) whose decision this process recorded in the store; kept only while
+        the claim is under observation (each pass of :meth:`run` drops the others)."""
 
     @property
     def period(self) -> timedelta:
@@ -118,14 +108,17 @@ class TruthKeeper:
                 node: [c for conditions in store for c in conditions]
                 for node, store in list(kubelet.items())
             }
+            observed: set[str] = set()
             for key in list(claims):
                 for body in list(claims.get(key) or ()):
+                    observed.add(str((body.get("metadata") or {}).get("uid") or ""))
                     try:
                         await self.check(body, list(pods.get(key) or ()), pressure)
                     except asyncio.CancelledError:
                         raise
                     except Exception:
                         log.exception("truth check of claim %s/%s failed; next pass retries", *key)
+            self._started &= observed  # deleted claims, and checks that closed
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     async def check(
@@ -135,11 +128,7 @@ class TruthKeeper:
         kubelet: Mapping[str, Iterable[Mapping[str, Any]]] | None = None,
     ) -> None:
         """Look at one claim now (the truth loop calls this once per pass)."""
-        uid = str((body.get("metadata") or {}).get("uid") or "")
         now = self.engine.clock()
-        self._looked[uid] = now
-        if len(self._looked) > LOOKED_MAX:
-            self._forget(now)
         claim = parse_claim(body)
         status = claim.status
         if status is None or status.phase not in (Phase.ADMITTED, Phase.REJECTED):
