@@ -154,7 +154,7 @@ def refuse_beside_chart_operator(api: client.ApiClient, what: str) -> None:
     running = chart_operators(api)
     if running:
         raise NotATestClusterError(
-            f"a chart-installed operator runs ({', '.join(running)}): it would act on {what}'s "
-            "claims too and change the results. Uninstall it first: hack/run stop (or helm "
-            "uninstall the release)."
+            f"a chart-installed operator runs ({', '.join(running)}): it would act on the "
+            f"claims of {what} too and change the results. Uninstall it first: hack/run stop "
+            "(or helm uninstall the release)."
         )
