@@ -54,20 +54,41 @@ MIN_SAMPLES = Thresholds().min_samples
 
 @pytest.fixture
 def real_node(core: client.CoreV1Api) -> Iterator[str]:
-    """The real node; afterwards its CapacityNode is deleted and any fence taint removed."""
+    """The real node, with no CapacityNode when the test starts (one an earlier agent left, a
+    chart's for instance, would show a full window before the test's own agent sampled once);
+    afterwards its CapacityNode is deleted and any fence taint removed."""
     name = real_node_or_skip(core)
+    custom = client.CustomObjectsApi(core.api_client)
+
+    def delete_capacity_node() -> None:
+        try:
+            custom.delete_cluster_custom_object(GROUP, VERSION, "capacitynodes", name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    delete_capacity_node()
+    wait_for(
+        f"{name}'s old CapacityNode gone",
+        lambda: not _exists(custom, name),
+        timeout=30,
+    )
     yield name
     node = core.read_node(name)
     kept = [t for t in node.spec.taints or [] if t.key != FAILED_TAINT]
     if len(kept) != len(node.spec.taints or []):
         core.patch_node(name, {"spec": {"taints": [t.to_dict() for t in kept]}})
+    delete_capacity_node()
+
+
+def _exists(custom: client.CustomObjectsApi, name: str) -> bool:
     try:
-        client.CustomObjectsApi(core.api_client).delete_cluster_custom_object(
-            GROUP, VERSION, "capacitynodes", name
-        )
+        custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", name)
     except ApiException as exc:
-        if exc.status != 404:
-            raise
+        if exc.status == 404:
+            return False
+        raise
+    return True
 
 
 def _process_group(component: str) -> int:
