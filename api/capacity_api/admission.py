@@ -29,7 +29,7 @@ from capacity_api.models import (
     VoteValue,
 )
 from capacity_api.quantity import parse_quantity
-from capacity_api.reasons import READY
+from capacity_api.reasons import READY, WAITING_FOR_CAPACITY, WAITING_FOR_NODES
 
 EPSILON = 1e-9
 """Slack for float sums of shares: a + r <= 1 + EPSILON is still within capacity."""
@@ -459,6 +459,111 @@ def tally(proposal: Proposal, votes: Mapping[str, Vote] | None, now: datetime) -
             Outcome.ABORT, f"deadline passed with {yes}/{needed} YES; no vote from {missing}"
         )
     return result(Outcome.WAIT)
+
+
+# ---------------------------------------------------------------------------------------------
+# What to do next with a claim, and when to look again
+
+
+class Action(StrEnum):
+    """The one step the operator takes next for a claim (:func:`next_step`)."""
+
+    NOTHING = "Nothing"
+    """Final, or nothing to do until something changes."""
+    PROPOSE = "Propose"
+    """Pending: place it and propose (within the open-proposal budget, :func:`admit_order`)."""
+    WAIT = "Wait"
+    """Voting, votes still missing before the deadline: nothing to write."""
+    COMMIT = "Commit"
+    ABORT = "Abort"
+    RESTART = "Restart"
+    """The spec changed while voting: abort the epoch and start the admission over."""
+    NOTE_SPEC_CHANGE = "NoteSpecChange"
+    """Admitted, spec changed since: say that the admission stands as committed."""
+    RECOVER = "Recover"
+    """Recovering: tally or propose the take-over of the lost share."""
+
+
+WAITING_REASONS = frozenset({WAITING_FOR_NODES, WAITING_FOR_CAPACITY})
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    action: Action
+    tally: Tally | None = None
+
+
+def pending(claim: CapacityClaim) -> bool:
+    """Not yet proposed (no status, or Pending waiting for nodes or capacity)."""
+    status = claim.status
+    return status is None or status.phase in (None, Phase.PENDING)
+
+
+def next_step(claim: CapacityClaim, now: datetime) -> Step:
+    """What the operator does next for the claim as it is now (level-based: the same claim at
+    the same time always gives the same step)."""
+    status = claim.status
+    action = Action.NOTHING
+    if claim.metadata.deletion_timestamp is not None:
+        pass
+    elif status is None or status.phase in (None, Phase.PENDING):
+        action = Action.PROPOSE
+    elif status.phase is Phase.VOTING:
+        if status.proposal is not None:
+            return _voting_step(claim, now)
+        action = Action.PROPOSE
+    elif status.phase is Phase.ADMITTED:
+        generation = claim.metadata.generation
+        if generation is not None and generation != status.observed_generation:
+            action = Action.NOTE_SPEC_CHANGE
+    elif status.phase is Phase.RECOVERING:
+        action = Action.RECOVER
+    return Step(action)
+
+
+def _voting_step(claim: CapacityClaim, now: datetime) -> Step:
+    status = claim.status
+    assert status is not None
+    assert status.proposal is not None
+    if claim.metadata.generation != status.observed_generation:
+        return Step(Action.RESTART)
+    result = tally(status.proposal, status.votes, now)
+    action = {
+        Outcome.COMMIT: Action.COMMIT,
+        Outcome.ABORT: Action.ABORT,
+        Outcome.WAIT: Action.WAIT,
+    }[result.outcome]
+    return Step(action, result)
+
+
+def wake_at(claim: CapacityClaim, now: datetime, recheck: timedelta) -> datetime | None:
+    """When the claim needs a look although nothing about it changed: a Voting claim at its
+    deadline, a claim waiting for nodes or capacity and a Recovering one every ``recheck``;
+    None when only a change of the claim can move it on."""
+    status = claim.status
+    if claim.metadata.deletion_timestamp is not None or status is None:
+        return None
+    if status.phase is Phase.VOTING and status.proposal is not None:
+        return status.proposal.deadline
+    if status.phase is Phase.PENDING and status.reason in WAITING_REASONS:
+        return now + recheck
+    if status.phase is Phase.RECOVERING:
+        return now + recheck
+    return None
+
+
+def admit_order(
+    queued: Iterable[tuple[str, datetime | None, str]], open_proposals: int, limit: int
+) -> list[str]:
+    """Flow control: which queued claims may propose now, given ``(uid, created, key)`` of each
+    and the proposals already open. The oldest first (creation time, then namespace/name), up to
+    ``limit`` open proposals at once; the rest stay queued, unwritten, until an epoch ends."""
+    slots = max(0, limit - open_proposals)
+    if slots == 0:
+        return []
+    floor = datetime.min.replace(tzinfo=UTC)
+    ordered = sorted(queued, key=lambda q: (q[1] or floor, q[2]))
+    return [uid for uid, _, _ in ordered[:slots]]
 
 
 def vote_reasons(votes: Mapping[str, Vote], nodes: Iterable[str]) -> str:

@@ -27,6 +27,11 @@ def parse_args(argv: list[str] | None) -> OperatorSettings:
     parser.add_argument("--vote-timeout", type=float, dest="vote_timeout_seconds")
     parser.add_argument("--max-attempts", type=int)
     parser.add_argument(
+        "--max-open-proposals",
+        type=int,
+        help="epochs open at once; more Pending claims wait in creation order (flow control)",
+    )
+    parser.add_argument(
         "--standalone",
         action="store_true",
         default=None,

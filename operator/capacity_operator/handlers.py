@@ -1,10 +1,11 @@
 """kopf registrations: thin handlers that hand objects to the admission engine.
 
-Claims are handled level-based through ``on.event`` (every change, our own writes and the
-agents' votes included, leads to one reconcile) plus timers for deadlines and waiting claims;
-truth keeping is one loop over a kopf index of the claims under observation;
-CapacityNodes and node Leases only feed the engine's caches. Deletion goes through a finalizer
-under our API group that frees the claim's allocation.
+Claim events (the agents' votes included) only feed the admission loop's cache
+(:meth:`Engine.run` takes the steps, deadlines and flow control included); truth keeping is one
+loop over a kopf index of the claims under observation; CapacityNodes and node Leases only feed
+the engine's caches. No handler needs a finalizer or kopf's annotations, so kopf writes nothing
+to a claim: a deletion event frees the claim's holders, and what a missed event leaves behind
+is freed by the loop's ledger garbage collection.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
 from capacity_api.lease import parse_lease
-from capacity_api.models import Phase
-from capacity_api.reasons import WAITING_FOR_CAPACITY, WAITING_FOR_NODES
 from capacity_api.truth import kubelet_pressure as truth_pressure
 from capacity_api.webhook import CLAIM_LABEL
 from capacity_operator import cluster
@@ -108,6 +107,7 @@ async def startup(
         truth.run(observed_claims, claim_pods, kubelet_pressure, indexed), name="truth"
     )
     await engine.start()
+    memo["admission"] = asyncio.create_task(engine.run(), name="admission")
     lifecycle = Lifecycle(engine, kube, emit, priority=memo["priority"])
     memo["lifecycle"] = asyncio.create_task(lifecycle.run(), name="node-lifecycle")
     calibrator = Calibrator(kube, cfg, store, emit, active=lifecycle.active)
@@ -134,7 +134,7 @@ def _ensure_peering_object(api: client.ApiClient, name: str) -> None:
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("calibration", "lifecycle", "truth"):
+    for name in ("calibration", "lifecycle", "admission", "truth"):
         task = memo.get(name)
         if task is not None:
             task.cancel()
@@ -162,45 +162,10 @@ def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.Co
 
 
 @kopf.on.event(*CLAIMS)
-async def claim_event(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+async def claim_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """Every claim event goes to the admission loop's cache (Engine.run takes the steps)."""
     memo["indexed"].set()  # see node_event
-    if event["type"] == "DELETED":
-        return
-    engine = _engine(memo)
-    await engine.ready.wait()
-    await engine.reconcile(dict(body))
-
-
-def _voting(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") == Phase.VOTING.value
-
-
-def _recovering(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") == Phase.RECOVERING.value
-
-
-def _waiting(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") == Phase.PENDING.value and status.get("reason") in (
-        WAITING_FOR_NODES,
-        WAITING_FOR_CAPACITY,
-    )
-
-
-@kopf.timer(*CLAIMS, interval=1.0, when=_voting)
-async def voting_deadline(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Aborts epochs whose deadline passed without a decision."""
-    await _engine(memo).reconcile(dict(body))
-
-
-@kopf.timer(*CLAIMS, interval=1.0, when=_recovering)
-async def recovery_step(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Deadlines of recovery epochs, and claims waiting for a node to take their share."""
-    await _engine(memo).reconcile(dict(body))
-
-
-@kopf.timer(*CLAIMS, interval=1.0, when=_waiting)
-async def waiting_for_nodes(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await _engine(memo).reconcile(dict(body))
+    _engine(memo).observe_claim(dict(event["object"]), deleted=event["type"] == "DELETED")
 
 
 def _observed(status: kopf.Status, **_: Any) -> bool:
@@ -233,13 +198,6 @@ async def kubelet_pressure(name: str, status: kopf.Status, **_: Any) -> dict[str
     which also drops what the node had before; None would keep it)."""
     pressure = truth_pressure(status.get("conditions") or [])
     return {name: pressure} if pressure else {}
-
-
-@kopf.on.delete(*CLAIMS)
-async def claim_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    engine = _engine(memo)
-    await engine.ready.wait()
-    await engine.release(dict(body))
 
 
 # -- caches -------------------------------------------------------------------------------------

@@ -18,28 +18,34 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from capacity_api import reasons
 from capacity_api.admission import (
     EPSILON,
+    Action,
     ClaimError,
     NodeView,
     NoPlacement,
     Outcome,
     PlacementPlan,
     Tally,
+    admit_order,
     allocation,
     claim_key,
     claim_substrate,
     new_proposal,
+    next_step,
     node_staleness,
+    pending,
     plan_placement,
     quorum,
     rebuild_allocations,
     tally,
+    wake_at,
 )
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds
 from capacity_api.lease import LeaseInfo
@@ -79,6 +85,9 @@ EventSink = Callable[[JSON, str, str, str], None]
 """(object body, type Normal|Warning, reason, message) -> None."""
 
 MAX_MESSAGE = 1000
+
+RECHECK_SECONDS = 1.0
+"""How often a claim waiting for nodes or capacity, or recovering, is looked at again."""
 
 
 def _now() -> datetime:
@@ -133,6 +142,23 @@ class Engine:
         self.returning: dict[str, datetime] = {}
         """Failed nodes whose Lease is live again, with when they came back: not used until
         they published a full window measured since (recovery.trusted_again)."""
+        # the admission loop (:meth:`run`): what it knows of the claims and what is due
+        self.claims: dict[str, JSON] = {}
+        """The newest body seen of every served claim, by uid (watch events and our writes)."""
+        self._due: set[str] = set()
+        """Claims that changed since the loop last looked at them."""
+        self._wake_at: dict[str, datetime] = {}
+        """Claims to look at at a time although nothing changes (deadlines, waiting)."""
+        self._queued: set[str] = set()
+        """Pending claims waiting for room among the open proposals (flow control)."""
+        self._deleted: dict[str, JSON] = {}
+        """Claims gone from the API whose holders are still to be freed."""
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(settings.threads)
+        self._next_gc: datetime | None = None
+        self._queued_started: set[str] = set()
+        """Queued claims whose first step runs (counted as open until it ends)."""
 
     # -- caches --------------------------------------------------------------------------------
 
@@ -154,6 +180,34 @@ class Engine:
             self.leases.pop(lease.name, None)
         else:
             self.leases[lease.name] = lease
+
+    def observe_claim(self, body: JSON, deleted: bool = False, *, own: bool = False) -> None:
+        """A claim as a watch event (or, with ``own``, our own write) shows it now: cache it and
+        tell the loop. An event no newer than what our write returned is not news."""
+        uid = body["metadata"].get("uid", "")
+        if deleted:
+            self.claims.pop(uid, None)
+            self._wake_at.pop(uid, None)
+            self._queued.discard(uid)
+            self._due.discard(uid)
+            self._deleted[uid] = body
+            self._wake.set()
+            return
+        version = body["metadata"].get("resourceVersion", "")
+        known = self.claims.get(uid)
+        known_version = known["metadata"].get("resourceVersion", "") if known else ""
+        if known is not None and not _rv_newer(version, known_version):
+            return  # older than, or the same as, what we have
+        self.claims[uid] = body
+        claim = parse_claim(body)
+        when = wake_at(claim, self.clock(), timedelta(seconds=RECHECK_SECONDS))
+        if when is None:
+            self._wake_at.pop(uid, None)
+        else:
+            self._wake_at[uid] = when
+        if not own:
+            self._due.add(uid)
+            self._wake.set()
 
     def views(
         self, exclude_claim: str | None = None, *, ignore_inflight: bool = False
@@ -287,12 +341,153 @@ class Engine:
                 break
         return rewritten
 
+    # -- the admission loop ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The admission loop: each cycle takes every claim that changed, whose deadline came or
+        that waits to be looked at again, and starts its next step; Pending claims propose in
+        creation order, only while fewer than ``max_open_proposals`` epochs are open (the rest
+        wait, unwritten, for an epoch to end). Steps of different claims run concurrently, one
+        at a time per claim."""
+        await self.ready.wait()
+        try:
+            while True:
+                await self._sleep()
+                self.cycle()
+        finally:
+            for task in list(self._running.values()):
+                task.cancel()
+
+    async def _sleep(self) -> None:
+        now = self.clock()
+        soonest = min(self._wake_at.values(), default=None)
+        timeout = RECHECK_SECONDS if soonest is None else (soonest - now).total_seconds()
+        if self._next_gc is not None:
+            timeout = min(timeout, (self._next_gc - now).total_seconds())
+        if timeout > 0 and not self._wake.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+        self._wake.clear()
+
+    def cycle(self) -> int:
+        """Start the steps that are due now; return how many were started."""
+        now = self.clock()
+        for uid, when in list(self._wake_at.items()):
+            if when <= now:
+                del self._wake_at[uid]
+                self._due.add(uid)
+        started = 0
+        for uid, gone in list(self._deleted.items()):
+            if uid not in self._running:
+                del self._deleted[uid]
+                started += self._start(uid, self.release(gone))
+        for uid in sorted(self._due):
+            body = self.claims.get(uid)
+            if body is not None and uid in self._running:
+                continue  # after the running step: its end wakes the loop
+            self._due.discard(uid)
+            if body is None:
+                continue
+            if pending(parse_claim(body)):
+                self._queued.add(uid)
+            else:
+                started += self._start(uid, self.reconcile(body))
+        started += self._start_queued()
+        log.debug(
+            "cycle: %d claims, %d started, %d running, %d queued, %d open, %d timed",
+            len(self.claims), started, len(self._running), len(self._queued),
+            len(self.inflight), len(self._wake_at),
+        )  # fmt: skip
+        if self._next_gc is None:
+            self._next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
+        elif now >= self._next_gc and "ledger-gc" not in self._running:
+            self._next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
+            started += self._start("ledger-gc", self.collect_garbage())
+        return started
+
+    def _start_queued(self) -> int:
+        """Flow control: queued Pending claims propose, oldest first, while fewer than
+        ``max_open_proposals`` epochs are open."""
+        self._queued = {uid for uid in self._queued if uid in self.claims}
+        queued = []
+        for uid in self._queued:
+            if uid in self._running:
+                continue
+            meta = self.claims[uid]["metadata"]
+            created = _parse_time(meta.get("creationTimestamp"))
+            queued.append((uid, created, f"{meta.get('namespace')}/{meta.get('name')}"))
+        open_now = len(set(self.inflight) | self._queued_started)
+        started = 0
+        for uid in admit_order(queued, open_now, self.settings.max_open_proposals):
+            self._queued.discard(uid)
+            self._queued_started.add(uid)
+            started += self._start(uid, self.reconcile(self.claims[uid]))
+        return started
+
+    def _start(self, key: str, step: Coroutine[Any, Any, Any]) -> int:
+        async def bounded() -> None:
+            async with self._slots:
+                await step
+
+        task = asyncio.create_task(bounded(), name=f"claim-{key}")
+        self._running[key] = task
+        task.add_done_callback(lambda t: self._finished(key, t))
+        return 1
+
+    def _finished(self, key: str, task: asyncio.Task[None]) -> None:
+        self._running.pop(key, None)
+        self._queued_started.discard(key)
+        body = self.claims.get(key)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("claim %s: step failed: %r", key, task.exception(), exc_info=task.exception())
+            if body is not None:  # look again after a pause, not in a tight loop
+                self._wake_at[key] = self.clock() + timedelta(seconds=RECHECK_SECONDS)
+        elif body is not None and key not in self._wake_at:
+            # a step that wrote nothing (still waiting for capacity) sets no time to look again
+            recheck = timedelta(seconds=RECHECK_SECONDS)
+            when = wake_at(parse_claim(body), self.clock(), recheck)
+            if when is not None:
+                self._wake_at[key] = when
+        self._wake.set()
+
+    async def drain(self) -> None:
+        """Wait until no step is running (tests; a clean stop)."""
+        while self._running:
+            await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def collect_garbage(self) -> int:
+        """Free holders whose claim no longer exists (a deletion this operator did not see:
+        it was down, or a watch gap). The nodes are read before the claims are listed, so a
+        holder whose uid is missing from the list belongs to a claim deleted since: never to
+        one still being committed. Returns the holders freed."""
+        held = {
+            (h.uid, name)
+            for name, node in list(self.nodes.items())
+            if node.status is not None
+            for alloc in (node.status.allocated or {}).values()
+            for h in alloc.holders
+        }
+        if not held:
+            return 0
+        alive = {b["metadata"].get("uid", "") for b in await self.kube.list_claims()}
+        gone = sorted((uid, name) for uid, name in held if uid not in alive)
+        for uid, name in gone:
+            log.info("ledger of %s: freeing holder of deleted claim %s", name, uid)
+            await self._remove_holders(uid, None, [name])
+        return len(gone)
+
     # -- reconcile -----------------------------------------------------------------------------
 
     async def reconcile(self, body: JSON) -> None:
         """Take the next protocol step for a claim, re-reading on conflicts."""
         uid = body["metadata"].get("uid", "")
         async with self._claim_locks[uid]:
+            cached = self.claims.get(uid)
+            if cached is not None and _rv_newer(
+                cached["metadata"].get("resourceVersion", ""),
+                body["metadata"].get("resourceVersion", ""),
+            ):
+                body = cached  # an event came in while this step waited for its turn
             for _ in range(self.settings.commit_retries):
                 claim = parse_claim(body)
                 if claim.metadata.deletion_timestamp is not None:
@@ -306,27 +501,18 @@ class Engine:
                         )
                     except NotFoundError:
                         return
+                    if uid in self.claims:
+                        self.observe_claim(body, own=True)
                     continue
                 return
             log.warning("claim %s: gave up after repeated conflicts", claim_key(claim))
 
     async def _step(self, claim: CapacityClaim, body: JSON) -> None:
+        step = next_step(claim, self.clock())
         status = claim.status
-        phase = status.phase if status else None
-        if phase in (None, Phase.PENDING):
+        if step.action is Action.PROPOSE:
             await self._propose(claim, body)
-        elif phase is Phase.VOTING:
-            await self._voting(claim, body)
-        elif phase is Phase.ADMITTED:
-            await self._admitted(claim, body)
-        elif phase is Phase.RECOVERING:
-            await self._recovering(claim, body)
-
-    async def _voting(self, claim: CapacityClaim, body: JSON) -> None:
-        status = claim.status
-        assert status is not None
-        assert status.proposal is not None
-        if claim.metadata.generation != status.observed_generation:
+        elif step.action is Action.RESTART:
             await self._abort(
                 claim,
                 body,
@@ -335,17 +521,24 @@ class Engine:
                 refused={},
                 restart=True,
             )
-            return
-        result = tally(status.proposal, status.votes, self.clock())
-        self._track(claim, status.proposal)
-        if result.outcome is Outcome.COMMIT:
-            await self._commit(claim, body, result)
-        elif result.outcome is Outcome.ABORT:
-            refused = {n: result.counted[n].reason or "voted NO" for n in result.refused_by}
-            reason = reasons.VOTE_REFUSED if refused else reasons.DEADLINE_PASSED
-            await self._abort(claim, body, reason, result.reason, refused=refused)
-        # WAIT: nothing to write. The tally is recorded with the commit or the abort only, since
-        # a write per arriving vote would race every other voter's patch (capctl shows it live).
+        elif step.action in (Action.COMMIT, Action.ABORT, Action.WAIT):
+            assert status is not None
+            assert status.proposal is not None
+            assert step.tally is not None
+            self._track(claim, status.proposal)
+            result = step.tally
+            if step.action is Action.COMMIT:
+                await self._commit(claim, body, result)
+            elif step.action is Action.ABORT:
+                refused = {n: result.counted[n].reason or "voted NO" for n in result.refused_by}
+                reason = reasons.VOTE_REFUSED if refused else reasons.DEADLINE_PASSED
+                await self._abort(claim, body, reason, result.reason, refused=refused)
+            # WAIT: nothing to write. The tally is recorded with the commit or the abort only,
+            # since a write per arriving vote would race every other voter's patch.
+        elif step.action is Action.NOTE_SPEC_CHANGE:
+            await self._admitted(claim, body)
+        elif step.action is Action.RECOVER:
+            await self._recovering(claim, body)
 
     async def _admitted(self, claim: CapacityClaim, body: JSON) -> None:
         status = claim.status
@@ -711,7 +904,9 @@ class Engine:
         self.emit(body, "Warning", reason, _clip(message))
 
     async def release(self, body: JSON) -> None:
-        """The claim is being deleted: free its holders everywhere, then mark it Released."""
+        """The claim was deleted: free its holders everywhere. There is no finalizer (every
+        write of one would cost two requests per claim): a deletion this operator does not see
+        is caught by :meth:`collect_garbage`, and by the ledger rebuild on start."""
         claim = parse_claim(body)
         uid = claim.metadata.uid or ""
         async with self._claim_locks[uid]:
@@ -719,19 +914,8 @@ class Engine:
             holding = [name for name, node in self.nodes.items() if _holds(node, uid)]
             placed = [p.node for p in (claim.status.placements or [])] if claim.status else []
             await self._remove_holders(uid, None, [*holding, *placed])
-            if claim.status is not None and claim.status.phase is not Phase.RELEASED:
-                # the claim may have moved on or be gone: its holders are freed either way
-                with contextlib.suppress(ConflictError, NotFoundError):
-                    await self._write_claim(
-                        claim,
-                        {
-                            "phase": Phase.RELEASED.value,
-                            "reason": reasons.RELEASED,
-                            "message": "deleted; its allocation is freed",
-                            "nodes": None,
-                        },
-                    )
-            self.emit(body, "Normal", reasons.RELEASED, "allocation freed")
+            if holding or placed:
+                self.emit(body, "Normal", reasons.RELEASED, "deleted; its allocation is freed")
         self._claim_locks.pop(uid, None)
 
     # -- recovery (DESIGN section 6) ------------------------------------------------------------
@@ -1021,12 +1205,15 @@ class Engine:
     # -- writes --------------------------------------------------------------------------------
 
     async def _write_claim(self, claim: CapacityClaim, status: JSON) -> JSON:
-        return await self.kube.patch_claim_status_cas(
+        body = await self.kube.patch_claim_status_cas(
             claim.metadata.namespace or "",
             claim.metadata.name or "",
             claim.metadata.resource_version or "",
             status,
         )
+        if body.get("metadata", {}).get("uid") in self.claims:
+            self.observe_claim(body, own=True)
+        return body
 
     async def _fresh_node(self, name: str) -> CapacityNode | None:
         try:
@@ -1073,6 +1260,22 @@ def _same_allocations(a: dict[str, Allocation], b: dict[str, Allocation]) -> boo
 
 def _summary(allocs: dict[str, Allocation]) -> str:
     return ", ".join(f"{s}={a.share:.3f} ({a.claims} claims)" for s, a in sorted(allocs.items()))
+
+
+def _rv_newer(candidate: str, known: str) -> bool:
+    try:
+        return int(candidate) > int(known)
+    except ValueError:
+        return candidate != known
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def _rv_older(candidate: str, known: str) -> bool:

@@ -20,6 +20,11 @@ class OperatorSettings(BaseSettings):
     """How long voters have to answer a proposal before the epoch is aborted."""
     max_attempts: int = Field(default=5, ge=1, le=50)
     """Proposals tried for one admission before the claim is Rejected."""
+    max_open_proposals: int = Field(default=64, ge=1, le=10_000)
+    """Epochs open at once (flow control): more Pending claims wait, unwritten, in creation
+    order until an epoch ends, instead of all proposing and missing their deadlines."""
+    ledger_gc_seconds: float = Field(default=60.0, gt=0)
+    """How often holders of deleted claims that no deletion event freed are looked for."""
     peering: str = "capacity-platform"
     """kopf peering name; a second operator copy with the same name stays idle."""
     standalone: bool = False

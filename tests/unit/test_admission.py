@@ -10,20 +10,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capacity_api.admission import (
+    Action,
     ClaimError,
     NodeView,
     NoPlacement,
     Outcome,
     PlacementPlan,
+    admit_order,
     claim_substrate,
     expected_holders,
     new_proposal,
+    next_step,
     node_share,
     node_staleness,
     plan_placement,
     quorum,
     rebuild_allocations,
     tally,
+    wake_at,
 )
 from capacity_api.models import (
     CapacityClaim,
@@ -392,3 +396,74 @@ def test_one_freshness_rule_for_placement_and_witnesses(
         n = None
     now = NOW + timedelta(seconds=age)
     assert node_staleness(n, now, max_age=30.0, min_samples=min_samples) == why, case
+
+
+# -- what to do next, when to look again, who may propose ----------------------------------------
+
+
+def claim_with(status: dict[str, Any] | None, generation: int = 1) -> CapacityClaim:
+    body: dict[str, Any] = {
+        "metadata": {"name": "c", "namespace": "ns", "uid": "u", "generation": generation},
+        "spec": {"cGeo": 0.2},
+    }
+    if status is not None:
+        body["status"] = status
+    return CapacityClaim.model_validate(body)
+
+
+def voting(votes: dict[str, Any] | None = None, observed: int = 1) -> dict[str, Any]:
+    proposal = {
+        "epoch": 2, "placement": ["a"], "voters": ["a", "b", "c"],
+        "deadline": (NOW + timedelta(seconds=10)).isoformat(), "share": 0.2, "substrate": "host",
+    }  # fmt: skip
+    return {"phase": "Voting", "proposal": proposal, "votes": votes or {},
+            "observedGeneration": observed}  # fmt: skip
+
+
+def yes(role: str = "witness", epoch: int = 2) -> dict[str, Any]:
+    return {"vote": "YES", "role": role, "epoch": epoch}
+
+
+@pytest.mark.parametrize(
+    ("status", "generation", "now", "action"),
+    [
+        (None, 1, NOW, Action.PROPOSE),
+        ({"phase": "Pending", "reason": "WaitingForCapacity"}, 1, NOW, Action.PROPOSE),
+        (voting(), 1, NOW, Action.WAIT),
+        (voting(), 1, NOW + timedelta(seconds=10), Action.ABORT),
+        (voting({"a": yes("placement"), "b": yes()}), 1, NOW, Action.COMMIT),
+        # a YES for an old epoch does not count
+        (voting({"a": yes("placement"), "b": yes(epoch=1)}), 1, NOW, Action.WAIT),
+        (voting(), 2, NOW, Action.RESTART),
+        ({"phase": "Admitted", "observedGeneration": 1}, 1, NOW, Action.NOTHING),
+        ({"phase": "Admitted", "observedGeneration": 1}, 2, NOW, Action.NOTE_SPEC_CHANGE),
+        ({"phase": "Recovering"}, 1, NOW, Action.RECOVER),
+        ({"phase": "Rejected"}, 1, NOW, Action.NOTHING),
+    ],
+)
+def test_next_step(
+    status: dict[str, Any] | None, generation: int, now: datetime, action: Action
+) -> None:
+    assert next_step(claim_with(status, generation), now).action is action
+
+
+def test_wake_at() -> None:
+    recheck = timedelta(seconds=1)
+    assert wake_at(claim_with(voting()), NOW, recheck) == NOW + timedelta(seconds=10)
+    waiting = {"phase": "Pending", "reason": "WaitingForNodes"}
+    assert wake_at(claim_with(waiting), NOW, recheck) == NOW + recheck
+    assert wake_at(claim_with({"phase": "Recovering"}), NOW, recheck) == NOW + recheck
+    assert wake_at(claim_with(None), NOW, recheck) is None  # queued: the loop's flow control
+    assert wake_at(claim_with({"phase": "Admitted"}), NOW, recheck) is None
+
+
+def test_admit_order_is_oldest_first_within_the_open_budget() -> None:
+    queued = [
+        ("late", NOW + timedelta(seconds=2), "ns/z"),
+        ("early", NOW, "ns/y"),
+        ("tie-b", NOW + timedelta(seconds=1), "ns/b"),
+        ("tie-a", NOW + timedelta(seconds=1), "ns/a"),
+    ]
+    assert admit_order(queued, open_proposals=0, limit=3) == ["early", "tie-a", "tie-b"]
+    assert admit_order(queued, open_proposals=2, limit=3) == ["early"]
+    assert admit_order(queued, open_proposals=5, limit=3) == []

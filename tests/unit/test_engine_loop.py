@@ -1,0 +1,382 @@
+"""The admission engine in loop time: its cycle, flow control, conflicts, deadlines and the
+ledger, against an in-memory API (compare-and-swap on resourceVersion, conflicts on demand) and
+a clock the test moves. The agents' votes are written by the test, as an agent's patch would.
+
+A fake is fine here: these are unit tests of the engine's logic; the same protocol runs against
+the real API server in tests/integration/test_admission*.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import itertools
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from capacity_api.lease import LeaseInfo
+from capacity_operator.kube import ConflictError, NotFoundError
+from capacity_operator.protocol import Engine
+from capacity_operator.settings import OperatorSettings
+
+pytestmark = pytest.mark.unit
+
+JSON = dict[str, Any]
+START = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
+
+
+def merge(target: JSON, patch: JSON) -> JSON:
+    """RFC 7386 JSON merge patch, as the API server applies it."""
+    out = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class FakeApi:
+    """Claims and CapacityNodes with resourceVersions; a status patch carrying a resourceVersion
+    that is not the object's current one is refused with a conflict, as the API server does."""
+
+    def __init__(self, clock: Callable[[], datetime]) -> None:
+        self.clock = clock
+        self.claims: dict[tuple[str, str], JSON] = {}
+        self.nodes: dict[str, JSON] = {}
+        self.leases: list[LeaseInfo] = []
+        self.versions = itertools.count(1)
+        self.conflicts: dict[str, int] = {}
+        """Object name -> status writes still to refuse with a conflict (someone else wrote)."""
+        self.writes: list[tuple[str, str]] = []
+        self.configmap: dict[str, str] = {}
+
+    def _stamp(self, body: JSON) -> JSON:
+        body["metadata"]["resourceVersion"] = str(next(self.versions))
+        return copy.deepcopy(body)
+
+    def add_claim(self, name: str, cgeo: float, namespace: str = "ns") -> JSON:
+        created = self.clock() + timedelta(microseconds=len(self.claims))
+        body: JSON = {
+            "apiVersion": "capacity.platform.dev/v1alpha1",
+            "kind": "CapacityClaim",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "uid": f"uid-{name}",
+                "generation": 1,
+                "creationTimestamp": created.isoformat().replace("+00:00", "Z"),
+            },
+            "spec": {"cGeo": cgeo},
+        }
+        self.claims[(namespace, name)] = body
+        return self._stamp(body)
+
+    def add_node(self, name: str) -> JSON:
+        now = self.clock().isoformat().replace("+00:00", "Z")
+        body: JSON = {
+            "apiVersion": "capacity.platform.dev/v1alpha1",
+            "kind": "CapacityNode",
+            "metadata": {"name": name},
+            "spec": {"nodeName": name, "substrates": ["host"],
+                     "capacity": {"cpu": "8", "memory": "32Gi"}},
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True", "reason": "Measuring",
+                                "message": "", "lastTransitionTime": now}],
+                "readings": {"host": {"load": {"mean": 0.1, "p95": 0.1, "max": 0.1},
+                                      "observedAt": now, "samples": 64}},
+            },
+        }  # fmt: skip
+        self.nodes[name] = body
+        self.leases.append(LeaseInfo(name=name, renew_time=self.clock(), duration_seconds=3600))
+        return self._stamp(body)
+
+    def claim(self, name: str, namespace: str = "ns") -> JSON:
+        return copy.deepcopy(self.claims[(namespace, name)])
+
+    # -- what the engine calls ---------------------------------------------------------------
+
+    async def get_claim(self, namespace: str, name: str) -> JSON:
+        if (namespace, name) not in self.claims:
+            raise NotFoundError(name)
+        return self.claim(name, namespace)
+
+    async def list_claims(self) -> list[JSON]:
+        return [copy.deepcopy(b) for b in self.claims.values()]
+
+    async def patch_claim_status_cas(
+        self, namespace: str, name: str, resource_version: str, status: JSON
+    ) -> JSON:
+        body = self.claims.get((namespace, name))
+        if body is None:
+            raise NotFoundError(name)
+        return self._cas(name, body, resource_version, status)
+
+    async def get_node(self, name: str) -> JSON:
+        if name not in self.nodes:
+            raise NotFoundError(name)
+        return copy.deepcopy(self.nodes[name])
+
+    async def list_nodes(self) -> list[JSON]:
+        return [copy.deepcopy(b) for b in self.nodes.values()]
+
+    async def patch_node_status_cas(self, name: str, resource_version: str, status: JSON) -> JSON:
+        if name not in self.nodes:
+            raise NotFoundError(name)
+        return self._cas(name, self.nodes[name], resource_version, status)
+
+    async def list_leases(self, namespace: str) -> list[LeaseInfo]:
+        return list(self.leases)
+
+    async def get_configmap_data(self, namespace: str, name: str) -> dict[str, str]:
+        return dict(self.configmap)
+
+    def _cas(self, name: str, body: JSON, resource_version: str, status: JSON) -> JSON:
+        if self.conflicts.get(name, 0) > 0:
+            self.conflicts[name] -= 1
+            self._stamp(body)  # someone else's write moved it on
+            raise ConflictError(name)
+        if resource_version != body["metadata"]["resourceVersion"]:
+            raise ConflictError(name)
+        body["status"] = merge(body.get("status") or {}, status)
+        self.writes.append((body["kind"], name))
+        return self._stamp(body)
+
+    # -- what an agent does -------------------------------------------------------------------
+
+    def vote_all(self, value: str = "YES") -> int:
+        """Every voter of every open proposal votes (a JSON patch: the epoch test, then its own
+        key). Returns the votes written."""
+        written = 0
+        for body in self.claims.values():
+            status = body.get("status") or {}
+            proposal = status.get("proposal")
+            if status.get("phase") not in ("Voting", "Recovering") or proposal is None:
+                continue
+            votes = status.setdefault("votes", {}) or {}
+            status["votes"] = votes
+            for voter in proposal["voters"]:
+                if (votes.get(voter) or {}).get("epoch") == proposal["epoch"]:
+                    continue
+                role = "placement" if voter in proposal["placement"] else "witness"
+                votes[voter] = {"vote": value, "role": role, "epoch": proposal["epoch"],
+                                "reason": "test"}  # fmt: skip
+                written += 1
+            self._stamp(body)
+        return written
+
+
+class Harness:
+    def __init__(self, nodes: int = 4, **settings: Any) -> None:
+        self.now = START
+        self.api = FakeApi(lambda: self.now)
+        for i in range(nodes):
+            self.api.add_node(f"n{i}")
+        self.events: list[tuple[str, str, str]] = []
+        self.settings = OperatorSettings(**{"vote_timeout_seconds": 10.0, **settings})
+
+    def emit(self, body: JSON, type_: str, reason: str, message: str) -> None:
+        self.events.append((body["metadata"]["name"], reason, message))
+
+    async def engine(self) -> Engine:
+        engine = Engine(self.api, self.settings, self.emit, clock=lambda: self.now)  # type: ignore[arg-type]
+        await engine.start()
+        return engine
+
+    async def deliver(self, engine: Engine) -> None:
+        """The watch: every claim as it is now reaches the engine (in-memory: no lag)."""
+        for body in list(self.api.claims.values()):
+            engine.observe_claim(copy.deepcopy(body))
+
+    async def settle(self, engine: Engine) -> None:
+        """Watch events, one cycle, and every step it started run to its end."""
+        await self.deliver(engine)
+        engine.cycle()
+        await engine.drain()
+
+    def phases(self) -> dict[str, str | None]:
+        return {n: (b.get("status") or {}).get("phase") for (_, n), b in self.api.claims.items()}
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(test())
+
+
+def test_flow_control_opens_at_most_max_open_proposals_oldest_first() -> None:
+    h = Harness(nodes=4, max_open_proposals=3)
+    for i in range(8):
+        h.api.add_claim(f"c{i}", 0.1)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        # three epochs open, for the three oldest claims; the five others are untouched
+        assert h.phases() == {f"c{i}": ("Voting" if i < 3 else None) for i in range(8)}
+        assert len(h.api.writes) == 3
+        h.api.vote_all()
+        await h.settle(engine)  # the three commit; their slots go to the next three
+        await h.settle(engine)
+        phases = h.phases()
+        assert [phases[f"c{i}"] for i in range(8)] == ["Admitted"] * 3 + ["Voting"] * 3 + [None] * 2
+        for _ in range(3):
+            h.api.vote_all()
+            await h.settle(engine)
+            await h.settle(engine)
+        assert set(h.phases().values()) == {"Admitted"}
+
+    run(scenario)
+
+
+def test_one_admission_costs_three_claim_writes_and_one_node_write() -> None:
+    h = Harness(nodes=3)
+    h.api.add_claim("only", 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        await h.settle(engine)
+        assert h.phases() == {"only": "Admitted"}
+        # the proposal, the holder on the placement node, the commit; no re-reads, no retries
+        kinds = [k for k, _ in h.api.writes]
+        assert kinds == ["CapacityClaim", "CapacityNode", "CapacityClaim"]
+        # a watch event of our own write is not news: another cycle writes nothing
+        await h.settle(engine)
+        assert len(h.api.writes) == 3
+
+    run(scenario)
+
+
+def test_a_conflicting_claim_write_is_read_again_and_decided_once() -> None:
+    h = Harness(nodes=3)
+    h.api.add_claim("c", 0.2)
+    h.api.conflicts["c"] = 2  # two writes of someone else land first
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        status = h.api.claim("c")["status"]
+        assert status["phase"] == "Voting"
+        assert status["proposal"]["epoch"] == 1  # one proposal, not one per attempt
+        assert status["attempts"] == 1
+        assert [r for _, r, _ in h.events].count("Proposed") == 1
+
+    run(scenario)
+
+
+def test_capacity_taken_between_the_votes_and_the_commit_aborts_and_proposes_elsewhere() -> None:
+    h = Harness(nodes=2)
+    h.api.add_claim("c", 0.5)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        first = h.api.claim("c")["status"]["proposal"]["placement"][0]
+        h.api.vote_all()
+        # another operator's commit fills the node before ours (the engine's cache is stale)
+        node = h.api.nodes[first]
+        node["status"]["allocated"] = {"host": {"share": 0.9, "claims": 1, "holders": [
+            {"claim": "ns/other", "uid": "uid-other", "epoch": 1, "share": 0.9}]}}  # fmt: skip
+        h.api._stamp(node)
+        h.api.add_claim("other", 0.9)
+        h.api.claims[("ns", "other")]["status"] = {
+            "phase": "Admitted", "placements": [
+                {"node": first, "substrate": "host", "share": 0.9, "epoch": 1}]}  # fmt: skip
+        await h.settle(engine)
+        status = h.api.claim("c")["status"]
+        assert status["phase"] == "Voting"
+        assert status["proposal"]["epoch"] == 2
+        assert status["proposal"]["placement"] != [first]
+        assert first in status["refusals"]
+        assert "CapacityTaken" in [r for _, r, _ in h.events]
+        held = sum(x["share"] for x in h.api.nodes[first]["status"]["allocated"]["host"]["holders"])
+        assert held == pytest.approx(0.9)  # our holder was never added there
+
+    run(scenario)
+
+
+def test_a_missed_deadline_aborts_at_its_time_and_proposes_again() -> None:
+    h = Harness(nodes=3)
+    h.api.add_claim("c", 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        assert h.api.claim("c")["status"]["proposal"]["epoch"] == 1
+        h.now += timedelta(seconds=9)
+        engine.cycle()
+        await engine.drain()
+        assert h.api.claim("c")["status"]["proposal"]["epoch"] == 1  # not yet
+        h.now += timedelta(seconds=2)
+        engine.cycle()  # no event: the deadline alone wakes it
+        await engine.drain()
+        status = h.api.claim("c")["status"]
+        assert status["proposal"]["epoch"] == 2
+        assert status["attempts"] == 2
+        assert "DeadlinePassed" in [r for _, r, _ in h.events]
+
+    run(scenario)
+
+
+def test_deleted_claims_holders_are_freed_by_the_event_or_by_the_garbage_collection() -> None:
+    h = Harness(nodes=2, ledger_gc_seconds=30)
+    h.api.add_claim("seen", 0.3)
+    h.api.add_claim("missed", 0.3)
+
+    def held() -> float:
+        return sum(
+            x["share"]
+            for n in h.api.nodes.values()
+            for a in ((n.get("status") or {}).get("allocated") or {}).values()
+            for x in a["holders"]
+        )
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        await h.settle(engine)
+        assert held() == pytest.approx(0.6)
+        seen = h.api.claims.pop(("ns", "seen"))
+        engine.observe_claim(seen, deleted=True)  # the watch saw this deletion
+        h.api.claims.pop(("ns", "missed"))  # and missed this one
+        engine.cycle()
+        await engine.drain()
+        assert held() == pytest.approx(0.3)
+        h.now += timedelta(seconds=31)
+        engine.cycle()  # garbage collection is due
+        await engine.drain()
+        assert held() == pytest.approx(0.0)
+
+    run(scenario)
+
+
+def test_a_claim_waiting_for_capacity_is_looked_at_again_without_an_event() -> None:
+    h = Harness(nodes=1)
+    h.api.add_claim("first", 0.6)
+    h.api.add_claim("second", 0.6)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        assert h.phases() == {"first": "Voting", "second": "Pending"}
+        assert h.api.claim("second")["status"]["reason"] == "WaitingForCapacity"
+        writes = len(h.api.writes)
+        h.now += timedelta(seconds=1.5)
+        engine.cycle()  # still waiting: looked at, nothing written
+        await engine.drain()
+        assert len(h.api.writes) == writes
+        h.api.vote_all()
+        await h.settle(engine)
+        h.now += timedelta(seconds=1.5)
+        engine.cycle()  # the first committed: the second is refused for good
+        await engine.drain()
+        assert h.phases() == {"first": "Admitted", "second": "Rejected"}
+        assert h.api.claim("second")["status"]["reason"] == "InsufficientCapacity"
+
+    run(scenario)
