@@ -45,6 +45,16 @@ def _raise_for(exc: ApiException) -> None:
     raise exc
 
 
+def _patch_not_applicable(exc: ApiException) -> bool:
+    """A 422 from a JSON patch that could not be applied (a failed ``test``, a ``remove`` of
+    what is not there): the API server names no field, unlike a validation failure."""
+    try:
+        details = json.loads(exc.body or "{}").get("details") or {}
+    except (ValueError, AttributeError):
+        return False
+    return not details.get("causes") and not details.get("name")
+
+
 class Kube:
     """Blocking Kubernetes client calls, run in worker threads so the event loop never waits."""
 
@@ -80,6 +90,32 @@ class Kube:
             name,
             body,
         )
+        return out
+
+    async def patch_claim_status_guarded(self, namespace: str, name: str, ops: list[JSON]) -> JSON:
+        """A JSON patch of the claim's status whose leading ``test`` operations are the guard:
+        when one fails (the guarded fields moved on), :class:`ConflictError`. Unlike the
+        resourceVersion check, an agent's vote landing meanwhile does not fail it."""
+        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{CLAIMS}/{name}/status"
+        try:
+            out: JSON = await asyncio.to_thread(
+                self.api.call_api,
+                path,
+                "PATCH",
+                header_params={
+                    "Content-Type": "application/json-patch+json",
+                    "Accept": "application/json",
+                },
+                body=ops,
+                response_type="object",
+                auth_settings=["BearerToken"],
+                _return_http_data_only=True,
+            )
+        except ApiException as exc:
+            if exc.status == 422 and _patch_not_applicable(exc):
+                raise ConflictError(f"{namespace}/{name}: guarded status moved on") from exc
+            _raise_for(exc)
+            raise  # pragma: no cover - _raise_for always raises
         return out
 
     # -- nodes -------------------------------------------------------------------------------
