@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import socket
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -79,6 +81,10 @@ async def startup(
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # our Events are posted explicitly
+    # who posted an Event: this program, and which copy of it (the pod, or host and process)
+    instance = f"{socket.gethostname()}-{os.getpid()}"
+    settings.posting.reporting_component = "capacity-operator"
+    settings.posting.reporting_instance = instance
     settings.execution.max_workers = cfg.threads
     settings.watching.server_timeout = 300
     settings.peering.name = cfg.peering
@@ -93,7 +99,7 @@ async def startup(
     api = cluster.api_client(cluster.load(cfg.kubeconfig), pool=cfg.threads)
     if not cfg.standalone:
         await asyncio.to_thread(_ensure_peering_object, api, cfg.peering)
-    kube = Kube(api)
+    kube = Kube(api, instance=instance)
     emit = _emitter(kube)
     engine = Engine(kube, cfg, emit)
     memo["api"] = api

@@ -58,8 +58,10 @@ def _patch_not_applicable(exc: ApiException) -> bool:
 class Kube:
     """Blocking Kubernetes client calls, run in worker threads so the event loop never waits."""
 
-    def __init__(self, api: client.ApiClient) -> None:
+    def __init__(self, api: client.ApiClient, instance: str | None = None) -> None:
         self.api = api
+        self.instance = instance
+        """reportingInstance of the Events this copy posts."""
         self.custom = client.CustomObjectsApi(api)
         self.coordination = client.CoordinationV1Api(api)
         self.core = client.CoreV1Api(api)
@@ -239,6 +241,7 @@ class Kube:
             count=1,
             source=client.V1EventSource(component="capacity-operator"),
             reporting_component="capacity-operator",
+            reporting_instance=self.instance,
         )
 
         async def post() -> None:

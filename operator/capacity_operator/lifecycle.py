@@ -98,7 +98,9 @@ class Lifecycle:
         await self._remember_fenced()
         while True:
             try:
-                if await self.active():
+                active = await self.active()
+                self.engine.paused = not active
+                if active:
                     await self.tick()
             except asyncio.CancelledError:
                 raise

@@ -161,6 +161,9 @@ class Engine:
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.threads)
         self._next_gc: datetime | None = None
+        self.paused = False
+        """Set by the node lifecycle from the peering status: kopf stops delivering events to
+        a paused copy, and this stops the loop's own wake-ups (deadlines, waiting claims)."""
         self._liveness_cache: dict[str, tuple[tuple[int, int, int], bool, bool]] = {}
         self._parsed: dict[str, CapacityClaim] = {}
         """The cached claims parsed once (an event is parsed once, not per look at it)."""
@@ -374,6 +377,9 @@ class Engine:
         await self.ready.wait()
         try:
             while True:
+                if self.paused:  # a peer of higher priority acts; the cache keeps filling
+                    await asyncio.sleep(RECHECK_SECONDS)
+                    continue
                 await self._sleep()
                 self.cycle()
         finally:

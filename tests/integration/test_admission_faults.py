@@ -4,8 +4,10 @@ allocation leaked, exactly one operator acting."""
 from __future__ import annotations
 
 import random
+import socket
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -13,6 +15,7 @@ from kubernetes import client
 from tests.cluster import (
     FINAL_PHASES,
     Cluster,
+    Proc,
     agents_proc,
     ledger_from_claims,
     node_holders,
@@ -22,6 +25,25 @@ from tests.cluster import (
     unique,
     wait_for,
 )
+
+
+def instance_of(op: Proc) -> str:
+    """The reportingInstance of the Events an operator process posts (host and pid)."""
+    assert op.popen is not None
+    return f"{socket.gethostname()}-{op.popen.pid}"
+
+
+def quorum_events(cluster: Cluster, namespace: str, count: int) -> list[Any]:
+    """The QuorumReached Events of the namespace, once there are ``count`` (an Event is posted
+    after the write it tells of)."""
+
+    def found() -> list[Any]:
+        items = cluster.core.list_namespaced_event(
+            namespace, field_selector="reason=QuorumReached"
+        ).items
+        return items if len(items) >= count else []
+
+    return wait_for(f"{count} QuorumReached Events", found, timeout=15)
 
 
 def assert_ledger_consistent(cluster: Cluster, namespace: str, prefix: str) -> int:
@@ -147,21 +169,23 @@ def test_two_operators_exactly_one_acts_and_the_other_takes_over(
                 cluster.create_claim(namespace, f"p{i}", cGeo=0.1)
             for i in range(4):
                 cluster.wait_phase(namespace, f"p{i}", ["Admitted"], timeout=60)
-            wait_for(
-                "4 admissions in the first's log",
-                lambda: first.output().count(f"claim {namespace}/p") == 4,
-                timeout=5,
-            )
-            assert f"claim {namespace}/" not in second.output()
+            # every Event of the operator names the copy that posted it
+            first_copy, second_copy = instance_of(first), instance_of(second)
+            admitted_by = {
+                e.involved_object.name: e.reporting_instance
+                for e in quorum_events(cluster, namespace, 4)
+            }
+            assert admitted_by == {f"p{i}": first_copy for i in range(4)}
 
             first.stop()  # a clean stop removes its peering entry at once
             cluster.create_claim(namespace, "after", cGeo=0.1)
             cluster.wait_phase(namespace, "after", ["Admitted"], timeout=60)
-            wait_for(
-                "the second logs the admission",
-                lambda: f"claim {namespace}/after admitted on" in second.output(),
-                timeout=5,
-            )
+            after = [
+                e.reporting_instance
+                for e in quorum_events(cluster, namespace, 5)
+                if e.involved_object.name == "after"
+            ]
+            assert after == [second_copy]
             assert_ledger_consistent(cluster, namespace, prefix)
     finally:
         cluster.delete_nodes(prefix)
