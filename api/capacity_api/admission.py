@@ -7,6 +7,7 @@ clock is a parameter), so the protocol's invariants are unit-tested without a cl
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -182,6 +183,53 @@ def allocation(holders: Iterable[Holder]) -> Allocation:
     )
 
 
+NODE_BYTES = 16 * 1024
+"""A CapacityNode stays under this many bytes of JSON (DESIGN section 4): per-node objects
+multiply by the size of the cluster."""
+
+LEDGER_BYTES = 6 * 1024
+"""Of those, the operator's ledger (``status.allocated``) may take this many; the agent keeps
+its spec and status under ``NODE_BYTES - LEDGER_BYTES``. About 50 claims of typical names per
+node, fewer with long ones; a node whose ledger is full takes no further claim."""
+
+HOLDER_OVERHEAD_BYTES = 60
+"""JSON of one holder beyond its claim key and uid (keys, epoch, share, punctuation)."""
+
+MAX_HOLDER_BYTES = 317 + 64 + HOLDER_OVERHEAD_BYTES
+"""The largest holder: the longest claim key and uid."""
+
+
+def ledger_bytes(allocations: Mapping[str, Allocation]) -> int:
+    """Bytes of the ledger's JSON, as the API server stores it."""
+    wire = {s: a.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for s, a in allocations.items()}  # fmt: skip
+    return len(json.dumps(wire, separators=(",", ":")).encode())
+
+
+def ledger_estimate(node: CapacityNode, holder_bytes: int = 0) -> int:
+    """A cheap upper estimate of the ledger's bytes with one more holder of ``holder_bytes``
+    (placement asks it of every node for every proposal; the commit checks exactly)."""
+    allocated = (node.status.allocated or {}) if node.status else {}
+    size = holder_bytes + 2
+    for substrate, alloc in allocated.items():
+        size += len(substrate) + 40
+        size += sum(len(h.claim) + len(h.uid) + HOLDER_OVERHEAD_BYTES for h in alloc.holders)
+    return size
+
+
+def ledger_full(node: CapacityNode, substrate: Substrate, holder: Holder) -> str | None:
+    """Why the holder does not fit in the node's ledger budget, or None when it does."""
+    allocated = dict((node.status.allocated or {}) if node.status else {})
+    current = allocated.get(substrate.value)
+    holders = [h for h in (current.holders if current else []) if h.uid != holder.uid]
+    allocated[substrate.value] = allocation([*holders, holder])
+    size = ledger_bytes(allocated)
+    if size <= LEDGER_BYTES:
+        return None
+    count = sum(len(a.holders) for a in allocated.values()) - 1
+    return f"its ledger is full ({count} claims; {size} of {LEDGER_BYTES} bytes with this one)"
+
+
 def claim_key(claim: CapacityClaim) -> str:
     return f"{claim.metadata.namespace}/{claim.metadata.name}"
 
@@ -331,7 +379,9 @@ def plan_placement(
         a = view.allocated(substrate)
         if view.name in excluded_set:
             continue  # the caller reports refusals with the voters' own reasons
-        if a + r > 1.0 + EPSILON:
+        if ledger_estimate(view.node, MAX_HOLDER_BYTES) > LEDGER_BYTES:
+            reasons.append(f"{view.name}: its ledger is full")
+        elif a + r > 1.0 + EPSILON:
             reasons.append(f"{view.name}: allocated {a:.2f} + request {r:.2f} exceeds capacity")
         elif 1.0 - a - r < min_isolation - EPSILON:
             reasons.append(

@@ -505,8 +505,10 @@ class GateReading(Model):
     """Normalised spectral entropy."""
 
 
-MAX_HOLDERS = 512
-"""Upper bound on claims holding a share of one substrate of one node (keeps objects small)."""
+MAX_HOLDERS = 128
+"""Upper bound on claims holding a share of one substrate of one node: what the ledger's byte
+budget (capacity_api.admission.LEDGER_BYTES, 6 KiB) holds of the shortest holders; the budget
+is what the operator enforces."""
 
 
 class Holder(Model):

@@ -37,6 +37,7 @@ from capacity_api.admission import (
     allocation,
     claim_key,
     claim_substrate,
+    ledger_full,
     new_proposal,
     next_step,
     node_staleness,
@@ -820,6 +821,9 @@ class Engine:
                         f"{iso:.2f} (allocated {held:.3f} + request {holder.share:.3f}, taken by "
                         "claims committed meanwhile)"
                     )
+                full = ledger_full(cn, substrate, holder)
+                if full is not None:
+                    return full
                 alloc = allocation([*current, holder])
                 try:
                     await self._write_node(node, cn, {"allocated": {substrate.value: alloc.wire()}})

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capacity_api.admission import (
+    LEDGER_BYTES,
+    NODE_BYTES,
     Action,
     ClaimError,
     NodeView,
@@ -19,6 +21,9 @@ from capacity_api.admission import (
     admit_order,
     claim_substrate,
     expected_holders,
+    ledger_bytes,
+    ledger_estimate,
+    ledger_full,
     new_proposal,
     next_step,
     node_share,
@@ -467,3 +472,47 @@ def test_admit_order_is_oldest_first_within_the_open_budget() -> None:
     assert admit_order(queued, open_proposals=0, limit=3) == ["early", "tie-a", "tie-b"]
     assert admit_order(queued, open_proposals=2, limit=3) == ["early"]
     assert admit_order(queued, open_proposals=5, limit=3) == []
+
+
+# -- the ledger's byte budget --------------------------------------------------------------------
+
+
+def long_holder(i: int, share: float = 0.001) -> Holder:
+    return holder(f"uid-{i:04d}-" + "u" * 26, share, claim=f"namespace-{i:03d}/" + "c" * 60)
+
+
+def test_ledger_estimate_is_never_below_the_exact_size() -> None:
+    for count in (0, 1, 5, 40):
+        n = node("a", holders=[long_holder(i) for i in range(count)])
+        exact = ledger_bytes((n.status.allocated or {}) if n.status else {})
+        assert ledger_estimate(n) >= exact
+
+
+def test_a_full_ledger_refuses_the_next_holder_and_placement_skips_the_node() -> None:
+    fits = [long_holder(i) for i in range(20)]
+    roomy = node("a", holders=fits)
+    assert ledger_full(roomy, Substrate.HOST, long_holder(99)) is None
+    crowded = node("b", holders=[long_holder(i) for i in range(60)])  # about 8 KiB
+    why = ledger_full(crowded, Substrate.HOST, long_holder(99))
+    assert why is not None
+    assert "ledger is full (60 claims" in why
+    # its allocated share is tiny, yet placement does not propose the full node
+    plan = plan_placement(spec(cGeo=0.1), Substrate.HOST, [view(crowded), view(roomy)])
+    assert isinstance(plan, PlacementPlan)
+    assert plan.placement == ["a"]
+    only_full = plan_placement(spec(cGeo=0.1), Substrate.HOST, [view(crowded)])
+    assert isinstance(only_full, NoPlacement)
+    assert "b: its ledger is full" in only_full.message
+
+
+def test_a_full_ledger_stays_within_the_node_object_budget() -> None:
+    # the largest ledger the operator writes, plus the agent's own part at its limit, is at
+    # most 16 KiB: the agent keeps spec and status under NODE_BYTES - LEDGER_BYTES
+    assert LEDGER_BYTES < NODE_BYTES
+    holders: list[Holder] = []
+    n = node("a")
+    while (nxt := long_holder(len(holders))) and ledger_full(n, Substrate.HOST, nxt) is None:
+        holders.append(nxt)
+        n = node("a", holders=holders)
+    assert ledger_bytes((n.status.allocated or {}) if n.status else {}) <= LEDGER_BYTES
+    assert len(holders) > 30  # room for a working node's claims
