@@ -18,36 +18,13 @@ Gaps. A sample that comes more than ``stale_after`` seconds after the newest one
 the gap no longer describes the node, and a spectrum across a gap is not one series. So a node
 that comes back fills ``minSamples`` again before its readings count (DESIGN section 6).
 
-Conditions (:meth:`NodeMeasurements.build_status`), all with ``lastTransitionTime`` kept while
-the status stays the same:
-
-``Ready``
-    True (``Measuring``) when every measured substrate has a sample newer than ``stale_after``;
-    False (``SubstratesStale`` or ``NoSubstrates``) otherwise. Pressure does not make a node
-    un-Ready (as with kubelet's node conditions); it stops it from voting YES instead.
-``Stale``
-    True (``SubstratesStale``) naming each substrate without a fresh sample, its last sample time,
-    failure count and last error; False (``Fresh``) when all are fresh.
-``MemoryPressure``, ``IOPressure``
-    True (``PSIAboveThreshold``) when the newest host PSI ``some avg10`` exceeds
-    :attr:`PressureThresholds.memory` / :attr:`PressureThresholds.io` (10 % of the time), False
-    (``PSIBelowThreshold``) once it falls below ``clear_ratio`` (80 %) of the threshold: a small
-    hysteresis so that a value hovering at the threshold does not flap the condition (and with it,
-    the CapacityNode). Unknown (``PSIUnavailable``) without PSI: a kernel without
-    /proc/pressure, no host sample yet, or the host substrate not measured.
-``CPUPressure``
-    As above with :attr:`PressureThresholds.cpu` (50 %), but on the CPU PSI after discounting
-    cgroup throttling: ``effective = psi_cpu_some_avg10 x (1 - throttled)``, where ``throttled``
-    is the mean share of CFS periods in which the measured cgroup was throttled over the last
-    :attr:`PressureThresholds.throttle_seconds` (10 s, the span of avg10). Throttling inflates CPU
-    stall time (a task held back by its own quota stalls even on an idle node), and a quota that is
-    exhausted already shows as a high ``cpu`` load (usage over quota) in the window, which the fit
-    gate sees; the condition is meant for contention on the node. When throttling alone explains
-    the stall (raw PSI above the threshold, effective below it), the condition is False with reason
-    ``CPUThrottled``. Without throttling counters (no CPU controller, no quota) the raw PSI is used.
-
-The values the voter uses are the ones published: :meth:`NodeMeasurements.pressure_conditions`
-names the pressure conditions currently True, from the newest host reading.
+What is published. :meth:`NodeMeasurements.reading` and :meth:`NodeMeasurements.gates` summarise
+a substrate's window (load and signal summaries, the spectral fingerprint, the gate readings);
+:meth:`NodeMeasurements.spec` and :meth:`NodeMeasurements.build_status` hand them, with the
+collectors' geometry and capacity and the conditions, to :mod:`capacity_agent.node_status`, which
+builds the CapacityNode. Every host sample also feeds :mod:`capacity_agent.pressure`: the pressure
+conditions published and the ones the voter reads (:meth:`NodeMeasurements.pressure_conditions`)
+come from the same newest host reading.
 """
 
 from __future__ import annotations
@@ -55,25 +32,30 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections import deque
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 import numpy as np
 import numpy.typing as npt
 
 from capacity_agent.collectors.base import Collector, CollectorError, Sample
 from capacity_agent.collectors.procfs import PrimingError
+from capacity_agent.node_status import (
+    ConditionLog,
+    StaleSubstrate,
+    freshness,
+    moment,
+    node_spec,
+    node_status,
+)
+from capacity_agent.pressure import PressureConditions, PressureThresholds
 from capacity_agent.window import Window
-from capacity_api import reasons
 from capacity_api.gates import WINDOW, gate_reading, spectrum, summarize
 from capacity_api.models import (
     CapacityNodeSpec,
     CapacityNodeStatus,
     CgroupLimits,
     Condition,
-    ConditionStatus,
     GateReading,
     Geometry,
     PressureReading,
@@ -81,7 +63,6 @@ from capacity_api.models import (
     Substrate,
     SubstrateReading,
 )
-from capacity_api.quantity import QuantityError, parse_quantity
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +73,6 @@ MAX_SIGNALS = 16
 host with dozens of thermal sensors. The load summary always covers the worst of them."""
 DECIMALS = 4
 """Published readings are rounded to this many decimals (smaller objects, steadier values)."""
-MESSAGE_LIMIT = 512
-"""Condition messages are cut to this many characters."""
 ERROR_LIMIT = 300
 """Collector error texts are cut to this many characters (logs and the Stale message)."""
 
@@ -101,37 +80,6 @@ LOAD = "_load"
 """Window signal name of the substrate's load u (underscored: no collector signal is named so)."""
 THROTTLED = "cpu_throttled"
 """Host window signal: share of CFS periods throttled between two samples."""
-
-# Condition types and reasons live in capacity_api.reasons.
-
-CONDITION_TYPES = (
-    reasons.READY,
-    reasons.STALE,
-    reasons.MEMORY_PRESSURE,
-    reasons.CPU_PRESSURE,
-    reasons.IO_PRESSURE,
-)
-_PSI_RESOURCE = {
-    reasons.MEMORY_PRESSURE: "memory",
-    reasons.CPU_PRESSURE: "cpu",
-    reasons.IO_PRESSURE: "io",
-}
-
-
-@dataclass(frozen=True, slots=True)
-class PressureThresholds:
-    """When the host's PSI sets a pressure condition (percent of time, as the kernel reports)."""
-
-    memory: float = 10.0
-    """MemoryPressure above this PSI memory some avg10."""
-    io: float = 10.0
-    """IOPressure above this PSI io some avg10."""
-    cpu: float = 50.0
-    """CPUPressure above this PSI cpu some avg10, after discounting throttling."""
-    clear_ratio: float = 0.8
-    """A set condition clears only below threshold x clear_ratio (hysteresis)."""
-    throttle_seconds: float = 10.0
-    """Span over which cgroup throttling is averaged for the CPU discount (PSI avg10's span)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +100,6 @@ class TickResult:
 
 
 @dataclass
-class _PressureState:
-    status: ConditionStatus = ConditionStatus.UNKNOWN
-    reason: str = reasons.PSI_UNAVAILABLE
-    message: str = "no PSI reading yet"
-
-
-@dataclass
 class _SubstrateState:
     collector: Collector
     window: Window
@@ -176,13 +117,6 @@ class _SubstrateState:
     capacity: dict[str, str] = field(default_factory=dict)
 
 
-def _iso(ts: float, *, whole_seconds: bool = False) -> datetime:
-    moment = datetime.fromtimestamp(ts, UTC)
-    if whole_seconds:
-        return moment.replace(microsecond=0)
-    return moment.replace(microsecond=moment.microsecond // 1000 * 1000)
-
-
 def _round(value: float) -> float:
     return round(float(value), DECIMALS)
 
@@ -191,10 +125,6 @@ def _rounded(summary: SignalSummary) -> SignalSummary:
     return SignalSummary(
         mean=_round(summary.mean), p95=_round(summary.p95), max=_round(summary.max)
     )
-
-
-def _short(text: str) -> str:
-    return text if len(text) <= MESSAGE_LIMIT else text[: MESSAGE_LIMIT - 3] + "..."
 
 
 def discover(
@@ -254,16 +184,10 @@ class NodeMeasurements:
             if collector.substrate in self._states:
                 raise ValueError(f"two collectors for substrate {collector.substrate.value}")
             self._states[collector.substrate] = _SubstrateState(collector, Window(window_size))
-        self._pressure: dict[str, _PressureState] = {
-            kind: _PressureState(
-                message="host substrate not measured"
-                if Substrate.HOST not in self._states
-                else "no host sample yet"
-            )
-            for kind in _PSI_RESOURCE
-        }
-        self._throttle: deque[tuple[float, float]] = deque()
-        self._conditions: dict[str, Condition] = {}
+        self._pressure = PressureConditions(
+            self.thresholds, host_measured=Substrate.HOST in self._states
+        )
+        self._conditions = ConditionLog()
         self.gaps = 0
         """Windows restarted after a gap longer than ``stale_after``."""
 
@@ -355,7 +279,7 @@ class NodeMeasurements:
         state.pressure = sample.pressure
         state.cgroup = sample.cgroup
         if substrate is Substrate.HOST:
-            self._update_pressure(sample, at, throttled)
+            self._pressure.update(sample.pressure, at, throttled)
 
     def _fail(
         self, substrate: Substrate, state: _SubstrateState, error: BaseException, now: float
@@ -383,63 +307,6 @@ class NodeMeasurements:
             state.suppressed += 1
             log.debug("%s %s: sample failed: %s", self.node, substrate.value, state.last_error)
 
-    # -- pressure ------------------------------------------------------------------------------
-
-    def _update_pressure(self, sample: Sample, at: float, throttled: float | None) -> None:
-        t = self.thresholds
-        # values stamped after this sample (the clock stepped back) no longer describe "now"
-        while self._throttle and self._throttle[-1][0] > at:
-            self._throttle.pop()
-        if throttled is not None:
-            self._throttle.append((at, throttled))
-        while self._throttle and self._throttle[0][0] < at - t.throttle_seconds:
-            self._throttle.popleft()
-        pressure = sample.pressure or {}
-        for kind, resource in _PSI_RESOURCE.items():
-            state = self._pressure[kind]
-            reading = pressure.get(resource)
-            value = None if reading is None else reading.some_avg10
-            if value is None or not math.isfinite(value):
-                state.status = ConditionStatus.UNKNOWN
-                state.reason = reasons.PSI_UNAVAILABLE
-                state.message = f"no PSI {resource} some avg10 in the newest host sample"
-                continue
-            threshold = {"memory": t.memory, "io": t.io, "cpu": t.cpu}[resource]
-            effective = value
-            note = ""
-            if resource == "cpu" and self._throttle:
-                share = sum(v for _, v in self._throttle) / len(self._throttle)
-                effective = value * (1.0 - share)
-                note = (
-                    f" (cgroup throttled in {share:.0%} of periods over "
-                    f"{t.throttle_seconds:g} s: {effective:.1f}% after discounting)"
-                )
-            was_set = state.status is ConditionStatus.TRUE
-            limit = threshold * t.clear_ratio if was_set else threshold
-            if effective > limit:
-                state.status = ConditionStatus.TRUE
-                state.reason = reasons.PSI_ABOVE_THRESHOLD
-                state.message = (
-                    f"PSI {resource} some avg10 {value:.1f}%{note} above {limit:g}%"
-                    if not was_set
-                    else f"PSI {resource} some avg10 {value:.1f}%{note} not yet below {limit:g}%"
-                )
-            else:
-                state.status = ConditionStatus.FALSE
-                if resource == "cpu" and value > limit:
-                    state.reason = reasons.CPU_THROTTLED
-                    state.message = (
-                        f"PSI cpu some avg10 {value:.1f}% is above {limit:g}% but explained by "
-                        f"cgroup throttling{note}"
-                    )
-                else:
-                    state.reason = reasons.PSI_BELOW_THRESHOLD
-                    state.message = f"PSI {resource} some avg10 {value:.1f}%{note} <= {limit:g}%"
-
-    def pressure_conditions(self) -> list[str]:
-        """Names of the pressure conditions currently True (e.g. ``["MemoryPressure"]``)."""
-        return [k for k, s in self._pressure.items() if s.status is ConditionStatus.TRUE]
-
     # -- what the voter reads ------------------------------------------------------------------
 
     def series(self, substrate: Substrate) -> npt.NDArray[np.float64]:
@@ -466,6 +333,11 @@ class NodeMeasurements:
         limit = self.stale_after if max_age is None else max_age
         return newest is None or now - newest > limit
 
+    def pressure_conditions(self) -> list[str]:
+        """Names of the pressure conditions currently True (e.g. ``["MemoryPressure"]``), as
+        published: both come from the newest host sample."""
+        return self._pressure.active()
+
     def load_range(self, substrate: Substrate) -> float:
         """Peak-to-peak range of the load window (0 when it has fewer than two samples)."""
         u = self.series(substrate)
@@ -476,23 +348,18 @@ class NodeMeasurements:
     def spec(self, node_name: str) -> CapacityNodeSpec:
         """Substrates, geometry and capacity (blocking: collectors read files). A collector whose
         geometry or capacity cannot be read keeps its previous values."""
-        geometry: dict[str, Geometry] = {}
-        capacity: dict[str, str | int] = {}
         for substrate, state in self._states.items():
             with state.lock:
                 try:
                     state.geometry = state.collector.geometry()
-                    state.capacity = _valid_quantities(substrate, state.collector.capacity())
+                    state.capacity = state.collector.capacity()
                 except Exception as exc:  # keep the last known values
                     log.debug("%s %s: geometry/capacity unreadable: %s", self.node, substrate, exc)
-            if state.geometry is not None:
-                geometry[substrate.value] = state.geometry
-            capacity.update(state.capacity)
-        return CapacityNodeSpec(
-            node_name=node_name,
-            substrates=self.substrates,
-            geometry=geometry or None,
-            capacity=dict(sorted(capacity.items())) or None,
+        return node_spec(
+            node_name,
+            self.substrates,
+            geometry={s: self._states[s].geometry for s in self.substrates},
+            capacity={s: self._states[s].capacity for s in self.substrates},
         )
 
     def reading(self, substrate: Substrate) -> SubstrateReading | None:
@@ -526,7 +393,7 @@ class NodeMeasurements:
             fingerprint=fingerprint,
             pressure=pressure,
             cgroup=cgroup,
-            observed_at=_iso(state.window.newest_time),
+            observed_at=moment(state.window.newest_time),
             samples=state.window.count(LOAD),
         )
 
@@ -555,110 +422,28 @@ class NodeMeasurements:
         operator owns). ``allocated`` is the share of each substrate promised to claims, for the
         headroom gate (0 when unknown)."""
         allocated = allocated or {}
-        readings: dict[str, SubstrateReading] = {}
-        gates: dict[str, GateReading] = {}
+        summaries: dict[Substrate, tuple[SubstrateReading, GateReading]] = {}
         for substrate in self.substrates:
             reading = self.reading(substrate)
             gate = self.gates(substrate, allocated.get(substrate.value, 0.0))
             if reading is not None and gate is not None:
-                readings[substrate.value] = reading
-                gates[substrate.value] = gate
-        return CapacityNodeStatus(
-            readings=readings or None,
-            gates=gates or None,
-            conditions=self.conditions(now, generation=generation),
-            observed_generation=generation,
-        )
+                summaries[substrate] = (reading, gate)
+        conditions = self.conditions(now, generation=generation)
+        return node_status(summaries, conditions, generation=generation)
 
     def conditions(self, now: float, *, generation: int | None = None) -> list[Condition]:
         """Ready, Stale, MemoryPressure, CPUPressure, IOPressure as of ``now``."""
-        stale = [s for s in self.substrates if self.is_stale(s, now)]
-        measured = ", ".join(s.value for s in self.substrates)
-        wanted: list[tuple[str, ConditionStatus, str, str]] = []
-        if not self._states:
-            wanted.append(
-                (
-                    reasons.READY,
-                    ConditionStatus.FALSE,
-                    reasons.NO_SUBSTRATES,
-                    "no substrate is present",
-                )
-            )
-        elif stale:
-            names = ", ".join(s.value for s in stale)
-            wanted.append(
-                (
-                    reasons.READY,
-                    ConditionStatus.FALSE,
-                    reasons.SUBSTRATES_STALE,
-                    f"no fresh sample of {names}",
-                )
-            )
-        else:
-            wanted.append(
-                (reasons.READY, ConditionStatus.TRUE, reasons.MEASURING, f"measuring {measured}")
-            )
-        if stale:
-            details = "; ".join(self._stale_detail(s) for s in stale)
-            message = f"no sample within {self.stale_after:g} s: {details}"
-            wanted.append((reasons.STALE, ConditionStatus.TRUE, reasons.SUBSTRATES_STALE, message))
-        else:
-            message = f"every substrate sampled within {self.stale_after:g} s"
-            wanted.append((reasons.STALE, ConditionStatus.FALSE, reasons.FRESH, message))
-        for kind in (reasons.MEMORY_PRESSURE, reasons.CPU_PRESSURE, reasons.IO_PRESSURE):
-            p = self._pressure[kind]
-            wanted.append((kind, p.status, p.reason, p.message))
-        return [
-            self._condition(
-                kind,
-                status=status,
-                reason=reason,
-                message=message,
-                now=now,
-                generation=generation,
-            )
-            for kind, status, reason, message in wanted
-        ]
+        stale = [self._staleness(s) for s in self.substrates if self.is_stale(s, now)]
+        ready, stale_condition = freshness(self.substrates, stale, self.stale_after)
+        return self._conditions.stamp(
+            [ready, stale_condition, *self._pressure.states()], now, generation=generation
+        )
 
-    def _stale_detail(self, substrate: Substrate) -> str:
+    def _staleness(self, substrate: Substrate) -> StaleSubstrate:
         state = self._states[substrate]
-        newest = state.window.newest_time
-        since = (
-            "no sample yet"
-            if newest is None
-            else f"last sample {_iso(newest, whole_seconds=True).isoformat()}"
+        return StaleSubstrate(
+            substrate, state.window.newest_time, state.consecutive, state.last_error
         )
-        if state.consecutive:
-            since += f", {state.consecutive} failed since"
-        if state.last_error and state.consecutive:
-            since += f" (last error: {state.last_error[:160]})"
-        return f"{substrate.value}: {since}"
-
-    def _condition(
-        self,
-        kind: str,
-        *,
-        status: ConditionStatus,
-        reason: str,
-        message: str,
-        now: float,
-        generation: int | None,
-    ) -> Condition:
-        previous = self._conditions.get(kind)
-        if previous is not None and previous.status == status:
-            since = previous.last_transition_time
-        else:
-            since = _iso(now, whole_seconds=True)
-        condition = Condition(
-            type=kind,
-            status=status,
-            reason=reason,
-            message=_short(message),
-            last_transition_time=since,
-            observed_generation=generation,
-        )
-        self._conditions[kind] = condition
-        return condition
 
     def close(self) -> None:
         """Close every collector (connections, NVML)."""
@@ -668,15 +453,3 @@ class NodeMeasurements:
                     state.collector.close()
                 except Exception as exc:  # closing must not stop the others from closing
                     log.warning("%s %s: close failed: %s", self.node, substrate.value, exc)
-
-
-def _valid_quantities(substrate: Substrate, capacity: Mapping[str, str]) -> dict[str, str]:
-    valid: dict[str, str] = {}
-    for key, value in capacity.items():
-        try:
-            parse_quantity(value)
-        except QuantityError as exc:
-            log.warning("%s: capacity %s dropped: %s", substrate.value, key, exc)
-            continue
-        valid[key] = value
-    return valid

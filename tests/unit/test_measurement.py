@@ -1,141 +1,37 @@
-"""NodeMeasurements: failed readings are counted and skipped (never zero load), staleness and
-conditions follow the injected clock, pressure conditions read PSI with throttling discounted."""
+"""NodeMeasurements: failed readings are counted and skipped (never zero load), gaps restart the
+window, staleness follows the injected clock, and the windows summarise into readings and gates.
+
+Pressure conditions are in test_pressure.py, Ready/Stale and the spec in test_node_status.py."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
-from capacity_agent.collectors.base import Collector, CollectorError, Sample
+from capacity_agent.collectors.base import CollectorError, Sample
 from capacity_agent.collectors.procfs import PrimingError
 from capacity_agent.measurement import MAX_SIGNALS, NodeMeasurements, discover
 from capacity_api import gates
-from capacity_api.models import (
-    CgroupLimits,
-    Condition,
-    ConditionStatus,
-    Geometry,
-    PressureReading,
-    Substrate,
-)
-from capacity_api.reasons import (
-    CPU_THROTTLED,
-    PSI_ABOVE_THRESHOLD,
-    PSI_BELOW_THRESHOLD,
-    PSI_UNAVAILABLE,
+from capacity_api.models import CgroupLimits, ConditionStatus, PressureReading, Substrate
+from tests.unit.measurement_fakes import (
+    Clock,
+    FakeCollector,
+    Step,
+    condition,
+    failing,
+    run,
+    steady,
 )
 
 pytestmark = pytest.mark.unit
-
-T0 = 1_800_000_000.0
-Step = Callable[[float], Sample]
-
-
-class FakeCollector(Collector):
-    """Returns ``step(now)`` on every sample() (which may raise), at the clock's time."""
-
-    def __init__(
-        self,
-        substrate: Substrate,
-        step: Step,
-        clock: Callable[[], float],
-        *,
-        present: bool = True,
-        capacity: dict[str, str] | None = None,
-    ) -> None:
-        self.substrate = substrate
-        self.step = step
-        self.clock = clock
-        self._present = present
-        self._capacity = capacity or {}
-        self.closed = False
-        self.calls = 0
-
-    def present(self) -> bool:
-        return self._present
-
-    def geometry(self) -> Geometry | None:
-        return Geometry(units=4)
-
-    def capacity(self) -> dict[str, str]:
-        return dict(self._capacity)
-
-    def sample(self) -> Sample:
-        self.calls += 1
-        return self.step(self.clock())
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def steady(substrate: Substrate, load: float = 0.4) -> Step:
-    def step(now: float) -> Sample:
-        return Sample(
-            substrate=substrate, time=now, load=load, signals={"cpu": load, "memory": load / 2}
-        )
-
-    return step
-
-
-def failing(error: BaseException) -> Step:
-    def step(now: float) -> Sample:
-        raise error
-
-    return step
 
 
 def out_of_range(now: float) -> Sample:
     # Sample itself refuses values outside [0, 1] with a CollectorError
     return Sample(substrate=Substrate.STORAGE, time=now, load=1.5, signals={"busy": 1.5})
-
-
-def host_with_psi(
-    memory: float | None = None,
-    cpu: float | None = None,
-    io: float | None = None,
-    throttled: float | None = None,
-) -> Step:
-    def step(now: float) -> Sample:
-        pressure = {
-            name: PressureReading(some_avg10=value, some_avg60=value)
-            for name, value in (("memory", memory), ("cpu", cpu), ("io", io))
-            if value is not None
-        }
-        cgroup = (
-            None if throttled is None else CgroupLimits(version=2, cpu_throttled_fraction=throttled)
-        )
-        return Sample(
-            substrate=Substrate.HOST,
-            time=now,
-            load=0.3,
-            signals={"cpu": 0.3, "memory": 0.2},
-            pressure=pressure or None,
-            cgroup=cgroup,
-        )
-
-    return step
-
-
-def run(m: NodeMeasurements, clock: Clock, ticks: int, every: float = 1.0) -> None:
-    for _ in range(ticks):
-        clock.now += every
-        m.tick(clock.now)
-
-
-def condition(m: NodeMeasurements, now: float, kind: str) -> Condition:
-    return next(c for c in m.conditions(now) if c.type == kind)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,17 +93,11 @@ def test_a_failing_collector_is_counted_skipped_and_stale_never_zero(
 
 def test_a_collector_that_stops_working_goes_stale_and_keeps_its_last_readings() -> None:
     clock = Clock()
-    working = [True]
-
-    def step(now: float) -> Sample:
-        if not working[0]:
-            raise CollectorError("nvml: lost device")
-        return Sample(substrate=Substrate.GPU, time=now, load=0.7, signals={"sm": 0.7})
-
-    m = NodeMeasurements([FakeCollector(Substrate.GPU, step, clock)], stale_after=3.0)
+    gpu = FakeCollector(Substrate.GPU, steady(Substrate.GPU, 0.7), clock)
+    m = NodeMeasurements([gpu], stale_after=3.0)
     run(m, clock, 10)
     last_good = clock.now
-    working[0] = False
+    gpu.failure = CollectorError("nvml: lost device")
     run(m, clock, 3)
     assert not m.is_stale(Substrate.GPU, clock.now)  # 3 s old: not yet
     run(m, clock, 1)
@@ -302,142 +192,7 @@ def test_tick_reports_what_was_sampled_and_what_failed() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Conditions
-
-
-def test_ready_needs_a_fresh_sample_of_every_substrate() -> None:
-    clock = Clock()
-    m = NodeMeasurements(
-        [FakeCollector(Substrate.HOST, steady(Substrate.HOST), clock)], stale_after=3.0
-    )
-    assert condition(m, clock.now, "Ready").status is ConditionStatus.FALSE  # no sample yet
-    run(m, clock, 1)
-    assert condition(m, clock.now, "Ready").status is ConditionStatus.TRUE
-    assert condition(m, clock.now, "Stale").status is ConditionStatus.FALSE
-    empty = NodeMeasurements([], stale_after=3.0)
-    ready = condition(empty, clock.now, "Ready")
-    assert (ready.status, ready.reason) == (ConditionStatus.FALSE, "NoSubstrates")
-
-
-def test_last_transition_time_is_kept_while_the_status_stays() -> None:
-    clock = Clock()
-    working = [True]
-
-    def step(now: float) -> Sample:
-        if not working[0]:
-            raise CollectorError("gone")
-        return Sample(substrate=Substrate.HOST, time=now, load=0.2, signals={})
-
-    m = NodeMeasurements([FakeCollector(Substrate.HOST, step, clock)], stale_after=3.0)
-    run(m, clock, 1)
-    first = condition(m, clock.now, "Ready")
-    assert first.status is ConditionStatus.TRUE
-    run(m, clock, 100)
-    later = condition(m, clock.now, "Ready")
-    assert later.last_transition_time == first.last_transition_time
-    working[0] = False
-    run(m, clock, 5)
-    broken = condition(m, clock.now, "Ready")
-    assert broken.status is ConditionStatus.FALSE
-    assert broken.last_transition_time == datetime.fromtimestamp(int(clock.now), UTC)
-    run(m, clock, 5)  # still broken: the message changes, the transition time does not
-    assert condition(m, clock.now, "Ready").last_transition_time == broken.last_transition_time
-
-
-@pytest.mark.parametrize(
-    ("memory_psi", "expected"),
-    [
-        # rises above 10 -> True; stays True down to 8 (80 %); clears below it
-        ([5.0], [ConditionStatus.FALSE]),
-        ([5.0, 12.0], [ConditionStatus.FALSE, ConditionStatus.TRUE]),
-        ([12.0, 9.0, 8.5], [ConditionStatus.TRUE] * 3),
-        ([12.0, 7.9], [ConditionStatus.TRUE, ConditionStatus.FALSE]),
-        ([9.9, 10.0, 10.1], [ConditionStatus.FALSE, ConditionStatus.FALSE, ConditionStatus.TRUE]),
-    ],
-)
-def test_memory_pressure_from_psi_with_hysteresis(
-    memory_psi: list[float], expected: list[ConditionStatus]
-) -> None:
-    clock = Clock()
-    value = [0.0]
-
-    def step(now: float) -> Sample:
-        return host_with_psi(memory=value[0], cpu=0.0, io=0.0)(now)
-
-    collector = FakeCollector(Substrate.HOST, step, clock)
-    m = NodeMeasurements([collector], stale_after=3.0)
-    seen = []
-    for psi in memory_psi:
-        value[0] = psi
-        run(m, clock, 1)
-        seen.append(condition(m, clock.now, "MemoryPressure").status)
-    assert seen == expected
-    assert ("MemoryPressure" in m.pressure_conditions()) == (expected[-1] is ConditionStatus.TRUE)
-
-
-@pytest.mark.parametrize(
-    ("cpu_psi", "throttled", "status", "reason"),
-    [
-        (80.0, None, ConditionStatus.TRUE, PSI_ABOVE_THRESHOLD),  # no throttling data: raw PSI
-        (80.0, 0.0, ConditionStatus.TRUE, PSI_ABOVE_THRESHOLD),
-        (80.0, 0.5, ConditionStatus.FALSE, CPU_THROTTLED),  # 40 % after discounting
-        (80.0, 0.9, ConditionStatus.FALSE, CPU_THROTTLED),
-        (60.0, 0.1, ConditionStatus.TRUE, PSI_ABOVE_THRESHOLD),  # 54 % still above 50
-        (30.0, 0.0, ConditionStatus.FALSE, PSI_BELOW_THRESHOLD),
-    ],
-)
-def test_cpu_pressure_discounts_cgroup_throttling(
-    cpu_psi: float, throttled: float | None, status: ConditionStatus, reason: str
-) -> None:
-    clock = Clock()
-    m = NodeMeasurements(
-        [FakeCollector(Substrate.HOST, host_with_psi(cpu=cpu_psi, throttled=throttled), clock)],
-        stale_after=3.0,
-    )
-    run(m, clock, 12)
-    cpu = condition(m, clock.now, "CPUPressure")
-    assert (cpu.status, cpu.reason) == (status, reason)
-    assert ("CPUPressure" in m.pressure_conditions()) == (status is ConditionStatus.TRUE)
-
-
-def test_throttling_is_averaged_over_the_psi_span_only() -> None:
-    clock = Clock()
-    throttled = [1.0]
-
-    def step(now: float) -> Sample:
-        return host_with_psi(cpu=80.0, throttled=throttled[0])(now)
-
-    m = NodeMeasurements([FakeCollector(Substrate.HOST, step, clock)], stale_after=3.0)
-    run(m, clock, 30)  # fully throttled: explained by the quota
-    assert m.pressure_conditions() == []
-    throttled[0] = 0.0
-    run(m, clock, 11)  # the throttled samples left the 10 s span: real contention now
-    assert m.pressure_conditions() == ["CPUPressure"]
-
-
-def test_pressure_is_unknown_without_psi_and_never_reported_as_set() -> None:
-    clock = Clock()
-    m = NodeMeasurements([FakeCollector(Substrate.HOST, host_with_psi(), clock)], stale_after=3.0)
-    run(m, clock, 3)
-    for kind in ("MemoryPressure", "CPUPressure", "IOPressure"):
-        c = condition(m, clock.now, kind)
-        assert (c.status, c.reason) == (ConditionStatus.UNKNOWN, PSI_UNAVAILABLE)
-    assert m.pressure_conditions() == []
-    assert condition(m, clock.now, "Ready").status is ConditionStatus.TRUE
-
-
-def test_io_pressure_and_several_conditions_at_once() -> None:
-    clock = Clock()
-    m = NodeMeasurements(
-        [FakeCollector(Substrate.HOST, host_with_psi(memory=30.0, cpu=90.0, io=25.0), clock)],
-        stale_after=3.0,
-    )
-    run(m, clock, 2)
-    assert m.pressure_conditions() == ["MemoryPressure", "CPUPressure", "IOPressure"]
-
-
-# ---------------------------------------------------------------------------------------------
-# Readings, gates and spec
+# Readings and gates
 
 
 def test_readings_and_gates_summarise_the_window() -> None:
@@ -500,30 +255,6 @@ def test_signals_are_capped_keeping_the_busiest() -> None:
     assert reading.signals is not None
     assert len(reading.signals) == MAX_SIGNALS
     assert set(reading.signals) == {f"zone{i:02d}" for i in range(40 - MAX_SIGNALS, 40)}
-
-
-def test_spec_merges_geometry_and_capacity_and_drops_bad_quantities(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    clock = Clock()
-    host = FakeCollector(
-        Substrate.HOST, steady(Substrate.HOST), clock, capacity={"cpu": "4", "memory": "8Gi"}
-    )
-    storage = FakeCollector(
-        Substrate.STORAGE,
-        steady(Substrate.STORAGE),
-        clock,
-        capacity={"storage-iops": "-5", "other": "12"},
-    )
-    m = NodeMeasurements([storage, host], stale_after=3.0)
-    with caplog.at_level(logging.WARNING):
-        spec = m.spec("node-a")
-    assert spec.node_name == "node-a"
-    assert spec.substrates == [Substrate.HOST, Substrate.STORAGE]
-    assert spec.capacity == {"cpu": "4", "memory": "8Gi", "other": "12"}
-    assert spec.geometry is not None
-    assert spec.geometry["host"].units == 4
-    assert "storage-iops dropped" in caplog.text
 
 
 def test_discover_keeps_present_and_required_substrates() -> None:

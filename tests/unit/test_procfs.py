@@ -7,15 +7,19 @@ the garbage cases check that malformed files only ever raise CollectorError.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from capacity_agent.collectors.base import CollectorError
 from capacity_agent.collectors.procfs import (
+    SECTOR_BYTES,
     Baseline,
     CpuTimes,
     PrimingError,
@@ -467,3 +471,85 @@ def test_baseline_primes_then_pairs_devices_present_in_both_readings() -> None:
         baseline.advance(12.5, {"vda": 6})
     with pytest.raises(CollectorError, match="nothing present in both readings"):
         baseline.advance(13.0, {"sda": 1})
+
+
+# ---------------------------------------------------------------------------------------------
+# The same files read by psutil, the reference (a development dependency; docs/agent.md says why
+# the agent parses these files itself)
+
+DISKSTATS_4_18 = """\
+ 259       0 nvme0n1 48125 1021 3366010 21930 74512 51118 4417424 96114 0 63520 125688 812 0 901 7
+"""  # 18 columns: discards but no flushes
+
+
+@pytest.fixture
+def psutil_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fixture /proc with this module's files, where psutil reads for the test."""
+    proc = tmp_path / "proc"
+    (proc / "net").mkdir(parents=True)
+    (proc / "stat").write_text(PROC_STAT)
+    (proc / "diskstats").write_text(DISKSTATS + DISKSTATS_4_18)
+    (proc / "net" / "dev").write_text(NET_DEV)
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(proc))
+    return proc
+
+
+def test_cpu_times_agree_with_psutil(psutil_proc: Path) -> None:
+    ours = parse_proc_stat((psutil_proc / "stat").read_text()).cpu
+    theirs = psutil.cpu_times()
+    hz = os.sysconf("SC_CLK_TCK")  # psutil reports seconds, /proc/stat counts USER_HZ ticks
+    busy = theirs.user + theirs.nice + theirs.system + theirs.irq + theirs.softirq + theirs.steal
+    assert ours.busy == pytest.approx(busy * hz)
+    assert ours.idle == pytest.approx((theirs.idle + theirs.iowait) * hz)
+
+
+def test_disk_counters_agree_with_psutil(psutil_proc: Path) -> None:
+    ours = parse_diskstats((psutil_proc / "diskstats").read_text())
+    theirs = psutil.disk_io_counters(perdisk=True, nowrap=False)
+    assert set(ours) == set(theirs) == {"loop0", "vda", "zram0", "sda1", "nvme0n1"}
+    for name, disk in ours.items():
+        assert (
+            disk.reads,
+            disk.writes,
+            disk.read_sectors * SECTOR_BYTES,
+            disk.write_sectors * SECTOR_BYTES,
+            disk.read_ms,
+            disk.write_ms,
+            disk.io_ms,
+        ) == (
+            theirs[name].read_count,
+            theirs[name].write_count,
+            theirs[name].read_bytes,
+            theirs[name].write_bytes,
+            theirs[name].read_time,
+            theirs[name].write_time,
+            theirs[name].busy_time,
+        ), name
+    # what psutil leaves out and the storage load counts: discards (kernel 4.18+)
+    assert (ours["nvme0n1"].discards, ours["nvme0n1"].discard_ms) == (812, 7)
+
+
+def test_network_counters_agree_with_psutil(psutil_proc: Path) -> None:
+    ours = parse_net_dev((psutil_proc / "net" / "dev").read_text())
+    theirs = psutil.net_io_counters(pernic=True, nowrap=False)
+    assert set(ours) == set(theirs) == {"lo", "eth0"}
+    for name, nic in ours.items():
+        assert (
+            nic.rx_bytes,
+            nic.rx_packets,
+            nic.rx_errors,
+            nic.rx_drops,
+            nic.tx_bytes,
+            nic.tx_packets,
+            nic.tx_errors,
+            nic.tx_drops,
+        ) == (
+            theirs[name].bytes_recv,
+            theirs[name].packets_recv,
+            theirs[name].errin,
+            theirs[name].dropin,
+            theirs[name].bytes_sent,
+            theirs[name].packets_sent,
+            theirs[name].errout,
+            theirs[name].dropout,
+        ), name

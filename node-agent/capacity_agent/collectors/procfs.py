@@ -6,6 +6,10 @@ Malformed content (a garbage line, a missing column, a negative counter, a non-f
 raises :class:`~capacity_agent.collectors.base.CollectorError`, never ``ValueError``,
 ``IndexError`` or ``KeyError``: the agent skips the sample and marks the substrate stale rather
 than crash or read a broken file as zero load.
+
+psutil parses /proc/stat, /proc/diskstats and /proc/net/dev too, but below one process-global
+root and with fallbacks outside it: docs/agent.md ("Reading /proc") says why the agent does not
+use it. The unit tests check these three parsers against psutil's on the same files.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from capacity_api.models import PressureReading
 __all__ = [
     "SECTOR_BYTES",
     "UNLIMITED_THRESHOLD",
+    "Baseline",
     "CgroupEntry",
     "CpuTimes",
     "DiskStats",
@@ -46,6 +51,7 @@ __all__ = [
     "parse_meminfo",
     "parse_net_dev",
     "parse_proc_self_cgroup",
+    "parse_proc_stat",
     "parse_psi",
     "path_exists",
     "read_optional",
