@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from kubernetes import client
+from lightkube import Client
 from pydantic import ValidationError
 
 from capacity_agent import cluster
@@ -25,9 +25,12 @@ from capacity_api import __version__
 from capacity_api.cluster_access import EXIT_NO_CLUSTER
 
 log = logging.getLogger("capacity_agent")
+QUIET_LOGGERS = ("httpx2", "httpcore2")
+"""lightkube's HTTP client logs every request at INFO (and every socket step at DEBUG): only its
+warnings reach the agent's log, whose own lines say which writes failed and why."""
 
 
-async def start_voter(agents: Sequence[NodeAgent], api: client.ApiClient) -> None:
+async def start_voter(agents: Sequence[NodeAgent], api: Client) -> None:
     """The voter for every hosted node (the runtime's ``voter_factory``)."""
     nodes = {
         agent.name: VoterNode(
@@ -42,9 +45,7 @@ async def start_voter(agents: Sequence[NodeAgent], api: client.ApiClient) -> Non
     await Voter(api, nodes, namespace).run()
 
 
-async def start_witness(
-    agents: Sequence[NodeAgent], api: client.ApiClient, endpoint: str | None
-) -> None:
+async def start_witness(agents: Sequence[NodeAgent], api: Client, endpoint: str | None) -> None:
     """The witness of this process, reporting as its first hosted node (one vantage point)."""
     settings = agents[0].settings
     await Witness(
@@ -54,7 +55,6 @@ async def start_witness(
         settings.lease_namespace,
         endpoint=endpoint,
         interval=settings.witness_interval or settings.lease_renew_interval,
-        timeout=settings.request_timeout,
     ).run()
 
 
@@ -108,13 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         access = cluster.load(str(settings.kubeconfig) if settings.kubeconfig else None)
         cluster.check_reachable(access)
     except cluster.ClusterAccessError as exc:
         print(f"capacity-agent: {exc}", file=sys.stderr)
         return EXIT_NO_CLUSTER
-    api = cluster.api_client(access, pool=settings.threads)
+    api = cluster.api_client(access, pool=settings.threads, timeout=settings.request_timeout)
     try:
         asyncio.run(
             run_agents(

@@ -10,7 +10,7 @@ The clock (Unix seconds) and the sleep are injected, so tests can drive the loop
 
 Extension point for the voter (and anything else that serves every hosted node)::
 
-    VoterFactory = Callable[[Sequence[NodeAgent], client.ApiClient], Awaitable[None]]
+    VoterFactory = Callable[[Sequence[NodeAgent], Client], Awaitable[None]]
 
 ``run_agents(settings, api, voter_factory=f)`` calls ``f(agents, api)`` once every hosted node's
 agent is built and its loops started, and runs the awaitable as one more task. Each
@@ -31,7 +31,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from kubernetes import client
+from lightkube import Client
 
 from capacity_agent.backoff import Backoff
 from capacity_agent.collectors.base import Collector
@@ -127,9 +127,9 @@ class NodeAgent:
             await self.sleep(delay)
 
 
-VoterFactory = Callable[[Sequence[NodeAgent], client.ApiClient], Awaitable[None]]
+VoterFactory = Callable[[Sequence[NodeAgent], Client], Awaitable[None]]
 """Called once with every hosted node's agent; the awaitable runs as a task until shutdown."""
-WitnessFactory = Callable[[Sequence[NodeAgent], client.ApiClient, str | None], Awaitable[None]]
+WitnessFactory = Callable[[Sequence[NodeAgent], Client, str | None], Awaitable[None]]
 """As :data:`VoterFactory`, plus the URL of this process's health endpoint (None: none)."""
 
 
@@ -204,7 +204,7 @@ class AgentRuntime:
     def __init__(
         self,
         settings: AgentSettings,
-        api: client.ApiClient,
+        api: Client,
         *,
         voter_factory: VoterFactory | None = None,
         witness_factory: WitnessFactory | None = None,
@@ -225,8 +225,8 @@ class AgentRuntime:
         self.clock = clock
         self.sleep = sleep
         self.metrics = metrics or AgentMetrics()
-        self.node_api = node_api or KubeNodeApi(api, timeout=settings.request_timeout)
-        self.lease_api = lease_api or KubeLeaseApi(api, timeout=settings.request_timeout)
+        self.node_api = node_api or KubeNodeApi(api)
+        self.lease_api = lease_api or KubeLeaseApi(api)
         self.backoff_cap = backoff_cap
         self.rng = rng
         self.agents: list[NodeAgent] = []
@@ -385,7 +385,7 @@ async def _awaited(awaitable: Awaitable[None]) -> None:
 
 async def run_agents(
     settings: AgentSettings,
-    api: client.ApiClient,
+    api: Client,
     *,
     voter_factory: VoterFactory | None = None,
     witness_factory: WitnessFactory | None = None,

@@ -1,13 +1,17 @@
 """The node's Lease: ``coordination.k8s.io/v1``, named after the node, in the platform namespace.
 
 Renewed every ``renew_interval`` with one merge patch of ``spec`` (holderIdentity = the node name,
-leaseDurationSeconds, renewTime), without a read first; a patch that finds no Lease creates it
-(acquireTime = renewTime). A renewal that fails is counted and retried with exponential backoff and
-jitter, starting at a quarter of the renew interval and never waiting longer than the renew
-interval itself, so a short API outage costs the lease at most one renewal period more than the
-outage (the lease stays valid through outages shorter than leaseDurationSeconds minus the renew
-interval). A missing namespace is logged as the configuration error it is and retried the same
-way; the agent never creates namespaces.
+leaseDurationSeconds, renewTime), without a read first. A patch that finds no Lease creates it
+(acquireTime = renewTime) by server-side apply, whose body goes out as written: a typed lightkube
+Lease would drop the fraction of a whole second, and the API server refuses a MicroTime without
+its six digits. Both writes name the field manager ``capacity-agent``.
+
+A renewal that fails is counted and retried with exponential backoff and jitter, starting at a
+quarter of the renew interval and never waiting longer than the renew interval itself, so a short
+API outage costs the lease at most one renewal period more than the outage (the lease stays valid
+through outages shorter than leaseDurationSeconds minus the renew interval). A missing namespace
+is logged as the configuration error it is and retried the same way; the agent never creates
+namespaces.
 
 :meth:`LeaseRenewer.last_renewed` is the Unix time of the newest successful renewal: the voter uses
 it to refuse YES votes while its own lease may have expired.
@@ -22,12 +26,15 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+from lightkube import Client
+from lightkube.resources.coordination_v1 import Lease
+from lightkube.types import PatchType
 
 from capacity_agent.backoff import Backoff
+from capacity_agent.cluster import describe_failure, http_status
 from capacity_agent.metrics import AgentMetrics
 from capacity_agent.publisher import MANAGED_BY
+from capacity_agent.settings import FIELD_MANAGER
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +60,21 @@ class LeaseApi(Protocol):
 
 
 class KubeLeaseApi:
-    """:class:`LeaseApi` over the Kubernetes client."""
+    """:class:`LeaseApi` over the agent's lightkube client (its timeout bounds each request)."""
 
-    def __init__(self, api: client.ApiClient, *, timeout: float = 10.0) -> None:
-        self.coordination = client.CoordinationV1Api(api)
-        self.timeout = timeout
+    def __init__(self, api: Client) -> None:
+        self.api = api
 
     def renew(
         self, name: str, namespace: str, *, holder: str, duration_seconds: int, now: float
     ) -> None:
         stamp = micro_time(now)
         spec = {"holderIdentity": holder, "leaseDurationSeconds": duration_seconds}
-        timeout = (min(5.0, self.timeout), self.timeout)
         try:
-            self.coordination.patch_namespaced_lease(
-                name, namespace, {"spec": {**spec, "renewTime": stamp}}, _request_timeout=timeout
-            )
+            self._patch(name, namespace, {"spec": {**spec, "renewTime": stamp}})
             return
-        except ApiException as exc:
-            if exc.status != 404:
+        except Exception as exc:
+            if http_status(exc) != 404:
                 raise
         body = {
             "apiVersion": "coordination.k8s.io/v1",
@@ -80,18 +83,34 @@ class KubeLeaseApi:
             "spec": {**spec, "acquireTime": stamp, "renewTime": stamp},
         }
         try:
-            self.coordination.create_namespaced_lease(namespace, body, _request_timeout=timeout)
-        except ApiException as exc:
-            if exc.status == 404:
+            self.api.patch(
+                Lease,
+                name,
+                body,
+                namespace=namespace,
+                patch_type=PatchType.APPLY,
+                field_manager=FIELD_MANAGER,
+            )
+        except Exception as exc:
+            status = http_status(exc)
+            if status == 404:
                 raise LeaseNamespaceMissingError(
                     f"namespace {namespace!r} for the node Leases does not exist; create it (the "
                     "Helm chart does) or set CAPACITY_AGENT_LEASE_NAMESPACE"
                 ) from exc
-            if exc.status != 409:  # 409: created meanwhile (a restart racing itself); renew it
+            if status != 409:  # 409: created meanwhile by another writer (a conflict); renew it
                 raise
-            self.coordination.patch_namespaced_lease(
-                name, namespace, {"spec": {**spec, "renewTime": stamp}}, _request_timeout=timeout
-            )
+            self._patch(name, namespace, {"spec": {**spec, "renewTime": stamp}})
+
+    def _patch(self, name: str, namespace: str, body: dict[str, object]) -> None:
+        self.api.patch(
+            Lease,
+            name,
+            body,
+            namespace=namespace,
+            patch_type=PatchType.MERGE,
+            field_manager=FIELD_MANAGER,
+        )
 
 
 class LeaseRenewer:
@@ -174,11 +193,7 @@ class LeaseRenewer:
                 "%s: cannot renew the lease: %s; retrying in %.1f s", self.name, detail, delay
             )
             return delay
-        if isinstance(exc, ApiException):
-            detail = f"{exc.status} {exc.reason}"
-        else:
-            lines = str(exc).strip().splitlines()
-            detail = f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+        detail = describe_failure(exc)
         log.warning(
             "%s: lease renewal failed (attempt %d: %s); retrying in %.1f s",
             self.name,

@@ -45,14 +45,16 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+from lightkube import Client
+from lightkube.types import PatchType
 
 from capacity_agent.backoff import Backoff
+from capacity_agent.cluster import CapacityNodes, describe_failure, http_status
 from capacity_agent.measurement import NodeMeasurements
 from capacity_agent.metrics import AgentMetrics
 from capacity_agent.settings import FIELD_MANAGER
-from capacity_api import API_VERSION, GROUP, VERSION
+from capacity_api import API_VERSION
+from capacity_api.admission import LEDGER_BYTES, NODE_BYTES
 from capacity_api.models import CapacityNode, CapacityNodeSpec, CapacityNodeStatus, ObjectMeta
 
 log = logging.getLogger(__name__)
@@ -61,8 +63,10 @@ JSON = dict[str, Any]
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
-MAX_OBJECT_BYTES = 16 * 1024
-"""A CapacityNode (spec and status, as JSON) must stay below this (DESIGN section 4)."""
+MAX_OBJECT_BYTES = NODE_BYTES - LEDGER_BYTES
+"""The agent's spec and status (as JSON) stay below this, so that with the operator's ledger at
+its budget (``status.allocated``, at most LEDGER_BYTES) a CapacityNode stays under 16 KiB
+(DESIGN section 4)."""
 SPECTRAL_KEYS = frozenset({"fingerprint", "lambda1", "lambdaInt", "entropy"})
 IGNORED_KEYS = frozenset({"observedAt", "lastTransitionTime", "message", "observedGeneration"})
 MANAGED_BY = {"app.kubernetes.io/managed-by": FIELD_MANAGER}
@@ -175,10 +179,11 @@ def object_size(spec: JSON, status: JSON) -> int:
 def fit(spec: JSON, status: JSON, limit: int = MAX_OBJECT_BYTES) -> JSON:
     """``status`` trimmed until spec and status together are under ``limit`` bytes.
 
-    The agent's own caps keep a CapacityNode well under 16 KiB (about 14 KB with every substrate,
-    16 signals each with long names, and every condition at its longest message); this is the
-    guarantee for collectors with unforeseen signal names: signals are cut to the busiest 8, then
-    4, then none, then fingerprints and messages go. Load summaries, gates and condition statuses
+    A node measuring a few substrates is far under the limit (2-4 KB here); one measuring every
+    substrate with 16 signals each of long names and every condition at its longest message is
+    about 14 KB, over the agent's 10 KiB share (the operator's ledger has the other 6 KiB), and
+    so are collectors with unforeseen signal names: signals are cut to the busiest 8, then 4,
+    then none, then fingerprints and messages go. Load summaries, gates and condition statuses
     are always kept.
     """
     if object_size(spec, status) < limit:
@@ -223,37 +228,29 @@ class NodeApi(Protocol):
 
     def apply(self, body: JSON, *, status: bool) -> JSON:
         """Apply ``body`` to the resource (``status=False``) or its status subresource; returns
-        the object. Raises ApiException (404 when applying status to a missing object)."""
+        the object. Raises the client's error (404 when applying status to a missing object:
+        :func:`capacity_agent.cluster.http_status` tells)."""
         ...
 
 
 class KubeNodeApi:
-    """:class:`NodeApi` over the Kubernetes client (apply-patch is not in its generated API)."""
+    """:class:`NodeApi` over the agent's lightkube client (its timeout bounds each apply)."""
 
-    def __init__(self, api: client.ApiClient, *, timeout: float = 10.0) -> None:
+    def __init__(self, api: Client) -> None:
         self.api = api
-        self.timeout = timeout
 
     def apply(self, body: JSON, *, status: bool, field_manager: str = FIELD_MANAGER) -> JSON:
         name = body["metadata"]["name"]
-        path = f"/apis/{GROUP}/{VERSION}/{CapacityNode.plural}/{name}"
-        if status:
-            path += "/status"
-        result = self.api.call_api(
-            path,
-            "PATCH",
-            query_params=[("fieldManager", field_manager), ("force", "true")],
-            header_params={
-                "Content-Type": "application/apply-patch+yaml",
-                "Accept": "application/json",
-            },
-            body=body,
-            response_type="object",
-            auth_settings=["BearerToken"],
-            _return_http_data_only=True,
-            _request_timeout=(min(5.0, self.timeout), self.timeout),
+        resource = CapacityNodes.Status if status else CapacityNodes
+        result = self.api.patch(
+            resource,
+            name,
+            body,
+            patch_type=PatchType.APPLY,
+            field_manager=field_manager,
+            force=True,
         )
-        return result if isinstance(result, dict) else {}
+        return dict(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +331,7 @@ class Publisher:
         delay = self.backoff.next()
         if self._failing_since is None:
             self._failing_since = now
-        detail = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else _describe(exc)
+        detail = describe_failure(exc)
         log.warning(
             "%s: publishing the CapacityNode failed (attempt %d: %s); retrying in %.1f s",
             self.name,
@@ -411,8 +408,8 @@ class Publisher:
             self._spec_applied = spec
         try:
             return self.api.apply(status, status=True)
-        except ApiException as exc:
-            if exc.status != 404:
+        except Exception as exc:
+            if http_status(exc) != 404:
                 raise
         # the object is gone (deleted by someone): recreate it, then write the status again
         self._spec_applied = None
@@ -432,9 +429,3 @@ class Publisher:
         body["observedGeneration"] = generation
         for condition in body.get("conditions") or []:
             condition["observedGeneration"] = generation
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else ""
-    return f"{type(exc).__name__}: {first[:200]}" if first else type(exc).__name__

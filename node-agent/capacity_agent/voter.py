@@ -19,7 +19,6 @@ epoch (committed, aborted or deleted).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import threading
@@ -29,15 +28,26 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import httpx2
 import numpy as np
-from kubernetes import client, watch
-from kubernetes.client.rest import ApiException
+from lightkube import ALL_NS, Client, ConfigError
+from lightkube.resources.coordination_v1 import Lease
+from lightkube.resources.core_v1 import ConfigMap
+from lightkube.types import PatchType
 
 from capacity_agent.backoff import Backoff
-from capacity_api import GROUP, VERSION
+from capacity_agent.cluster import (
+    CapacityClaims,
+    CapacityNodes,
+    describe_failure,
+    http_status,
+    lease_info,
+    raise_releasing,
+)
+from capacity_agent.settings import FIELD_MANAGER
 from capacity_api.admission import node_staleness
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds, evaluate_fit
-from capacity_api.lease import parse_lease
+from capacity_api.lease import LeaseInfo
 from capacity_api.models import (
     CapacityClaim,
     CapacityNode,
@@ -53,6 +63,13 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 CACHE_SECONDS = 1.0
 THRESHOLDS_SECONDS = 5.0
+WATCH_SECONDS = 120
+"""The API server ends each claims watch request after this long; lightkube asks again from the
+last resourceVersion seen."""
+EXPECTED_REFUSALS = frozenset({404, 422})
+"""Refusals of a vote that are part of the protocol: 422, the epoch moved on (the JSON patch's
+test operation failed); 404, the claim is gone. A vote that fails otherwise is dropped too, with
+a warning (the epoch then aborts at its deadline and the operator proposes again)."""
 
 
 class Measurements(Protocol):
@@ -200,15 +217,12 @@ class Voter:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        api: Client,
         nodes: Mapping[str, VoterNode],
         namespace: str,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.api = api
-        self.custom = client.CustomObjectsApi(api)
-        self.coordination = client.CoordinationV1Api(api)
-        self.core = client.CoreV1Api(api)
         self.nodes = dict(nodes)
         self.namespace = namespace
         self.clock = clock
@@ -245,41 +259,39 @@ class Voter:
                 task.cancel()
 
     def _watch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[JSON]) -> None:
+        """List every claim, then watch from the list's version; list again at once when that
+        version expired (410 Gone), after a backoff on any other failure."""
         backoff = Backoff(initial=0.5, cap=30.0)
         while not self._stop.is_set():
             try:
-                listing = self.custom.list_cluster_custom_object(GROUP, VERSION, "capacityclaims")
+                listing = self.api.list(CapacityClaims, namespace=ALL_NS)
+                items = [dict(item) for item in listing]
+                version = listing.resourceVersion
                 backoff.reset()  # the API server answers again
-                for item in listing.get("items", []):
+                for item in items:
                     loop.call_soon_threadsafe(queue.put_nowait, item)
-                version = listing["metadata"]["resourceVersion"]
-                while not self._stop.is_set():
-                    stream = watch.Watch().stream(
-                        self.custom.list_cluster_custom_object,
-                        GROUP,
-                        VERSION,
-                        "capacityclaims",
-                        resource_version=version,
-                        timeout_seconds=120,
-                        allow_watch_bookmarks=True,
-                    )
-                    for event in stream:
-                        obj = event["object"]
-                        version = obj.get("metadata", {}).get("resourceVersion", version)
-                        if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                            if event["type"] == "DELETED":
-                                obj = {**obj, "_deleted": True}
-                            loop.call_soon_threadsafe(queue.put_nowait, obj)
-                        if self._stop.is_set():
-                            return
-            except ApiException as exc:
-                if exc.status != 410:  # 410 Gone: the version expired, list again at once
-                    delay = backoff.next()
-                    log.warning("claims watch failed (%s); retrying in %.1fs", exc.status, delay)
-                    self._stop.wait(delay)
+                events = self.api.watch(
+                    CapacityClaims,
+                    namespace=ALL_NS,
+                    resource_version=version,
+                    server_timeout=WATCH_SECONDS,
+                    on_error=raise_releasing,
+                )
+                for kind, event in events:
+                    obj = dict(event)
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        if kind == "DELETED":
+                            obj["_deleted"] = True
+                        loop.call_soon_threadsafe(queue.put_nowait, obj)
+                    if self._stop.is_set():
+                        return
             except Exception as exc:  # the watch must survive API outages of any shape
+                if http_status(exc) == 410:  # Gone: the version expired, list again at once
+                    continue
                 delay = backoff.next()
-                log.warning("claims watch broke (%s); retrying in %.1fs", exc, delay)
+                log.warning(
+                    "claims watch failed (%s); retrying in %.1fs", describe_failure(exc), delay
+                )
                 self._stop.wait(delay)
 
     # -- decisions ---------------------------------------------------------------------------
@@ -354,35 +366,32 @@ class Voter:
     async def _cast(self, claim: CapacityClaim, node: str, vote: Vote) -> None:
         assert claim.status is not None
         assert claim.status.proposal is not None
-        ops = [
+        ops: list[JSON] = [
             {"op": "test", "path": "/status/proposal/epoch", "value": claim.status.proposal.epoch},
             {"op": "add", "path": f"/status/votes/{node}", "value": vote.wire()},
         ]
-        path = (
-            f"/apis/{GROUP}/{VERSION}/namespaces/{claim.metadata.namespace}/capacityclaims/"
-            f"{claim.metadata.name}/status"
-        )
+        name = claim.metadata.name or ""
         try:
-            await asyncio.to_thread(
-                self.api.call_api,
-                path,
-                "PATCH",
-                header_params={
-                    "Content-Type": "application/json-patch+json",
-                    "Accept": "application/json",
-                },
-                body=ops,
-                response_type="object",
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
-            )
-        except ApiException as exc:
-            # 422: the epoch moved on (the test op failed); 404: the claim is gone
+            await asyncio.to_thread(self._patch_votes, name, claim.metadata.namespace, ops)
+        except (httpx2.HTTPError, ConfigError) as exc:
             self.votes_dropped += 1
-            log.debug("vote of %s on %s dropped (%s)", node, claim.metadata.name, exc.status)
+            if http_status(exc) in EXPECTED_REFUSALS:
+                log.debug("vote of %s on %s dropped (%s)", node, name, describe_failure(exc))
+            else:
+                log.warning("vote of %s on %s dropped (%s)", node, name, describe_failure(exc))
             return
         self.votes_cast += 1
-        log.debug("%s voted %s on %s: %s", node, vote.vote.value, claim.metadata.name, vote.reason)
+        log.debug("%s voted %s on %s: %s", node, vote.vote.value, name, vote.reason)
+
+    def _patch_votes(self, name: str, namespace: str | None, ops: list[JSON]) -> None:
+        self.api.patch(
+            CapacityClaims.Status,
+            name,
+            ops,
+            namespace=namespace,
+            patch_type=PatchType.JSON,
+            field_manager=FIELD_MANAGER,
+        )
 
     def _forget_old_casts(self) -> None:
         horizon = self.clock() - 600
@@ -401,37 +410,32 @@ class Voter:
         if cached and now - cached[0] < CACHE_SECONDS:
             return cached[1]
         try:
-            body = await asyncio.to_thread(
-                self.custom.get_cluster_custom_object, GROUP, VERSION, "capacitynodes", name
-            )
-            node: CapacityNode | None = CapacityNode.model_validate(body)
-        except ApiException as exc:
-            if exc.status != 404:
+            body = await asyncio.to_thread(self.api.get, CapacityNodes, name)
+            node: CapacityNode | None = CapacityNode.model_validate(dict(body))
+        except httpx2.HTTPStatusError as exc:
+            if http_status(exc) != 404:
                 raise
             node = None
         self._node_cache[name] = (now, node)
         return node
 
     async def _leases(self) -> dict[str, tuple[float | None, float]]:
-        """Every node Lease as (renewed at, duration); one list at a time, cached for a second.
-
-        The JSON is read as is: the client's model deserialisation builds a Configuration per
-        object and dominated the agent's CPU with a hundred simulated nodes voting.
-        """
+        """Every node Lease as (renewed at, duration); one list at a time, cached for a second
+        (lightkube decodes the list with msgspec, cheap even for a hundred simulated nodes)."""
         async with self._lease_lock:
             now = self.clock()
             if self._lease_cache and now - self._lease_cache[0] < CACHE_SECONDS:
                 return self._lease_cache[1]
-            response = await asyncio.to_thread(
-                self.coordination.list_namespaced_lease, self.namespace, _preload_content=False
-            )
+            infos = await asyncio.to_thread(self._list_leases)
             leases: dict[str, tuple[float | None, float]] = {}
-            for item in json.loads(response.data).get("items", []):
-                lease = parse_lease(item)
+            for lease in infos:
                 renewed = lease.renew_time.timestamp() if lease.renew_time else None
                 leases[lease.name] = (renewed, float(lease.duration_seconds))
             self._lease_cache = (now, leases)
             return leases
+
+    def _list_leases(self) -> list[LeaseInfo]:
+        return [lease_info(lease) for lease in self.api.list(Lease, namespace=self.namespace)]
 
     async def _current_thresholds(self) -> Thresholds:
         """The calibration ConfigMap's thresholds, re-read at most every THRESHOLDS_SECONDS by
@@ -448,11 +452,11 @@ class Voter:
         data: Mapping[str, str] | None
         try:
             cm = await asyncio.to_thread(
-                self.core.read_namespaced_config_map, CALIBRATION_CONFIGMAP, self.namespace
+                self.api.get, ConfigMap, CALIBRATION_CONFIGMAP, namespace=self.namespace
             )
             data = cm.data or {}
-        except ApiException as exc:
-            if exc.status != 404:
+        except httpx2.HTTPStatusError as exc:
+            if http_status(exc) != 404:
                 raise
             data = None
         parsed = Thresholds.from_configmap(data, self._thresholds[1] if self._thresholds else None)

@@ -18,20 +18,21 @@ other's fields; it is written when what it says changes, not on every pass.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import urllib.error
 import urllib.request
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+import httpx2
+from lightkube import Client
+from lightkube.resources.coordination_v1 import Lease
 
 from capacity_agent.backoff import Backoff
+from capacity_agent.cluster import CapacityNodes, describe_failure, http_status, lease_info
 from capacity_agent.publisher import KubeNodeApi
 from capacity_api import GROUP, VERSION
-from capacity_api.lease import LeaseInfo, parse_lease
+from capacity_api.lease import LeaseInfo
 from capacity_api.models import CapacityNode, Probe, WitnessReport, WitnessStatus
 from capacity_api.recovery import same_reports, suspects, witness_report
 
@@ -60,14 +61,13 @@ class Witness:
 
     def __init__(
         self,
-        api: client.ApiClient,
+        api: Client,
         name: str,
         hosted: list[str],
         namespace: str,
         *,
         endpoint: str | None,
         interval: float,
-        timeout: float = 10.0,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.api = api
@@ -76,11 +76,8 @@ class Witness:
         self.namespace = namespace
         self.endpoint = endpoint
         self.interval = interval
-        self.timeout = timeout
         self.sleep = sleep
-        self.coordination = client.CoordinationV1Api(api)
-        self.custom = client.CustomObjectsApi(api)
-        self.nodes = KubeNodeApi(api, timeout=timeout)
+        self.nodes = KubeNodeApi(api)
         self.backoff = Backoff(initial=1.0, cap=30.0)
         self.written: list[WitnessReport] | None = None
         """The reports of the last successful write (None: nothing written yet by this
@@ -95,7 +92,9 @@ class Witness:
                 raise
             except Exception as exc:  # the API server down, a malformed object: try again
                 delay = self.backoff.next()
-                log.warning("witness pass failed (%s); retrying in %.1fs", exc, delay)
+                log.warning(
+                    "witness pass failed (%s); retrying in %.1fs", describe_failure(exc), delay
+                )
                 await self.sleep(delay)
                 continue
             self.backoff.reset()
@@ -125,21 +124,16 @@ class Witness:
     # -- I/O ----------------------------------------------------------------------------------
 
     def _leases(self) -> list[LeaseInfo]:
-        response = self.coordination.list_namespaced_lease(
-            self.namespace, _preload_content=False, _request_timeout=self.timeout
-        )
-        return [parse_lease(item) for item in json.loads(response.data).get("items", [])]
+        return [lease_info(lease) for lease in self.api.list(Lease, namespace=self.namespace)]
 
     def _endpoint_of(self, node: str) -> str | None:
         try:
-            body = self.custom.get_cluster_custom_object(
-                GROUP, VERSION, CapacityNode.plural, node, _request_timeout=self.timeout
-            )
-        except ApiException as exc:
-            if exc.status == 404:
+            body = self.api.get(CapacityNodes, node)
+        except httpx2.HTTPStatusError as exc:
+            if http_status(exc) == 404:
                 return None
             raise
-        witness = ((body or {}).get("status") or {}).get("witness") or {}
+        witness = (body.get("status") or {}).get("witness") or {}
         endpoint = witness.get("endpoint")
         return str(endpoint) if endpoint else None
 
@@ -153,8 +147,8 @@ class Witness:
         }
         try:
             self.nodes.apply(body, status=True, field_manager=WITNESS_FIELD_MANAGER)
-        except ApiException as exc:
-            if exc.status == 404:  # the publisher has not created the object yet
+        except httpx2.HTTPStatusError as exc:
+            if http_status(exc) == 404:  # the publisher has not created the object yet
                 raise RuntimeError(f"CapacityNode {self.name} does not exist yet") from exc
             raise
 

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from capacity_agent import cluster as agent_cluster
 from capacity_agent.agent import AgentRuntime
 from capacity_agent.publisher import MAX_OBJECT_BYTES
 from capacity_agent.settings import FIELD_MANAGER, AgentSettings
@@ -111,26 +112,29 @@ def ready_with_samples(body: JSON | None, samples: int = 1) -> bool:
 
 
 def run_agent(
-    api: client.ApiClient,
+    kubeconfig: Path,
     settings: AgentSettings,
     scenario: Callable[[AgentRuntime], Awaitable[None]],
     **options: Any,
 ) -> None:
-    """Start the agent in this thread's event loop, run ``scenario``, always stop the agent."""
+    """Start the agent (with its own Kubernetes client, as ``capacity-agent`` builds it) in this
+    thread's event loop, run ``scenario``, always stop the agent."""
 
     async def main() -> None:
-        runtime = AgentRuntime(settings, api, **options)
+        runtime = AgentRuntime(settings, agent_api, **options)
         await runtime.start()
         try:
             await scenario(runtime)
         finally:
             await runtime.stop()
 
-    asyncio.run(main())
+    access = agent_cluster.load(str(kubeconfig))
+    with agent_cluster.api_client(access, timeout=settings.request_timeout) as agent_api:
+        asyncio.run(main())
 
 
 def test_agent_creates_its_node_and_lease_and_renews_the_lease(
-    api: client.ApiClient, custom: client.CustomObjectsApi, namespace: str
+    api: client.ApiClient, custom: client.CustomObjectsApi, namespace: str, kubeconfig: Path
 ) -> None:
     name = unique_node()
     settings = agent_settings(name, namespace)
@@ -184,13 +188,13 @@ def test_agent_creates_its_node_and_lease_and_renews_the_lease(
         assert time.time() - renewed_at < 5
 
     try:
-        run_agent(api, settings, scenario)
+        run_agent(kubeconfig, settings, scenario)
     finally:
         delete_node(custom, name)
 
 
 def test_a_steady_node_writes_only_on_the_heartbeat(
-    api: client.ApiClient, custom: client.CustomObjectsApi, namespace: str
+    kubeconfig: Path, custom: client.CustomObjectsApi, namespace: str
 ) -> None:
     name = unique_node()
     settings = agent_settings(name, namespace, heartbeat_intervals=4)
@@ -222,13 +226,13 @@ def test_a_steady_node_writes_only_on_the_heartbeat(
         assert runtime.agents[0].publisher.failures == 0
 
     try:
-        run_agent(api, settings, scenario)
+        run_agent(kubeconfig, settings, scenario)
     finally:
         delete_node(custom, name)
 
 
 def test_a_deleted_node_is_recreated(
-    api: client.ApiClient, custom: client.CustomObjectsApi, namespace: str
+    kubeconfig: Path, custom: client.CustomObjectsApi, namespace: str
 ) -> None:
     name = unique_node()
     settings = agent_settings(name, namespace, heartbeat_intervals=2)
@@ -252,7 +256,7 @@ def test_a_deleted_node_is_recreated(
         assert runtime.agents[0].publisher.recreated >= 1
 
     try:
-        run_agent(api, settings, scenario)
+        run_agent(kubeconfig, settings, scenario)
     finally:
         delete_node(custom, name)
 
@@ -383,6 +387,6 @@ def test_the_agent_survives_the_api_server_stopping_and_starting(tmp_path: Path)
                 assert lease.spec.holder_identity == name
                 assert runtime.agents[0] is agent  # the same agent, never restarted
 
-            run_agent(api, settings, scenario, backoff_cap=2.0)
+            run_agent(kubeconfig, settings, scenario, backoff_cap=2.0)
         finally:
             api.close()

@@ -25,6 +25,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
+from capacity_agent import cluster as agent_cluster
 from capacity_agent.agent import AgentRuntime
 from capacity_agent.settings import AgentSettings
 from capacity_api import GROUP, VERSION
@@ -94,7 +95,7 @@ def stress(*args: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def test_live_host_readings_follow_real_load(
-    api: client.ApiClient, custom: client.CustomObjectsApi, namespace: str, tmp_path: Path
+    kubeconfig: Path, custom: client.CustomObjectsApi, namespace: str, tmp_path: Path
 ) -> None:
     ensure_debs("stress-ng")
     name = f"it-load-{uuid.uuid4().hex[:8]}"
@@ -114,7 +115,7 @@ def test_live_host_readings_follow_real_load(
     psi = Path("/proc/pressure/cpu").exists()
 
     async def scenario() -> None:
-        runtime = AgentRuntime(settings, api)
+        runtime = AgentRuntime(settings, agent_api)
         await runtime.start()
         try:
 
@@ -180,8 +181,10 @@ def test_live_host_readings_follow_real_load(
         finally:
             await runtime.stop()
 
+    access = agent_cluster.load(str(kubeconfig))
     try:
-        asyncio.run(scenario())
+        with agent_cluster.api_client(access, pool=settings.threads) as agent_api:
+            asyncio.run(scenario())
     finally:
         try:
             custom.delete_cluster_custom_object(GROUP, VERSION, "capacitynodes", name)

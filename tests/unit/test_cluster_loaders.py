@@ -13,36 +13,66 @@ import datetime as dt
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 import yaml
 from kubernetes.config import incluster_config
+from lightkube import Client
+from lightkube.config import client_adapter
 
 import capacity_agent.cluster
 import capacity_cli.cluster
 import capacity_operator.cluster
 from capacity_cli.errors import CapctlError
 
-Loader = Callable[[str | None], tuple[Any, str | None]]
-"""flag -> (kubernetes.client.Configuration, namespace); raises with the one-line message."""
+
+@dataclass(frozen=True)
+class Loaded:
+    """What a loader found, the same way for every client."""
+
+    host: str
+    authorization: str | None
+    """The Authorization header the client sends."""
+    namespace: str | None
 
 
-def operator_load(flag: str | None) -> tuple[Any, str | None]:
+Loader = Callable[[str | None], Loaded]
+"""flag -> what was loaded; raises with the one-line message."""
+
+
+def from_configuration(configuration: Any, namespace: str | None) -> Loaded:
+    """From a ``kubernetes.client.Configuration`` (the operator's and capctl's client)."""
+    return Loaded(configuration.host, configuration.api_key.get("authorization"), namespace)
+
+
+def operator_load(flag: str | None) -> Loaded:
     access = capacity_operator.cluster.load(flag)
-    return access.configuration, access.namespace
+    return from_configuration(access.configuration, access.namespace)
 
 
-def agent_load(flag: str | None) -> tuple[Any, str | None]:
+def agent_load(flag: str | None) -> Loaded:
+    """The agent's lightkube configuration; the header its authentication flow would send."""
     access = capacity_agent.cluster.load(flag)
-    return access.configuration, access.namespace
+    assert access.config.user is not None
+    auth = client_adapter.user_auth(access.config.user)
+    header = None
+    if auth is not None:
+        sent = next(auth.sync_auth_flow(httpx2.Request("GET", access.server)))
+        header = sent.headers.get("Authorization")
+    return Loaded(access.server, header, access.namespace)
 
 
-def cli_load(flag: str | None) -> tuple[Any, str | None]:
+def cli_load(flag: str | None) -> Loaded:
     api, namespace = capacity_cli.cluster.load_client(flag)
-    return api.configuration, namespace
+    return from_configuration(api.configuration, namespace)
 
 
 LOADERS = {"operator": operator_load, "agent": agent_load, "capctl": cli_load}
@@ -123,10 +153,10 @@ def test_flag(load: Loader, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     flag = write_kubeconfig(tmp_path / "flag.yaml", "https://flag.example:6443")
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "env.yaml", "https://env")))
     service_account(tmp_path, monkeypatch)
-    configuration, namespace = load(str(flag))
-    assert configuration.host == "https://flag.example:6443"
-    assert configuration.api_key["authorization"] == "Bearer token-flag"
-    assert namespace == "team-a"
+    loaded = load(str(flag))
+    assert loaded.host == "https://flag.example:6443"
+    assert loaded.authorization == "Bearer token-flag"
+    assert loaded.namespace == "team-a"
 
 
 def test_kubeconfig_env_is_honoured(
@@ -136,8 +166,7 @@ def test_kubeconfig_env_is_honoured(
     write_kubeconfig(clean_env / ".kube" / "config", "https://home")
     service_account(tmp_path, monkeypatch)
     monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path / "env.yaml", "https://env")))
-    configuration, _ = load(None)
-    assert configuration.host == "https://env"
+    assert load(None).host == "https://env"
 
 
 def test_kubeconfig_env_merges_files_as_kubectl(
@@ -148,9 +177,10 @@ def test_kubeconfig_env_merges_files_as_kubectl(
     first = write_kubeconfig(tmp_path / "first.yaml", "https://first", context="one")
     second = write_kubeconfig(tmp_path / "second.yaml", "https://second", context="two")
     monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'missing.yaml'}:{first}:{second}")
-    configuration, namespace = load(None)
-    assert configuration.host == "https://first"
-    assert namespace == "team-a"
+    loaded = load(None)
+    assert loaded.host == "https://first"
+    assert loaded.authorization == "Bearer token-first"
+    assert loaded.namespace == "team-a"
 
 
 def test_in_cluster_over_home(
@@ -159,18 +189,18 @@ def test_in_cluster_over_home(
     (clean_env / ".kube").mkdir()
     write_kubeconfig(clean_env / ".kube" / "config", "https://home")
     service_account(tmp_path, monkeypatch)
-    configuration, namespace = load(None)
-    assert configuration.host == "https://10.96.0.1:443"
-    assert configuration.api_key["authorization"] == "bearer sa-token"
-    assert namespace == "capacity-system"
+    loaded = load(None)
+    assert loaded.host == "https://10.96.0.1:443"
+    assert (loaded.authorization or "").lower() == "bearer sa-token"  # the scheme's case is free
+    assert loaded.namespace == "capacity-system"
 
 
 def test_home_last(load: Loader, clean_env: Path) -> None:
     (clean_env / ".kube").mkdir()
     write_kubeconfig(clean_env / ".kube" / "config", "https://home", namespace=None)
-    configuration, namespace = load(None)
-    assert configuration.host == "https://home"
-    assert namespace is None
+    loaded = load(None)
+    assert loaded.host == "https://home"
+    assert loaded.namespace is None
 
 
 def test_no_cluster_is_one_line(load: Loader, tmp_path: Path, clean_env: Path) -> None:
@@ -320,12 +350,155 @@ def test_the_programs_say_no_cluster_in_one_line(
         assert out.stderr.count("\n") == 1, out.stderr
 
 
-@pytest.mark.parametrize("module", [capacity_operator.cluster, capacity_agent.cluster])
-def test_the_client_pool_holds_a_connection_per_worker_thread(module: Any, tmp_path: Path) -> None:
-    """The operator's and the agent's worker threads share one client: a smaller pool throws
-    connections away and redoes their TLS handshakes (the admission benchmark's operator log was
-    full of "Connection pool is full")."""
+def test_the_operators_client_pool_holds_a_connection_per_worker_thread(tmp_path: Path) -> None:
+    """The operator's worker threads share one client: a smaller pool throws connections away and
+    redoes their TLS handshakes (the admission benchmark's operator log was full of "Connection
+    pool is full")."""
+    module = capacity_operator.cluster
     path = write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:6443")
     api = module.api_client(module.load(str(path)), pool=64)
     assert api.configuration.connection_pool_maxsize == 64
     assert api.rest_client.pool_manager.connection_pool_kw["maxsize"] == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# The agent's loader and client (lightkube)
+
+
+def test_the_agents_pool_keeps_a_connection_per_worker_thread_and_the_watch(
+    tmp_path: Path,
+) -> None:
+    limits = capacity_agent.cluster.connection_limits(64)
+    assert (limits.max_keepalive_connections, limits.max_connections) == (65, 100)
+    defaults = capacity_agent.cluster.connection_limits(8)
+    assert (defaults.max_keepalive_connections, defaults.max_connections) == (20, 100)
+    path = write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:6443")
+    access = capacity_agent.cluster.load(str(path))
+    with capacity_agent.cluster.api_client(access, pool=64, timeout=3.0) as api:
+        assert isinstance(api, Client)
+        assert api.config.cluster.server == "https://127.0.0.1:6443"
+        assert api.namespace == "team-a"
+
+
+def test_merged_kubeconfigs_take_relative_files_from_the_file_that_names_them(
+    tmp_path: Path,
+) -> None:
+    first, second = tmp_path / "a" / "first.yaml", tmp_path / "b" / "second.yaml"
+    documents = [
+        {
+            "current-context": "one",
+            "clusters": [{"name": "c", "cluster": {"certificate-authority": "ca.crt"}}],
+            "users": [{"name": "u", "user": {"client-certificate": "/abs/u.crt"}}],
+            "contexts": [{"name": "one", "context": {"cluster": "c", "user": "u"}}],
+        },
+        None,  # an empty file
+        {
+            "current-context": "two",
+            "clusters": [
+                {"name": "c", "cluster": {"server": "https://ignored"}},
+                {"name": "d", "cluster": {"certificate-authority": "certs/ca.crt"}},
+            ],
+            "users": [{"name": "v", "user": {"client-key": "v.key", "tokenFile": "t"}}],
+            "contexts": [{"name": "one", "context": {"cluster": "d"}}],
+        },
+    ]
+    merged = capacity_agent.cluster.merge_kubeconfigs(
+        [first, tmp_path / "empty.yaml", second], documents
+    )
+    assert merged == {
+        "current-context": "one",
+        "clusters": [
+            {"name": "c", "cluster": {"certificate-authority": str(first.parent / "ca.crt")}},
+            {
+                "name": "d",
+                "cluster": {"certificate-authority": str(second.parent / "certs/ca.crt")},
+            },
+        ],
+        "users": [
+            {"name": "u", "user": {"client-certificate": "/abs/u.crt"}},
+            {
+                "name": "v",
+                "user": {
+                    "client-key": str(second.parent / "v.key"),
+                    "tokenFile": str(second.parent / "t"),
+                },
+            },
+        ],
+        "contexts": [{"name": "one", "context": {"cluster": "c", "user": "u"}}],
+    }
+
+
+def test_a_context_naming_an_undefined_cluster_is_one_line(tmp_path: Path) -> None:
+    path = write_kubeconfig(tmp_path / "kc.yaml", "https://x")
+    body = yaml.safe_load(path.read_text())
+    body["contexts"][0]["context"]["cluster"] = "elsewhere"
+    path.write_text(yaml.safe_dump(body))
+    text = message(agent_load, str(path))
+    assert (
+        text == f"no cluster: --kubeconfig {path}: context 'ctx' refers to 'elsewhere', not defined"
+    )
+
+
+class Answer(BaseHTTPRequestHandler):
+    """An API server that answers /version with ``status`` (set on the class by the test)."""
+
+    status = 200
+
+    def do_GET(self) -> None:
+        body = b'{"gitVersion": "v1.35.0"}'
+        self.send_response(self.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        del format, args  # no access log in the test output
+
+
+@contextmanager
+def api_server(status: int) -> Iterator[str]:
+    """A plain-HTTP API server on loopback; yields its URL."""
+    handler = type("Handler", (Answer,), {"status": status})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_agent_checks_the_api_server_once_at_start(tmp_path: Path) -> None:
+    with api_server(200) as url:
+        path = write_kubeconfig(tmp_path / "kc.yaml", url)
+        capacity_agent.cluster.check_reachable(capacity_agent.cluster.load(str(path)))
+    with api_server(401) as url:
+        path = write_kubeconfig(tmp_path / "kc.yaml", url)
+        with pytest.raises(capacity_agent.cluster.ClusterAccessError) as info:
+            capacity_agent.cluster.check_reachable(capacity_agent.cluster.load(str(path)))
+        assert str(info.value) == (
+            f"the Kubernetes API server at {url} refused the credentials of "
+            f"--kubeconfig {path}: 401 Unauthorized"
+        )
+    # the server is gone now: nothing listens on its port
+    with pytest.raises(capacity_agent.cluster.ClusterAccessError) as info:
+        capacity_agent.cluster.check_reachable(capacity_agent.cluster.load(str(path)))
+    assert str(info.value) == f"cannot reach the Kubernetes API server at {url}: connection refused"
+
+
+def test_an_unreadable_certificate_authority_is_one_line(tmp_path: Path) -> None:
+    path = write_kubeconfig(tmp_path / "kc.yaml", "https://127.0.0.1:1")
+    body = yaml.safe_load(path.read_text())
+    body["clusters"][0]["cluster"] = {
+        "server": "https://127.0.0.1:1",
+        "certificate-authority": str(tmp_path / "missing-ca.crt"),
+    }
+    path.write_text(yaml.safe_dump(body))
+    access = capacity_agent.cluster.load(str(path))
+    with pytest.raises(capacity_agent.cluster.ClusterAccessError) as info:
+        capacity_agent.cluster.check_reachable(access)
+    text = str(info.value)
+    assert text.startswith(f"no cluster: --kubeconfig {path}: ")
+    assert "\n" not in text

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from kubernetes.client.rest import ApiException
+from lightkube import ApiError
 
 from capacity_agent.backoff import Backoff
 from capacity_agent.collectors.base import Collector, CollectorError, Sample
@@ -20,6 +20,7 @@ from capacity_agent.measurement import MAX_SIGNALS, NodeMeasurements
 from capacity_agent.metrics import AgentMetrics, make_app
 from capacity_agent.publisher import (
     MAX_OBJECT_BYTES,
+    KubeNodeApi,
     Publisher,
     allocated_shares,
     changes,
@@ -28,6 +29,7 @@ from capacity_agent.publisher import (
     object_size,
     status_body,
 )
+from capacity_api.admission import LEDGER_BYTES, NODE_BYTES
 from capacity_api.gates import BINS
 from capacity_api.models import (
     CapacityNodeSpec,
@@ -37,6 +39,7 @@ from capacity_api.models import (
     PressureReading,
     Substrate,
 )
+from tests.unit.kube_fakes import FakeApiServer, api_error
 
 pytestmark = pytest.mark.unit
 
@@ -103,7 +106,7 @@ class FakeApi:
         assert "spec" not in body or not status
         if status:
             if name not in self.objects:
-                raise ApiException(status=404, reason="Not Found")
+                raise api_error(404)
             assert "allocated" not in body["status"], "status.allocated belongs to the operator"
             stored = self.objects[name]
             stored["status"] = {**body["status"]}
@@ -356,8 +359,8 @@ def test_a_failed_write_leaves_nothing_recorded_and_is_sent_again() -> None:
     writes = p.writes
     assert cycle(p, m, clock) is False
     collector.load = 0.9
-    api.fail_status = [ApiException(status=500, reason="etcd timeout")]
-    with pytest.raises(ApiException):
+    api.fail_status = [api_error(500)]
+    with pytest.raises(ApiError):
         cycle(p, m, clock, seconds=1)
     assert p.writes == writes
     assert api.objects["n1"]["status"]["readings"]["host"]["load"]["max"] == 0.4
@@ -370,8 +373,8 @@ def test_spec_written_but_status_failed_is_completed_by_the_retry() -> None:
     clock = Clock()
     api = FakeApi()
     p, m = make_publisher(clock, Scripted(clock), api, heartbeat=100)
-    api.fail_status = [ApiException(status=500, reason="etcd timeout")]
-    with pytest.raises(ApiException):
+    api.fail_status = [api_error(500)]
+    with pytest.raises(ApiError):
         cycle(p, m, clock)
     assert p.writes == 0
     assert api.objects["n1"]["status"] == {}  # the spec went through, the status did not
@@ -385,8 +388,8 @@ def test_status_failure_then_retry_rewrites_the_status() -> None:
     clock = Clock()
     api = FakeApi()
     p, m = make_publisher(clock, Scripted(clock), api, heartbeat=100)
-    api.fail = [ApiException(status=503, reason="Service Unavailable")]
-    with pytest.raises(ApiException):
+    api.fail = [api_error(503)]
+    with pytest.raises(ApiError):
         cycle(p, m, clock)
     assert p.writes == 0
     assert "n1" not in api.objects
@@ -402,6 +405,58 @@ def test_generation_is_stamped_on_the_status() -> None:
     status = api.objects["n1"]["status"]
     assert status["observedGeneration"] == 1
     assert {c["observedGeneration"] for c in status["conditions"]} == {1}
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the Kubernetes client (lightkube, against a scripted API server)
+
+NODE_PATH = "/apis/capacity.platform.dev/v1alpha1/capacitynodes/n1"
+APPLY = "application/apply-patch+yaml"
+
+
+def node_answer(generation: int = 1, status: JSON | None = None) -> JSON:
+    return {
+        "apiVersion": "capacity.platform.dev/v1alpha1",
+        "kind": "CapacityNode",
+        "metadata": {"name": "n1", "generation": generation, "resourceVersion": "7"},
+        "status": status or {},
+    }
+
+
+def test_spec_and_status_are_server_side_applied_under_the_agents_field_manager() -> None:
+    server = FakeApiServer(node_answer(), node_answer(status={"allocated": {}}))
+    api = KubeNodeApi(server.client())
+    spec = {"apiVersion": "capacity.platform.dev/v1alpha1", "kind": "CapacityNode"}
+    spec |= {"metadata": {"name": "n1"}, "spec": {"nodeName": "n1"}}
+    assert api.apply(spec, status=False)["metadata"]["generation"] == 1
+    status = {"apiVersion": "capacity.platform.dev/v1alpha1", "kind": "CapacityNode"}
+    status |= {"metadata": {"name": "n1"}, "status": {"observedGeneration": 1}}
+    assert api.apply(status, status=True)["status"] == {"allocated": {}}
+    query = {"fieldManager": "capacity-agent", "force": "true"}
+    assert server.sent(0) == ("PATCH", NODE_PATH, query, APPLY, spec)
+    assert server.sent(1) == ("PATCH", f"{NODE_PATH}/status", query, APPLY, status)
+
+
+def test_a_deleted_object_is_recreated_through_the_client() -> None:
+    """The 404 of the status apply, as the client raises it, makes the publisher apply the spec
+    again and then the status."""
+    clock = Clock()
+    server = FakeApiServer(node_answer(), 404, node_answer(), node_answer())
+    p, m = make_publisher(clock, Scripted(clock), KubeNodeApi(server.client()))
+    assert cycle(p, m, clock) is True
+    assert (p.writes, p.recreated, p.generation) == (1, 1, 1)
+    paths = [request.url.path for request in server.requests]
+    assert paths == [NODE_PATH, f"{NODE_PATH}/status", NODE_PATH, f"{NODE_PATH}/status"]
+
+
+def test_a_refused_apply_is_raised_with_its_status() -> None:
+    clock = Clock()
+    server = FakeApiServer(node_answer(), 409)
+    p, m = make_publisher(clock, Scripted(clock), KubeNodeApi(server.client()))
+    with pytest.raises(ApiError) as info:
+        cycle(p, m, clock)
+    assert info.value.status.code == 409
+    assert p.writes == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,7 +487,7 @@ def test_run_retries_with_backoff_then_returns_to_the_interval() -> None:
         backoff=Backoff(initial=1.0, cap=30.0, rng=lambda: 0.0),  # lowest jitter: d / 2
     )
     m.tick(clock.now)
-    api.fail = [ApiException(status=500, reason="x") for _ in range(4)]
+    api.fail = [api_error(500) for _ in range(4)]
     with pytest.raises(StopLoopError):
         asyncio.run(p.run())
     assert sleeps[:4] == [0.5, 1.0, 2.0, 4.0]
@@ -533,13 +588,17 @@ def full_node(name_length: int = 26) -> tuple[JSON, JSON]:
     return asyncio.run(p.snapshot(clock.now))
 
 
-def test_a_full_capacity_node_stays_under_16_kib_without_trimming() -> None:
+def test_a_full_capacity_node_fits_the_agents_share_by_trimming_signals_only() -> None:
+    # every substrate, every signal at its longest, every condition at its longest message:
+    # about 14 KB untrimmed, more than the agent's 10 KiB (the operator's ledger has the other
+    # 6 KiB of the 16 KiB a CapacityNode may take); only per-signal summaries go
+    assert MAX_OBJECT_BYTES == NODE_BYTES - LEDGER_BYTES
     spec, status = full_node()
     size = object_size(spec, status)
     assert size < MAX_OBJECT_BYTES, size
     readings = status["status"]["readings"]
     assert set(readings) == {s.value for s in Substrate}
-    assert all(len(r["signals"]) == MAX_SIGNALS for r in readings.values())  # nothing trimmed
+    assert all(0 < len(r["signals"]) < MAX_SIGNALS for r in readings.values())  # the busiest
     assert all(len(r["fingerprint"]) == BINS for r in readings.values())
     assert {c["type"] for c in status["status"]["conditions"]} == {
         "Ready",
@@ -631,7 +690,7 @@ def test_lease_renews_on_schedule_and_backs_off_within_the_renew_interval() -> N
         metrics=metrics,
     )
     renewer.backoff.rng = lambda: 0.999999  # the longest jitter
-    api.fail = [ApiException(status=503, reason="x") for _ in range(6)]
+    api.fail = [api_error(503) for _ in range(6)]
     assert renewer.last_renewed() is None
     with pytest.raises(StopLoopError):
         asyncio.run(renewer.run())

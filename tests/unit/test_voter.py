@@ -1,17 +1,34 @@
 """The voter's decisions, pure: placement votes on fit with local reservations, witness votes on
-liveness."""
+liveness; its votes and its claims watch through the Kubernetes client."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
+import httpx2
 import numpy as np
 import pytest
 
-from capacity_agent.voter import Reservation, VoterNode, decide_placement, decide_witness
+from capacity_agent.voter import (
+    Reservation,
+    Voter,
+    VoterNode,
+    decide_placement,
+    decide_witness,
+)
 from capacity_api.gates import Thresholds
-from capacity_api.models import CapacityNode, Substrate, VoteValue
+from capacity_api.models import (
+    CapacityClaim,
+    CapacityNode,
+    Substrate,
+    Vote,
+    VoterRole,
+    VoteValue,
+)
+from tests.unit.kube_fakes import FakeApiServer, status_body, watch_stream
 
 NOW = 1_800_000_000.0
 
@@ -153,3 +170,154 @@ def test_witness_says_yes_only_when_every_placement_node_is_alive() -> None:
     assert "readings stale" in (stale.reason or "")
     missing = decide_witness(epoch=2, placement=["z"], leases={}, nodes={}, max_age=30, now=NOW)
     assert "z: no lease" in (missing.reason or "")
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the Kubernetes client (lightkube, against a scripted API server)
+
+CLAIMS = "/apis/capacity.platform.dev/v1alpha1/capacityclaims"
+CLAIM_STATUS = "/apis/capacity.platform.dev/v1alpha1/namespaces/team/capacityclaims/c1/status"
+
+
+def claim_body(name: str = "c1", *, placement: str = "p1", epoch: int = 4) -> dict[str, Any]:
+    return {
+        "apiVersion": "capacity.platform.dev/v1alpha1",
+        "kind": "CapacityClaim",
+        "metadata": {"name": name, "namespace": "team", "uid": f"uid-{name}"},
+        "spec": {"cGeo": 0.1},
+        "status": {
+            "phase": "Voting",
+            "proposal": {
+                "epoch": epoch,
+                "placement": [placement],
+                "voters": [placement, "n1"],
+                "deadline": "2027-01-15T08:00:30Z",
+                "share": 0.1,
+                "substrate": "host",
+            },
+        },
+    }
+
+
+def voter(server: FakeApiServer) -> Voter:
+    return Voter(server.client(), {"n1": voter_node(Window(0.2))}, "capacity-system", lambda: NOW)
+
+
+def a_vote() -> Vote:
+    return Vote(vote=VoteValue.YES, role=VoterRole.WITNESS, epoch=4, reason="alive")
+
+
+def test_a_vote_is_a_json_patch_that_tests_the_epoch_and_adds_only_its_own_key() -> None:
+    server = FakeApiServer(claim_body())
+    v = voter(server)
+    asyncio.run(v._cast(CapacityClaim.model_validate(claim_body()), "n1", a_vote()))
+    method, path, query, content_type, ops = server.sent()
+    assert (method, path, query) == ("PATCH", CLAIM_STATUS, {"fieldManager": "capacity-agent"})
+    assert content_type == "application/json-patch+json"
+    assert ops == [
+        {"op": "test", "path": "/status/proposal/epoch", "value": 4},
+        {"op": "add", "path": "/status/votes/n1", "value": a_vote().wire()},
+    ]
+    assert (v.votes_cast, v.votes_dropped) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "level"),
+    [
+        (422, logging.DEBUG),  # the epoch moved on: the test operation failed
+        (404, logging.DEBUG),  # the claim is gone
+        (500, logging.WARNING),
+        (httpx2.ConnectError("connection refused"), logging.WARNING),
+    ],
+)
+def test_a_vote_that_cannot_land_is_dropped(
+    answer: Any, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="capacity_agent.voter")
+    v = voter(FakeApiServer(answer))
+    asyncio.run(v._cast(CapacityClaim.model_validate(claim_body()), "n1", a_vote()))
+    assert (v.votes_cast, v.votes_dropped) == (0, 1)
+    (record,) = [r for r in caplog.records if "dropped" in r.getMessage()]
+    assert record.levelno == level
+
+
+def test_a_witness_reads_thresholds_leases_and_nodes_then_votes() -> None:
+    server = FakeApiServer(
+        404,  # no calibration ConfigMap: the default thresholds
+        {"kind": "LeaseList", "metadata": {"resourceVersion": "1"}, "items": []},
+        404,  # the placement node has no CapacityNode
+        claim_body(),
+    )
+    v = voter(server)
+    asyncio.run(v.handle(claim_body()))
+    paths = [request.url.path for request in server.requests]
+    assert paths == [
+        "/api/v1/namespaces/capacity-system/configmaps/capacity-calibration",
+        "/apis/coordination.k8s.io/v1/namespaces/capacity-system/leases",
+        "/apis/capacity.platform.dev/v1alpha1/capacitynodes/p1",
+        CLAIM_STATUS,
+    ]
+    vote = server.sent()[4][1]["value"]
+    assert (vote["vote"], vote["role"], vote["epoch"]) == ("NO", "witness", 4)
+    assert "p1: no lease" in vote["reason"]
+    assert v.votes_cast == 1
+
+
+class Loop:
+    """The event loop as the watch thread uses it: calls run at once."""
+
+    def call_soon_threadsafe(self, fn: Any, *args: Any) -> None:
+        fn(*args)
+
+
+class Queue:
+    def __init__(self) -> None:
+        self.items: list[dict[str, Any]] = []
+
+    def put_nowait(self, item: dict[str, Any]) -> None:
+        self.items.append(item)
+
+
+def claim_list(version: str, *items: dict[str, Any]) -> dict[str, Any]:
+    return {"kind": "CapacityClaimList", "metadata": {"resourceVersion": version}, "items": items}
+
+
+def test_the_watch_lists_then_watches_and_lists_again_at_once_when_its_version_expired(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    expired = {"kind": "Status", "code": 410, "reason": "Expired", "message": "too old"}
+
+    def list_then_stop(request: Any) -> Any:
+        v._stop.set()  # the next event is the last one handled
+        return httpx2.Response(200, json=claim_list("9"))
+
+    server = FakeApiServer(
+        claim_list("5", claim_body("c1")),
+        watch_stream(("ADDED", claim_body("c2")), ("ERROR", expired)),
+        list_then_stop,
+        watch_stream(("DELETED", claim_body("c3"))),
+    )
+    v = voter(server)
+    queue = Queue()
+    v._watch(Loop(), queue)  # type: ignore[arg-type]
+    names = [(item["metadata"]["name"], item.get("_deleted", False)) for item in queue.items]
+    assert names == [("c1", False), ("c2", False), ("c3", True)]
+    requests = [(r.url.path, dict(r.url.params)) for r in server.requests]
+    watch = {"watch": "true", "timeoutSeconds": "120"}
+    assert requests == [
+        (CLAIMS, {}),
+        (CLAIMS, {**watch, "resourceVersion": "5"}),
+        (CLAIMS, {}),
+        (CLAIMS, {**watch, "resourceVersion": "9"}),
+    ]
+    assert "claims watch failed" not in caplog.text  # a 410 is no failure: no backoff
+
+
+def test_the_watch_backs_off_after_a_failure(caplog: pytest.LogCaptureFixture) -> None:
+    def refuse_and_stop(request: Any) -> Any:
+        v._stop.set()
+        return httpx2.Response(503, json=status_body(503))
+
+    v = voter(FakeApiServer(refuse_and_stop))
+    v._watch(Loop(), Queue())  # type: ignore[arg-type]
+    assert "claims watch failed (503 ServiceUnavailable); retrying in" in caplog.text

@@ -1,12 +1,16 @@
 """Witness confirmation (DESIGN section 6): what a witness reports, which reports count, and how
-they decide between Suspect and Failed; the probe against a real health server."""
+they decide between Suspect and Failed; the probe against a real health server; a witness pass
+through the Kubernetes client."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
+import pytest
+
 from capacity_agent.metrics import AgentMetrics, HealthServer
-from capacity_agent.witness import endpoint_url, probe
+from capacity_agent.witness import WITNESS_FIELD_MANAGER, Witness, endpoint_url, probe
 from capacity_api.models import Probe, WitnessReport
 from capacity_api.recovery import (
     MAX_WITNESS_REPORTS,
@@ -19,6 +23,7 @@ from capacity_api.recovery import (
     tally,
     witness_report,
 )
+from tests.unit.kube_fakes import FakeApiServer
 from tests.unit.test_recovery import NOW, lease
 
 
@@ -109,3 +114,67 @@ def test_the_probe_reaches_a_real_health_server_and_not_a_closed_port() -> None:
     assert probe(None) is Probe.NO_ENDPOINT
     assert endpoint_url(None, 8080) is None
     assert endpoint_url("fd00::1", 8080) == "http://[fd00::1]:8080/healthz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Through the Kubernetes client (lightkube, against a scripted API server)
+
+
+def lease_json(name: str, renewed_ago: float, duration: int = 10) -> dict[str, object]:
+    renewed = NOW - timedelta(seconds=renewed_ago)
+    return {
+        "metadata": {"name": name, "namespace": "capacity-system"},
+        "spec": {
+            "renewTime": renewed.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "leaseDurationSeconds": duration,
+        },
+    }
+
+
+def lease_list(*items: dict[str, object]) -> dict[str, object]:
+    return {"kind": "LeaseList", "metadata": {"resourceVersion": "1"}, "items": list(items)}
+
+
+def node_json(name: str, endpoint: str | None = None) -> dict[str, object]:
+    status = {"witness": {"endpoint": endpoint}} if endpoint else {}
+    return {"kind": "CapacityNode", "metadata": {"name": name}, "status": status}
+
+
+def witness(server: FakeApiServer) -> Witness:
+    return Witness(
+        server.client(), "w", ["w"], "capacity-system", endpoint="http://w/healthz", interval=5
+    )
+
+
+def test_a_witness_pass_reads_leases_and_endpoints_and_applies_under_its_own_manager() -> None:
+    leases = lease_list(lease_json("w", 1), lease_json("x", 20), lease_json("y", 30))
+    server = FakeApiServer(leases, node_json("x"), 404, node_json("w"), leases, 404, 404)
+    w = witness(server)
+    reports = asyncio.run(w.step(NOW))
+    assert [(r.node, r.alive, r.probe) for r in reports] == [
+        ("y", False, Probe.NO_ENDPOINT),  # the longest expired first
+        ("x", False, Probe.NO_ENDPOINT),
+    ]
+    paths = [request.url.path for request in server.requests]
+    nodes = "/apis/capacity.platform.dev/v1alpha1/capacitynodes"
+    assert paths == [
+        "/apis/coordination.k8s.io/v1/namespaces/capacity-system/leases",
+        f"{nodes}/y",
+        f"{nodes}/x",
+        f"{nodes}/w/status",
+    ]
+    method, _, query, content_type, body = server.sent()
+    assert (method, query) == ("PATCH", {"fieldManager": WITNESS_FIELD_MANAGER, "force": "true"})
+    assert content_type == "application/apply-patch+yaml"
+    assert body["status"]["witness"]["endpoint"] == "http://w/healthz"
+    assert [r["node"] for r in body["status"]["witness"]["reports"]] == ["y", "x"]
+    # the same reports again are not written again (404s: the nodes' objects are gone now)
+    again = asyncio.run(w.step(NOW + timedelta(seconds=5)))
+    assert same_reports(again, reports)
+    assert len(server.requests) == 7
+
+
+def test_a_witness_apply_before_the_publisher_created_the_object_is_retried_later() -> None:
+    server = FakeApiServer(lease_list(lease_json("w", 1)), 404)
+    with pytest.raises(RuntimeError, match="CapacityNode w does not exist yet"):
+        asyncio.run(witness(server).step(NOW))
