@@ -109,7 +109,9 @@ class TruthKeeper:
                 for node, store in list(kubelet.items())
             }
             observed: set[str] = set()
-            for key in list(claims):
+            # a copy paused by peering keeps still: its indexes stopped with kopf's watches, and
+            # the active copy checks the same claims
+            for key in [] if self.engine.paused else list(claims):
                 for body in list(claims.get(key) or ()):
                     observed.add(str((body.get("metadata") or {}).get("uid") or ""))
                     try:
@@ -118,7 +120,8 @@ class TruthKeeper:
                         raise
                     except Exception:
                         log.exception("truth check of claim %s/%s failed; next pass retries", *key)
-            self._started &= observed  # deleted claims, and checks that closed
+            if not self.engine.paused:
+                self._started &= observed  # deleted claims, and checks that closed
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     async def check(
