@@ -22,6 +22,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -73,13 +74,31 @@ def apiserver_requests(api: client.ApiClient) -> dict[str, float]:
     return totals
 
 
-class Watcher(threading.Thread):
-    """Records when each claim first reaches a final phase."""
+def claim_final(obj: dict[str, Any]) -> str | None:
+    """A claim's final phase (Admitted, Rejected), or None while it has none."""
+    phase = (obj.get("status") or {}).get("phase")
+    return phase if phase in FINAL else None
 
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+
+class Watcher(threading.Thread):
+    """Records when each object of one namespaced custom resource is first seen final (``final``
+    gives its final state, or None), from a watch resumed at the last resourceVersion."""
+
+    def __init__(
+        self,
+        api: client.ApiClient,
+        namespace: str,
+        *,
+        group: str = GROUP,
+        version: str = VERSION,
+        plural: str = "capacityclaims",
+        final: Callable[[dict[str, Any]], str | None] = claim_final,
+    ) -> None:
         super().__init__(daemon=True)
         self.custom = client.CustomObjectsApi(api)
         self.namespace = namespace
+        self.resource = (group, version, plural)
+        self.final = final
         self.done: dict[str, tuple[float, str]] = {}
         self.stop_flag = threading.Event()
 
@@ -88,20 +107,19 @@ class Watcher(threading.Thread):
         while not self.stop_flag.is_set():
             stream = watch.Watch().stream(
                 self.custom.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
+                *self.resource[:2],
                 self.namespace,
-                "capacityclaims",
+                self.resource[2],
                 timeout_seconds=30,
                 resource_version=version,
             )
             for event in stream:
                 obj = event["object"]
                 version = obj["metadata"]["resourceVersion"]
-                phase = (obj.get("status") or {}).get("phase")
                 name = obj["metadata"]["name"]
-                if phase in FINAL and name not in self.done:
-                    self.done[name] = (time.time(), phase)
+                state = self.final(obj)
+                if state is not None and name not in self.done:
+                    self.done[name] = (time.time(), state)
                 if self.stop_flag.is_set():
                     return
 

@@ -49,14 +49,14 @@ from typing import Any
 
 import psutil
 import yaml
-from kubernetes import client, config, watch
+from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests import kube  # noqa: E402
-from tests.bench.bench_admission import apiserver_requests, percentile  # noqa: E402
+from tests.bench.bench_admission import Watcher, apiserver_requests, percentile  # noqa: E402
 from tests.bench.machine import MachineSampler, cluster_processes, table  # noqa: E402
 from tests.cluster import Proc, unique  # noqa: E402
 from tests.nodes import control_plane_dir  # noqa: E402
@@ -236,39 +236,11 @@ class Manager:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-class AdmissionWatcher(threading.Thread):
-    """Records when each Workload's ``Admitted`` condition is first seen True."""
-
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
-        super().__init__(daemon=True)
-        self.custom = client.CustomObjectsApi(api)
-        self.namespace = namespace
-        self.admitted: dict[str, float] = {}
-        self.stop_flag = threading.Event()
-
-    def run(self) -> None:
-        version = None
-        while not self.stop_flag.is_set():
-            stream = watch.Watch().stream(
-                self.custom.list_namespaced_custom_object,
-                GROUP,
-                VERSION,
-                self.namespace,
-                "workloads",
-                timeout_seconds=30,
-                resource_version=version,
-            )
-            for event in stream:
-                obj = event["object"]
-                version = obj["metadata"]["resourceVersion"]
-                name = obj["metadata"]["name"]
-                conditions = (obj.get("status") or {}).get("conditions") or []
-                if name not in self.admitted and any(
-                    c.get("type") == "Admitted" and c.get("status") == "True" for c in conditions
-                ):
-                    self.admitted[name] = time.time()
-                if self.stop_flag.is_set():
-                    return
+def workload_admitted(obj: dict[str, Any]) -> str | None:
+    """ "Admitted" once the Workload's ``Admitted`` condition is True, else None."""
+    conditions = (obj.get("status") or {}).get("conditions") or []
+    admitted = any(c.get("type") == "Admitted" and c.get("status") == "True" for c in conditions)
+    return "Admitted" if admitted else None
 
 
 class RssSampler(threading.Thread):
@@ -444,7 +416,14 @@ def run_kueue(
             timeout=60,
         )
         time.sleep(3)  # informers synced, the first reconciles done
-        watcher = AdmissionWatcher(watch_api, namespace)
+        watcher = Watcher(
+            watch_api,
+            namespace,
+            group=GROUP,
+            version=VERSION,
+            plural="workloads",
+            final=workload_admitted,
+        )
         watcher.start()
         rss = RssSampler(manager.pid)
         rss.start()
@@ -482,7 +461,7 @@ def run_kueue(
                 f.result()
         offered_for = time.time() - start
         deadline = time.time() + wait
-        while len(watcher.admitted) < workloads and time.time() < deadline:
+        while len(watcher.done) < workloads and time.time() < deadline:
             if not manager.proc.alive:
                 raise RuntimeError(f"Kueue's manager exited:\n{manager.proc.tail(30)}")
             time.sleep(0.5)
@@ -491,7 +470,7 @@ def run_kueue(
         machine.stop()
         rss.stop_flag.set()
         watcher.stop_flag.set()
-        admitted = dict(watcher.admitted)
+        admitted = {name: at for name, (at, _) in watcher.done.items()}
         latencies = [admitted[n] - created[n] for n in created if n in admitted]
         done = len(latencies)
         finish = max(admitted.values(), default=start)

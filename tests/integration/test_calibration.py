@@ -75,6 +75,12 @@ def wait_room(env: Env, node: str, share: float) -> None:
         raise AssertionError(f"the host stayed busy: {describe_host(env, node)}") from None
 
 
+def held_by(env: Env, node: str, claim: str) -> bool:
+    """The node's ledger (status.allocated) still holds a share of ``claim`` (namespace/name)."""
+    allocated = (capacity_node(env, node).get("status") or {}).get("allocated") or {}
+    return any(h.get("claim") == claim for a in allocated.values() for h in a.get("holders", []))
+
+
 def describe_host(env: Env, node: str) -> str:
     reading = ((capacity_node(env, node).get("status") or {}).get("readings") or {}).get(
         "host"
@@ -149,6 +155,13 @@ def test_calibration_learns_from_real_oom_kills_and_keeps_a_pinned_threshold(
             cluster.delete_claim(ns, name)
             wait_for(f"{name} gone", lambda claim=name: cluster.claim(ns, claim) is None,
                      timeout=30)  # fmt: skip
+            # a claim has no finalizer: its share is freed from the deletion event, just after
+            # the claim is gone; the next claim must find the node holding nothing of it
+            wait_for(
+                f"{name}'s share freed on {real_node}",
+                lambda claim=name: not held_by(env, real_node, f"{ns}/{claim}"),
+                timeout=30,
+            )
 
         # the isolation each admission really left, as its vote read it (from the store)
         db = f"sqlite:///{(env.logs / 'op.log').with_suffix('.outcomes.db')}"
