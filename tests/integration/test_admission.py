@@ -269,13 +269,20 @@ def test_votes_from_old_epochs_and_strangers_are_ignored(
 def test_concurrent_claims_never_over_allocate(
     kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
 ) -> None:
-    """200 claims at once against 10 nodes: no node past capacity at any observed moment, and
-    the admitted count is what fits."""
+    """200 claims at once against 10 nodes: no node past capacity at any observed moment, never
+    more epochs open than the operator's flow control allows, and the admitted count is what
+    fits."""
     prefix = unique("conc")
     nodes, claims, share = 10, 200, 0.25  # isolation >= 0.15 lets each node hold 3 (0.75)
+    open_at_most = 8
     agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=nodes)
     op = operator_proc(
-        kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace, vote_timeout=10
+        kubeconfig,
+        platform,
+        tmp_path / "operator.log",
+        claim_namespace=namespace,
+        vote_timeout=10,
+        extra=["--max-open-proposals", str(open_at_most)],
     )
     try:
         with running(agents, op):
@@ -299,6 +306,9 @@ def test_concurrent_claims_never_over_allocate(
                 ledger = ledger_from_claims(items)
                 assert all(v <= 1.0 + 1e-9 for v in ledger.values()), ledger
                 phases = [(c.get("status") or {}).get("phase") for c in items]
+                # one list is one snapshot: the claims Voting in it hold open epochs
+                voting = phases.count("Voting")
+                assert voting <= open_at_most, f"{voting} epochs open at once"
                 return all(p in ("Admitted", "Rejected") for p in phases)
 
             wait_for("every claim to reach a final phase", settled, timeout=240, interval=0.5)
