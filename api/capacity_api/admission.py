@@ -556,7 +556,7 @@ def next_step(claim: CapacityClaim, now: datetime) -> Step:
     action = Action.NOTHING
     if claim.metadata.deletion_timestamp is not None:
         pass
-    elif status is None or status.phase in (None, Phase.PENDING):
+    elif status is None or pending(claim):
         action = Action.PROPOSE
     elif status.phase is Phase.VOTING:
         if status.proposal is not None:

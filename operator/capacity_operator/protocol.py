@@ -165,7 +165,10 @@ class Engine:
         self.paused = False
         """Set by the node lifecycle from the peering status: kopf stops delivering events to
         a paused copy, and this stops the loop's own wake-ups (deadlines, waiting claims)."""
-        self._liveness_cache: dict[str, tuple[tuple[int, int, int], bool, bool]] = {}
+        self._liveness_cache: dict[
+            str, tuple[tuple[str | None, datetime | None, int], bool, bool]
+        ] = {}
+        """Per node: (its resourceVersion, its Lease's renewal, the tick) -> (live, fresh)."""
         self._parsed: dict[str, CapacityClaim] = {}
         """The cached claims parsed once (an event is parsed once, not per look at it)."""
         self._queued_started: set[str] = set()
@@ -181,8 +184,8 @@ class Engine:
             return
         version = body["metadata"].get("resourceVersion", "")
         known = self.node_versions.get(name)
-        if known is not None and _rv_older(version, known):
-            return  # an event older than what our own write returned
+        if known is not None and not _rv_newer(version, known):
+            return  # an event no newer than what our own write returned
         self.nodes[name] = parse_node(body)
         self.node_versions[name] = version
 
@@ -256,7 +259,7 @@ class Engine:
         and the freshness rule per node per proposal was a tenth of the operator's CPU."""
         lease = self.leases.get(name)
         tick = int(now.timestamp() * LIVENESS_TICKS_PER_SECOND)
-        key = (id(node), id(lease), tick)
+        key = (self.node_versions.get(name), lease.renew_time if lease else None, tick)
         cached = self._liveness_cache.get(name)
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
@@ -417,8 +420,9 @@ class Engine:
             self._due.discard(uid)
             if body is None:
                 continue
-            if pending(self._parsed[uid]):
-                self._queued[uid] = _queue_key(body)
+            claim = self._parsed[uid]
+            if pending(claim):
+                self._queued[uid] = (claim.metadata.creation_timestamp, claim_key(claim))
             else:
                 started += self._start(uid, self.reconcile(body))
         started += self._start_queued()
@@ -1310,27 +1314,6 @@ def _rv_newer(candidate: str, known: str) -> bool:
         return int(candidate) > int(known)
     except ValueError:
         return candidate != known
-
-
-def _queue_key(body: JSON) -> tuple[datetime | None, str]:
-    meta = body["metadata"]
-    return _parse_time(meta.get("creationTimestamp")), f"{meta.get('namespace')}/{meta.get('name')}"
-
-
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
-def _rv_older(candidate: str, known: str) -> bool:
-    try:
-        return int(candidate) < int(known)
-    except ValueError:
-        return False
 
 
 def guarded_status_patch(claim: CapacityClaim, status: JSON) -> list[JSON]:

@@ -104,14 +104,17 @@ class TruthKeeper:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
+            if self.engine.paused:
+                # a copy paused by peering keeps still: its indexes stopped with kopf's
+                # watches, and the active copy checks the same claims
+                await asyncio.sleep(interval)
+                continue
             pressure = {
                 node: [c for conditions in store for c in conditions]
                 for node, store in list(kubelet.items())
             }
             observed: set[str] = set()
-            # a copy paused by peering keeps still: its indexes stopped with kopf's watches, and
-            # the active copy checks the same claims
-            for key in [] if self.engine.paused else list(claims):
+            for key in list(claims):
                 for body in list(claims.get(key) or ()):
                     observed.add(str((body.get("metadata") or {}).get("uid") or ""))
                     try:
@@ -120,8 +123,7 @@ class TruthKeeper:
                         raise
                     except Exception:
                         log.exception("truth check of claim %s/%s failed; next pass retries", *key)
-            if not self.engine.paused:
-                self._started &= observed  # deleted claims, and checks that closed
+            self._started &= observed  # deleted claims, and checks that closed
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     async def check(

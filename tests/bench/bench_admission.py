@@ -74,6 +74,24 @@ def apiserver_requests(api: client.ApiClient) -> dict[str, float]:
     return totals
 
 
+def offer(names: list[str], rate: float, create: Callable[[str], object]) -> dict[str, float]:
+    """Create one object per name at a steady ``rate`` per second (8 creates in flight at most);
+    return when each create was sent, by name. Raises what a create raised."""
+    created: dict[str, float] = {}
+    start = time.time()
+    with ThreadPoolExecutor(8) as pool:
+        futures = []
+        for i, name in enumerate(names):
+            delay = start + i / rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+            created[name] = time.time()
+            futures.append(pool.submit(create, name))
+        for f in futures:
+            f.result()
+    return created
+
+
 def claim_final(obj: dict[str, Any]) -> str | None:
     """A claim's final phase (Admitted, Rejected), or None while it has none."""
     phase = (obj.get("status") or {}).get("phase")
@@ -209,20 +227,12 @@ def scenario(
             name = f"profile-operator-{nodes}n-{rate:g}per-s.txt"
             profile = Profile(op.popen.pid, RESULTS / name).__enter__()
         before = apiserver_requests(api)
-        created: dict[str, float] = {}
         start = time.time()
-        with ThreadPoolExecutor(8) as pool:
-            futures = []
-            for i in range(claims):
-                due = start + i / rate
-                delay = due - time.time()
-                if delay > 0:
-                    time.sleep(delay)
-                name = f"b{i:05d}"
-                created[name] = time.time()
-                futures.append(pool.submit(cluster.create_claim, namespace, name, cGeo=share))
-            for f in futures:
-                f.result()
+        created = offer(
+            [f"b{i:05d}" for i in range(claims)],
+            rate,
+            lambda name: cluster.create_claim(namespace, name, cGeo=share),
+        )
         offered_for = time.time() - start
         deadline = time.time() + 300
         while len(watcher.done) < claims and time.time() < deadline:

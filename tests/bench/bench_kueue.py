@@ -42,7 +42,6 @@ import tempfile
 import threading
 import time
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,7 +55,12 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from tests import kube  # noqa: E402
-from tests.bench.bench_admission import Watcher, apiserver_requests, percentile  # noqa: E402
+from tests.bench.bench_admission import (  # noqa: E402
+    Watcher,
+    apiserver_requests,
+    offer,
+    percentile,
+)
 from tests.bench.machine import MachineSampler, cluster_processes, table  # noqa: E402
 from tests.cluster import Proc, unique  # noqa: E402
 from tests.nodes import control_plane_dir  # noqa: E402
@@ -436,29 +440,14 @@ def run_kueue(
         )
         machine.start()
         before = apiserver_requests(api)
-        created: dict[str, float] = {}
         start = time.time()
-        with ThreadPoolExecutor(8) as pool:
-            futures = []
-            for i in range(workloads):
-                due = start + i / rate
-                delay = due - time.time()
-                if delay > 0:
-                    time.sleep(delay)
-                name = f"w{i:05d}"
-                created[name] = time.time()
-                futures.append(
-                    pool.submit(
-                        custom.create_namespaced_custom_object,
-                        GROUP,
-                        VERSION,
-                        namespace,
-                        "workloads",
-                        workload(name, queue),
-                    )
-                )
-            for f in futures:
-                f.result()
+        created = offer(
+            [f"w{i:05d}" for i in range(workloads)],
+            rate,
+            lambda name: custom.create_namespaced_custom_object(
+                GROUP, VERSION, namespace, "workloads", workload(name, queue)
+            ),
+        )
         offered_for = time.time() - start
         deadline = time.time() + wait
         while len(watcher.done) < workloads and time.time() < deadline:
