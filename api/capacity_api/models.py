@@ -605,3 +605,54 @@ class CapacityNode(Model):
         body = super().wire()
         body["kind"] = self.kind
         return body
+
+
+# ---------------------------------------------------------------------------------------------
+# CapacityBallot
+
+MAX_BALLOT_VOTES = 256
+"""Upper bound on the votes one ballot holds. A voter keeps only the votes of open epochs
+(the operator admits at most ``max_open_proposals``, 64 by default, at a time) and drops a
+vote once its claim left that epoch, so a ballot stays a few KiB."""
+
+
+class BallotVote(Vote):
+    """One vote in a node's ballot: a :class:`Vote` and the claim it is for."""
+
+    claim: str = Field(max_length=317)
+    """The claim, as namespace/name (for reading; the key of the vote is the claim's uid)."""
+
+
+class CapacityBallotSpec(Model):
+    """Which node's votes the ballot carries."""
+
+    node_name: NodeName
+    """The voting node; the ballot's name is the node's name."""
+
+
+class CapacityBallotStatus(Model):
+    """The votes of one node, written by its agent only (node restriction)."""
+
+    votes: dict[str, BallotVote] | None = Field(default=None, max_length=MAX_BALLOT_VOTES)
+    """The node's votes on open proposals, keyed by claim uid; the operator counts the one whose
+    epoch is the claim's proposal epoch."""
+
+
+class CapacityBallot(Model):
+    """One node's votes on the proposals that name it, one write for all that arrived since."""
+
+    kind: ClassVar[str] = "CapacityBallot"
+    plural: ClassVar[str] = "capacityballots"
+    singular: ClassVar[str] = "capacityballot"
+    short_names: ClassVar[list[str]] = ["cb"]
+    namespaced: ClassVar[bool] = False
+
+    api_version: str = API_VERSION
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+    spec: CapacityBallotSpec
+    status: CapacityBallotStatus | None = None
+
+    def wire(self) -> dict[str, Any]:
+        body = super().wire()
+        body["kind"] = self.kind
+        return body

@@ -7,17 +7,20 @@ ServiceAccount:
   name the API server put into the pod-bound token
   (``authentication.kubernetes.io/node-name`` in the user's extra), and never its
   ``status.allocated`` (the operator's ledger);
-- change only its own entry of a claim's ``status.votes``, nothing else of the claim's status
-  (phase, proposal, placements: the operator's).
+- create or change only the ``CapacityBallot`` named after that node whose ``spec.nodeName``
+  is that node too: its votes, keyed by claim uid, go there and nowhere else (another node's
+  ballot, or a ballot naming one node and voting for another, is refused);
+- never write a ``CapacityClaim``, neither the object nor its status: phase, proposal, votes
+  and placements are the operator's (it copies the counted votes from the ballots into the
+  claim at commit).
 
 A token without a node name (not bound to a pod on a node) is refused outright. The simulated
 agents of a test cluster (the chart's ``simulator``) get the same rules with "named after my
 node" replaced by "named with the simulator's prefix".
 
-The CEL is generated here from the models, so that a status field added to a model is covered
-without anyone remembering the policy: every field of :class:`CapacityClaimStatus` but
-``votes`` must stay as it was. :mod:`capacity_api.crdgen` writes the result as a Helm template
-(the usernames and the prefix are template expressions) and a test checks it is up to date.
+The resource names come from the models. :mod:`capacity_api.crdgen` writes the result as a Helm
+template (the usernames and the prefix are template expressions) and a test checks it is up to
+date.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 from capacity_api import GROUP
-from capacity_api.models import CapacityClaim, CapacityClaimStatus, CapacityNode
+from capacity_api.models import CapacityBallot, CapacityClaim, CapacityNode
 
 NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 """The user-info extra key in which a pod-bound ServiceAccount token carries its node."""
@@ -33,25 +36,15 @@ NODE_NAME_EXTRA = "authentication.kubernetes.io/node-name"
 RULE_NODE_NAME = "agent-token-bound-to-node"
 RULE_OWN_NODE = "agent-writes-own-capacitynode"
 RULE_NO_ALLOCATION = "agent-never-writes-allocated"
-RULE_OWN_VOTE = "agent-writes-own-vote"
-RULE_CLAIM_STATUS = "agent-writes-only-votes"
-RULES = (RULE_NODE_NAME, RULE_OWN_NODE, RULE_NO_ALLOCATION, RULE_OWN_VOTE, RULE_CLAIM_STATUS)
+RULE_OWN_BALLOT = "agent-writes-own-ballot"
+RULE_NO_CLAIMS = "agent-never-writes-claims"
+RULES = (RULE_NODE_NAME, RULE_OWN_NODE, RULE_NO_ALLOCATION, RULE_OWN_BALLOT, RULE_NO_CLAIMS)
 """Every refusal message starts with ``node restriction (<rule>):``."""
 
 # Helm template expressions the chart fills in (see charts/capacity-platform/templates/_helpers.tpl)
 AGENT_USER = '{{ include "capacity-platform.serviceAccountUser" (list . "agent") }}'
 SIMULATOR_USER = '{{ include "capacity-platform.serviceAccountUser" (list . "simulator") }}'
 SIMULATOR_PREFIX = "{{ .Values.simulator.nodeNamePrefix }}"
-
-
-def _field_unchanged(field: str) -> str:
-    new, old = f"object.status.{field}", f"oldObject.status.{field}"
-    return f"(has({new}) == has({old}) && (!has({new}) || {new} == {old}))"
-
-
-def _claim_fields_but_votes() -> list[str]:
-    fields = CapacityClaimStatus.model_fields
-    return [info.alias or name for name, info in fields.items() if name != "votes"]
 
 
 def _says(rule: str, *parts: str) -> str:
@@ -74,29 +67,17 @@ def node_restriction_policy(name: str) -> dict[str, Any]:
 
     own = f"(variables.isAgent ? variables.nodeName : '{SIMULATOR_PREFIX}*')"
     who = "'agent ' + request.userInfo.username"
-    votes_old_kept = (
-        "!has(oldObject.status) || !has(oldObject.status.votes) || "
-        f"oldObject.status.votes.all(k, {may_write('k')} || "
-        "(has(object.status) && has(object.status.votes) && k in object.status.votes && "
-        "object.status.votes[k] == oldObject.status.votes[k]))"
-    )
-    votes_none_added = (
-        "!has(object.status) || !has(object.status.votes) || "
-        f"object.status.votes.all(k, {may_write('k')} || "
-        "(has(oldObject.status) && has(oldObject.status.votes) && k in oldObject.status.votes))"
-    )
-    unchanged = " && ".join(_field_unchanged(f) for f in _claim_fields_but_votes())
-    status_kept = (
-        "(!has(object.status) && !has(oldObject.status)) || "
-        f"(has(object.status) && has(oldObject.status) && {unchanged})"
-    )
     allocated_kept = (
         "(!has(object.status) || !has(object.status.allocated)) ? "
         "(oldObject == null || !has(oldObject.status) || !has(oldObject.status.allocated)) : "
         "(oldObject != null && has(oldObject.status) && has(oldObject.status.allocated) && "
         "object.status.allocated == oldObject.status.allocated)"
     )
+    # a write of the status subresource carries the whole object, its spec included
+    ballot_node = "(has(object.spec) && has(object.spec.nodeName) ? object.spec.nodeName : '')"
+    ballot_own = f"{may_write('request.name')} && {ballot_node} == request.name"
     nodes = f"request.resource.resource != '{CapacityNode.plural}'"
+    ballots = f"request.resource.resource != '{CapacityBallot.plural}'"
     claims = f"request.resource.resource != '{CapacityClaim.plural}'"
     validations = [
         {
@@ -130,23 +111,31 @@ def node_restriction_policy(name: str) -> dict[str, Any]:
             "reason": "Forbidden",
         },
         {
-            "expression": f"{claims} || "
-            f"(oldObject != null && ({votes_old_kept}) && ({votes_none_added}))",
+            "expression": f"{ballots} || ({ballot_own})",
             "messageExpression": _says(
-                RULE_OWN_VOTE,
+                RULE_OWN_BALLOT,
                 who,
-                _text(" may change only its own node's entry in status.votes ("),
+                _text(" may write only the CapacityBallot of its own node ("),
                 own,
-                _text(") of capacity claim "),
-                "request.namespace + '/' + request.name",
+                _text("), with spec.nodeName equal to its name; not "),
+                "request.name",
+                _text(" with spec.nodeName "),
+                f"({ballot_node} == '' ? '(none)' : {ballot_node})",
             ),
             "reason": "Forbidden",
         },
         {
-            "expression": f"{claims} || (oldObject != null && ({status_kept}))",
-            "message": f"node restriction ({RULE_CLAIM_STATUS}): an agent may change only "
-            "status.votes of a claim; phase, proposal, placements and the rest of its status "
-            "are written by the operator only",
+            "expression": claims,
+            "messageExpression": _says(
+                RULE_NO_CLAIMS,
+                who,
+                _text(" may not write capacity claim "),
+                "request.namespace + '/' + request.name",
+                _text(
+                    ": claims (their status too) are written by the operator only; an agent "
+                    "votes in the CapacityBallot of its node"
+                ),
+            ),
             "reason": "Forbidden",
         },
     ]
@@ -165,10 +154,17 @@ def node_restriction_policy(name: str) -> dict[str, Any]:
                         "resources": [
                             CapacityNode.plural,
                             f"{CapacityNode.plural}/status",
-                            CapacityClaim.plural,
-                            f"{CapacityClaim.plural}/status",
+                            CapacityBallot.plural,
+                            f"{CapacityBallot.plural}/status",
                         ],
-                    }
+                    },
+                    {
+                        # claims: not even a delete
+                        "apiGroups": [GROUP],
+                        "apiVersions": ["*"],
+                        "operations": ["CREATE", "UPDATE", "DELETE"],
+                        "resources": [CapacityClaim.plural, f"{CapacityClaim.plural}/status"],
+                    },
                 ]
             },
             "matchConditions": [

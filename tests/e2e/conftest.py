@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 RELEASE = "capacity-platform"
 NAMESPACE = "capacity-system"
 CRDS = (
+    "capacityballots.capacity.platform.dev",
     "capacityclaims.capacity.platform.dev",
     "capacitynodes.capacity.platform.dev",
     "clusterkopfpeerings.kopf.dev",

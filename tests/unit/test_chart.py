@@ -123,6 +123,7 @@ def test_agent_reads_the_host_read_only_and_tolerates_every_taint() -> None:
 def test_crds_are_kept_on_uninstall_and_can_be_left_out() -> None:
     crds = of_kind(render(), "CustomResourceDefinition")
     assert {c["metadata"]["name"] for c in crds} == {
+        "capacityballots.capacity.platform.dev",
         "capacityclaims.capacity.platform.dev",
         "capacitynodes.capacity.platform.dev",
         "clusterkopfpeerings.kopf.dev",
@@ -203,6 +204,30 @@ def test_node_restriction_policy_names_the_agent_accounts() -> None:
     assert binding["spec"]["validationActions"] == ["Deny"]
     disabled = render("--set", "nodeRestriction.enabled=false")
     assert of_kind(disabled, "ValidatingAdmissionPolicy") == []
+
+
+def _grants(role: Obj) -> dict[str, set[str]]:
+    return {
+        resource: set(rule["verbs"])
+        for rule in role["rules"]
+        if "capacity.platform.dev" in rule.get("apiGroups", [])
+        for resource in rule["resources"]
+    }
+
+
+def test_agents_vote_in_their_ballot_and_never_write_a_claim() -> None:
+    objs = render("--set", "simulator.enabled=true")
+    agent = _grants(one(objs, "ClusterRole", "capacity-platform-agent"))
+    assert agent["capacityballots"] == {"get", "create", "patch", "update"}
+    assert agent["capacityballots/status"] == {"get", "patch", "update"}
+    assert agent["capacityclaims"] == {"get", "list", "watch"}
+    assert "capacityclaims/status" not in agent
+    binding = one(objs, "ClusterRoleBinding", "capacity-platform-agent")
+    accounts = {s["name"] for s in binding["subjects"]}
+    assert accounts == {"capacity-platform-agent", "capacity-platform-simulator"}
+    operator = _grants(one(objs, "ClusterRole", "capacity-platform-operator"))
+    assert operator["capacityballots"] == {"get", "list", "watch"}
+    assert "capacityballots/status" not in operator
 
 
 def test_outcome_store_on_an_empty_dir_a_kept_claim_or_postgresql_from_a_secret() -> None:
