@@ -45,13 +45,15 @@ from capacity_api.cluster_access import (
     merged_context,
 )
 from capacity_api.lease import LeaseInfo, parse_lease
-from capacity_api.models import CapacityClaim, CapacityNode
+from capacity_api.models import CapacityBallot, CapacityClaim, CapacityNode
 
 PROBE_TIMEOUT = httpx2.Timeout(10.0, connect=5.0)
 """Seconds to connect to and then to hear from the API server when checking it at start."""
 
 CapacityNodes = create_global_resource(GROUP, VERSION, CapacityNode.kind, CapacityNode.plural)
 """The CapacityNode resource for lightkube (objects come back as dicts)."""
+CapacityBallots = create_global_resource(GROUP, VERSION, CapacityBallot.kind, CapacityBallot.plural)
+"""The CapacityBallot resource for lightkube (objects come back as dicts)."""
 CapacityClaims = create_namespaced_resource(
     GROUP, VERSION, CapacityClaim.kind, CapacityClaim.plural
 )
@@ -277,6 +279,7 @@ def lease_info(lease: Lease) -> LeaseInfo:
 
 
 __all__ = [
+    "CapacityBallots",
     "CapacityClaims",
     "CapacityNodes",
     "ClusterAccess",

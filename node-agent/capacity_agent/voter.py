@@ -10,10 +10,11 @@ hosted node and lacks its vote for the current epoch, the node decides:
 - as a **witness**, on whether each placement node looks alive from here: a Lease renewed within
   its duration and a Ready CapacityNode with fresh readings.
 
-The vote is merged into ``status.votes`` with a JSON patch whose first operation tests
-``status.proposal.epoch``: a vote can never land on another epoch, and the patch touches no
-other voter's entry. A YES reserves the share until the deadline, or until the claim leaves that
-epoch (committed, aborted or deleted).
+The vote goes into the node's CapacityBallot (:mod:`capacity_agent.ballot`): one write carries
+every vote the node cast since its last write, keyed by claim uid with the epoch; the operator
+counts a vote only for the claim's current epoch and copies the counted votes into the claim at
+commit. A YES reserves the share until the deadline, or until the claim leaves that epoch
+(committed, aborted or deleted); the ballot then drops the vote.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ from typing import Any, Protocol
 
 import httpx2
 import numpy as np
-from lightkube import ALL_NS, Client, ConfigError
+from lightkube import ALL_NS, Client
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import ConfigMap
-from lightkube.types import PatchType
 
 from capacity_agent.backoff import Backoff
+from capacity_agent.ballot import BallotWriter
 from capacity_agent.cluster import (
     CapacityClaims,
     CapacityNodes,
@@ -44,11 +45,11 @@ from capacity_agent.cluster import (
     lease_info,
     raise_releasing,
 )
-from capacity_agent.settings import FIELD_MANAGER
-from capacity_api.admission import node_staleness
+from capacity_api.admission import claim_key, node_staleness
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds, evaluate_fit
 from capacity_api.lease import LeaseInfo
 from capacity_api.models import (
+    BallotVote,
     CapacityClaim,
     CapacityNode,
     Phase,
@@ -66,10 +67,6 @@ THRESHOLDS_SECONDS = 5.0
 WATCH_SECONDS = 120
 """The API server ends each claims watch request after this long; lightkube asks again from the
 last resourceVersion seen."""
-EXPECTED_REFUSALS = frozenset({404, 422})
-"""Refusals of a vote that are part of the protocol: 422, the epoch moved on (the JSON patch's
-test operation failed); 404, the claim is gone. A vote that fails otherwise is dropped too, with
-a warning (the epoch then aborts at its deadline and the operator proposes again)."""
 
 
 class Measurements(Protocol):
@@ -113,7 +110,7 @@ class VoterNode:
 
 
 @dataclass(frozen=True, slots=True)
-class Ballot:
+class PlacementDecision:
     vote: Vote
     reserve: Reservation | None
 
@@ -140,7 +137,7 @@ def decide_placement(
     committed: float,
     thresholds: Thresholds,
     now: float,
-) -> Ballot:
+) -> PlacementDecision:
     """A placement node's vote on fit (pure given its inputs)."""
     renewed = node.lease_renewed_at()
     if renewed is None or now - renewed > node.lease_duration:
@@ -151,7 +148,7 @@ def decide_placement(
             reason="own lease expired: this node cannot vote YES",
             time=datetime.fromtimestamp(now, UTC),
         )
-        return Ballot(vote, None)
+        return PlacementDecision(vote, None)
     samples = node.measurements.samples(substrate)
     newest = node.measurements.newest_time(substrate)
     age = math.inf if newest is None else now - newest
@@ -178,7 +175,7 @@ def decide_placement(
         time=datetime.fromtimestamp(now, UTC),
     )
     reserve = Reservation(substrate.value, share, deadline) if decision.yes else None
-    return Ballot(vote, reserve)
+    return PlacementDecision(vote, reserve)
 
 
 def decide_witness(
@@ -227,8 +224,7 @@ class Voter:
         self.namespace = namespace
         self.clock = clock
         self.cast: dict[tuple[str, int, str], float] = {}
-        self.votes_cast = 0
-        self.votes_dropped = 0
+        self.ballots: dict[str, BallotWriter] = {}
         self._thresholds: tuple[float, Thresholds] | None = None
         self._thresholds_lock = asyncio.Lock()
         self._node_cache: dict[str, tuple[float, CapacityNode | None]] = {}
@@ -309,6 +305,8 @@ class Voter:
         for hosted in self.nodes.values():
             for stale in [k for k in hosted.reservations if k[0] == uid and k[1] != epoch]:
                 del hosted.reservations[stale]
+        for writer in self.ballots.values():
+            writer.forget(uid, epoch)
         if epoch < 0:
             return
         claim = CapacityClaim.model_validate(body)
@@ -335,7 +333,7 @@ class Voter:
         if node.name in proposal.placement:
             substrate = proposal.substrate or Substrate.HOST
             committed = _allocated(await self._capacity_node(node.name), substrate.value)
-            ballot = decide_placement(
+            decision = decide_placement(
                 node=node,
                 claim_uid=claim.metadata.uid or "",
                 epoch=proposal.epoch,
@@ -346,9 +344,9 @@ class Voter:
                 thresholds=await self._current_thresholds(),
                 now=now,
             )
-            if ballot.reserve is not None:
-                node.reservations[(claim.metadata.uid or "", proposal.epoch)] = ballot.reserve
-            vote = ballot.vote
+            if decision.reserve is not None:
+                node.reservations[(claim.metadata.uid or "", proposal.epoch)] = decision.reserve
+            vote = decision.vote
         else:
             thresholds = await self._current_thresholds()
             leases = await self._leases()
@@ -364,34 +362,21 @@ class Voter:
         await self._cast(claim, node.name, vote)
 
     async def _cast(self, claim: CapacityClaim, node: str, vote: Vote) -> None:
-        assert claim.status is not None
-        assert claim.status.proposal is not None
-        ops: list[JSON] = [
-            {"op": "test", "path": "/status/proposal/epoch", "value": claim.status.proposal.epoch},
-            {"op": "add", "path": f"/status/votes/{node}", "value": vote.wire()},
-        ]
-        name = claim.metadata.name or ""
-        try:
-            await asyncio.to_thread(self._patch_votes, name, claim.metadata.namespace, ops)
-        except (httpx2.HTTPError, ConfigError) as exc:
-            self.votes_dropped += 1
-            if http_status(exc) in EXPECTED_REFUSALS:
-                log.debug("vote of %s on %s dropped (%s)", node, name, describe_failure(exc))
-            else:
-                log.warning("vote of %s on %s dropped (%s)", node, name, describe_failure(exc))
-            return
-        self.votes_cast += 1
-        log.debug("%s voted %s on %s: %s", node, vote.vote.value, name, vote.reason)
+        """Queue the vote in the node's ballot (written with the node's other votes)."""
+        entry = BallotVote(**vote.model_dump(), claim=claim_key(claim))
+        self.ballot(node).put(claim.metadata.uid or "", entry)
+        log.debug("%s voted %s on %s: %s", node, vote.vote.value, entry.claim, vote.reason)
 
-    def _patch_votes(self, name: str, namespace: str | None, ops: list[JSON]) -> None:
-        self.api.patch(
-            CapacityClaims.Status,
-            name,
-            ops,
-            namespace=namespace,
-            patch_type=PatchType.JSON,
-            field_manager=FIELD_MANAGER,
-        )
+    def ballot(self, node: str) -> BallotWriter:
+        writer = self.ballots.get(node)
+        if writer is None:
+            writer = self.ballots[node] = BallotWriter(self.api, node)
+        return writer
+
+    @property
+    def votes_cast(self) -> int:
+        """Votes written to the API server (in ballots)."""
+        return sum(writer.votes_written for writer in self.ballots.values())
 
     def _forget_old_casts(self) -> None:
         horizon = self.clock() - 600

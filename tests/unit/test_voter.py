@@ -4,7 +4,6 @@ liveness; its votes and its claims watch through the Kubernetes client."""
 from __future__ import annotations
 
 import asyncio
-import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,6 +11,7 @@ import httpx2
 import numpy as np
 import pytest
 
+from capacity_agent.backoff import Backoff
 from capacity_agent.voter import (
     Reservation,
     Voter,
@@ -176,7 +176,6 @@ def test_witness_says_yes_only_when_every_placement_node_is_alive() -> None:
 # Through the Kubernetes client (lightkube, against a scripted API server)
 
 CLAIMS = "/apis/capacity.platform.dev/v1alpha1/capacityclaims"
-CLAIM_STATUS = "/apis/capacity.platform.dev/v1alpha1/namespaces/team/capacityclaims/c1/status"
 
 
 def claim_body(name: str = "c1", *, placement: str = "p1", epoch: int = 4) -> dict[str, Any]:
@@ -203,42 +202,80 @@ def voter(server: FakeApiServer) -> Voter:
     return Voter(server.client(), {"n1": voter_node(Window(0.2))}, "capacity-system", lambda: NOW)
 
 
-def a_vote() -> Vote:
-    return Vote(vote=VoteValue.YES, role=VoterRole.WITNESS, epoch=4, reason="alive")
+def a_vote(epoch: int = 4) -> Vote:
+    return Vote(vote=VoteValue.YES, role=VoterRole.WITNESS, epoch=epoch, reason="alive")
 
 
-def test_a_vote_is_a_json_patch_that_tests_the_epoch_and_adds_only_its_own_key() -> None:
-    server = FakeApiServer(claim_body())
+BALLOT = "/apis/capacity.platform.dev/v1alpha1/capacityballots/n1"
+BALLOT_STATUS = BALLOT + "/status"
+
+
+def ballot_body(**votes: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "capacity.platform.dev/v1alpha1",
+        "kind": "CapacityBallot",
+        "metadata": {"name": "n1"},
+        "spec": {"nodeName": "n1"},
+        "status": {"votes": votes},
+    }
+
+
+def cast(v: Voter, *claims: dict[str, Any]) -> None:
+    """Cast a witness vote on each claim, then let the ballot writes run to their end."""
+
+    async def run() -> None:
+        for body in claims:
+            await v._cast(CapacityClaim.model_validate(body), "n1", a_vote())
+        await v.ballot("n1").idle()
+
+    asyncio.run(run())
+
+
+def test_votes_on_several_claims_go_out_in_one_merge_patch_of_the_nodes_ballot() -> None:
+    # the first write creates the ballot (server-side apply answers with it: a vote left by
+    # an earlier run is cleared), then one merge patch carries every vote queued meanwhile
+    server = FakeApiServer(ballot_body(**{"uid-old": a_vote(1).wire()}), ballot_body())
     v = voter(server)
-    asyncio.run(v._cast(CapacityClaim.model_validate(claim_body()), "n1", a_vote()))
-    method, path, query, content_type, ops = server.sent()
-    assert (method, path, query) == ("PATCH", CLAIM_STATUS, {"fieldManager": "capacity-agent"})
-    assert content_type == "application/json-patch+json"
-    assert ops == [
-        {"op": "test", "path": "/status/proposal/epoch", "value": 4},
-        {"op": "add", "path": "/status/votes/n1", "value": a_vote().wire()},
-    ]
-    assert (v.votes_cast, v.votes_dropped) == (1, 0)
+    cast(v, claim_body("c1"), claim_body("c2"), claim_body("c3"))
+    method, path, query, content_type, body = server.sent(0)
+    assert (method, path, content_type) == ("PATCH", BALLOT, "application/apply-patch+yaml")
+    assert body["spec"] == {"nodeName": "n1"}
+    method, path, query, content_type, body = server.sent(1)
+    assert (method, path, query) == ("PATCH", BALLOT_STATUS, {"fieldManager": "capacity-agent"})
+    assert content_type == "application/merge-patch+json"
+    votes = body["status"]["votes"]
+    assert votes["uid-old"] is None
+    assert [votes[f"uid-c{i}"]["claim"] for i in (1, 2, 3)] == ["team/c1", "team/c2", "team/c3"]
+    assert votes["uid-c1"] == {**a_vote().wire(), "claim": "team/c1"}
+    assert len(server.requests) == 2
+    assert v.votes_cast == 3
 
 
-@pytest.mark.parametrize(
-    ("answer", "level"),
-    [
-        (422, logging.DEBUG),  # the epoch moved on: the test operation failed
-        (404, logging.DEBUG),  # the claim is gone
-        (500, logging.WARNING),
-        (httpx2.ConnectError("connection refused"), logging.WARNING),
-    ],
-)
-def test_a_vote_that_cannot_land_is_dropped(
-    answer: Any, level: int, caplog: pytest.LogCaptureFixture
+def test_a_ballot_write_that_fails_is_retried_with_every_vote_queued_meanwhile(
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.DEBUG, logger="capacity_agent.voter")
-    v = voter(FakeApiServer(answer))
-    asyncio.run(v._cast(CapacityClaim.model_validate(claim_body()), "n1", a_vote()))
-    assert (v.votes_cast, v.votes_dropped) == (0, 1)
-    (record,) = [r for r in caplog.records if "dropped" in r.getMessage()]
-    assert record.levelno == level
+    server = FakeApiServer(ballot_body(), 500, ballot_body())
+    v = voter(server)
+    v.ballot("n1").backoff = Backoff(initial=0.001, cap=0.001)
+    cast(v, claim_body("c1"))
+    assert [r.url.path for r in server.requests] == [BALLOT, BALLOT_STATUS, BALLOT_STATUS]
+    assert server.sent(1)[4] == server.sent(2)[4]  # the same votes, nothing half-written
+    assert v.votes_cast == 1
+    assert any("not written" in r.getMessage() for r in caplog.records)
+
+
+def test_a_vote_of_a_claim_that_left_its_epoch_is_removed_with_the_next_write() -> None:
+    server = FakeApiServer(ballot_body(), ballot_body(), ballot_body())
+    v = voter(server)
+    cast(v, claim_body("c1"))
+    decided = claim_body("c1")
+    decided["status"]["phase"] = "Admitted"
+    asyncio.run(v.handle(decided))  # the claim left epoch 4: its vote goes...
+    assert len(server.requests) == 2  # ...but not in a write of its own
+    cast(v, claim_body("c2"))
+    votes = server.sent()[4]["status"]["votes"]
+    assert votes == {"uid-c1": None, "uid-c2": {**a_vote().wire(), "claim": "team/c2"}}
+    assert v.ballot("n1").held == {"uid-c2": 4}
 
 
 def test_a_witness_reads_thresholds_leases_and_nodes_then_votes() -> None:
@@ -246,18 +283,25 @@ def test_a_witness_reads_thresholds_leases_and_nodes_then_votes() -> None:
         404,  # no calibration ConfigMap: the default thresholds
         {"kind": "LeaseList", "metadata": {"resourceVersion": "1"}, "items": []},
         404,  # the placement node has no CapacityNode
-        claim_body(),
+        ballot_body(),
+        ballot_body(),
     )
     v = voter(server)
-    asyncio.run(v.handle(claim_body()))
+
+    async def run() -> None:
+        await v.handle(claim_body())
+        await v.ballot("n1").idle()
+
+    asyncio.run(run())
     paths = [request.url.path for request in server.requests]
     assert paths == [
         "/api/v1/namespaces/capacity-system/configmaps/capacity-calibration",
         "/apis/coordination.k8s.io/v1/namespaces/capacity-system/leases",
         "/apis/capacity.platform.dev/v1alpha1/capacitynodes/p1",
-        CLAIM_STATUS,
+        BALLOT,
+        BALLOT_STATUS,
     ]
-    vote = server.sent()[4][1]["value"]
+    vote = server.sent()[4]["status"]["votes"]["uid-c1"]
     assert (vote["vote"], vote["role"], vote["epoch"]) == ("NO", "witness", 4)
     assert "p1: no lease" in vote["reason"]
     assert v.votes_cast == 1

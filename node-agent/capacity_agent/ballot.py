@@ -1,0 +1,147 @@
+"""A hosted node's ballot: its votes on every open proposal that names it, in one object.
+
+The voter decides claim by claim, but a node's votes reach the API server together: a vote is
+queued in the node's :class:`BallotWriter`, and one status write of the node's CapacityBallot
+carries every vote queued since the last write (a group commit: the first vote goes out at
+once, the votes that arrive while a write is in flight go out in the next one). Under load a
+witness answers many proposals per write; at rest a vote costs one write, as before.
+
+The write is a JSON merge patch of ``status.votes`` keyed by claim uid, without a precondition:
+only this node's agent writes this ballot (node restriction), and a merge patch of a key
+replaces that key only. A vote for an old epoch never counts, because the operator counts only
+the entry whose epoch is the claim's proposal epoch. Votes of claims that left the epoch are
+removed (``null``) with the next write, so the ballot holds the open epochs only.
+
+A failed write is retried with backoff, carrying everything queued meanwhile; nothing is half
+applied (one patch) and nothing is lost (a vote queued later for the same claim replaces the
+earlier one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from lightkube import Client
+from lightkube.types import PatchType
+
+from capacity_agent.backoff import Backoff
+from capacity_agent.cluster import CapacityBallots, describe_failure, http_status
+from capacity_agent.settings import FIELD_MANAGER
+from capacity_api.models import BallotVote, CapacityBallot, CapacityBallotSpec, ObjectMeta
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+FORGET_BATCH = 32
+"""Removals alone start a write once this many are queued (otherwise they go with a vote)."""
+
+
+class BallotWriter:
+    """The queue and the writes of one node's ballot."""
+
+    def __init__(self, api: Client, node: str, backoff: Backoff | None = None) -> None:
+        self.api = api
+        self.node = node
+        self.backoff = backoff or Backoff(initial=0.05, cap=5.0)
+        self.pending: dict[str, JSON | None] = {}
+        """Claim uid -> the vote to write, or None to remove the claim's vote."""
+        self.held: dict[str, int] = {}
+        """Claim uid -> epoch of the votes the ballot holds (as last written)."""
+        self.synced = False
+        """Whether the ballot is known to exist and its earlier votes were cleared."""
+        self.votes_written = 0
+        self.writes = 0
+        self.failures = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def put(self, uid: str, vote: BallotVote) -> None:
+        """Queue a vote; it goes out with the next write (at once when none is in flight)."""
+        self.pending[uid] = vote.wire()
+        self._kick()
+
+    def forget(self, uid: str, epoch: int) -> None:
+        """The claim's open epoch is now ``epoch`` (-1: none): remove its vote for any other."""
+        queued = self.pending.get(uid)
+        if queued is not None and queued.get("epoch") != epoch:
+            del self.pending[uid]
+        held = self.held.get(uid)
+        if held is not None and held != epoch and uid not in self.pending:
+            self.pending[uid] = None
+            removals = sum(1 for v in self.pending.values() if v is None)
+            if removals >= FORGET_BATCH:
+                self._kick()
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def idle(self) -> None:
+        """Wait until everything queued so far is written."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    def _kick(self) -> None:
+        if not self.busy:
+            self._task = asyncio.create_task(self._drain(), name=f"ballot-{self.node}")
+
+    async def _drain(self) -> None:
+        while self.pending:
+            batch, self.pending = self.pending, {}
+            try:
+                await asyncio.to_thread(self._write, batch)
+            except Exception as exc:  # any failure: keep the votes, write them again later
+                self.failures += 1
+                for uid, vote in batch.items():
+                    self.pending.setdefault(uid, vote)  # a newer vote queued meanwhile wins
+                if http_status(exc) == 404:
+                    self.synced = False  # the ballot was deleted: create it again
+                delay = self.backoff.next()
+                log.warning(
+                    "ballot of %s not written (%s); retrying in %.2fs",
+                    self.node,
+                    describe_failure(exc),
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                continue
+            self.backoff.reset()
+            self.writes += 1
+            for uid, vote in batch.items():
+                if vote is None:
+                    self.held.pop(uid, None)
+                else:
+                    self.held[uid] = int(vote["epoch"])
+                    self.votes_written += 1
+
+    def _write(self, batch: dict[str, JSON | None]) -> None:
+        if not self.synced:
+            self._sync(batch)
+        self.api.patch(
+            CapacityBallots.Status,
+            self.node,
+            {"status": {"votes": batch}},
+            patch_type=PatchType.MERGE,
+            field_manager=FIELD_MANAGER,
+        )
+
+    def _sync(self, batch: dict[str, JSON | None]) -> None:
+        """Before the first write: create the ballot (server-side apply of its spec, which
+        answers with the object), and clear what an earlier run left in it (votes this process
+        does not hold; it votes again on every open proposal)."""
+        ballot = CapacityBallot(
+            metadata=ObjectMeta(name=self.node), spec=CapacityBallotSpec(node_name=self.node)
+        )
+        body = self.api.patch(
+            CapacityBallots,
+            self.node,
+            ballot.wire(),
+            patch_type=PatchType.APPLY,
+            field_manager=FIELD_MANAGER,
+            force=True,
+        )
+        earlier = (dict(body).get("status") or {}).get("votes") or {}
+        for uid in earlier:
+            batch.setdefault(uid, None)
+        self.synced = True
