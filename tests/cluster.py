@@ -294,9 +294,14 @@ class Cluster:
         }
 
     def delete_nodes(self, prefix: str) -> None:
-        for name in self.nodes(prefix):
+        """Delete the simulated nodes' CapacityNodes and their ballots."""
+        ballots = self.custom.list_cluster_custom_object(GROUP, VERSION, "capacityballots")
+        named = [b["metadata"]["name"] for b in ballots.get("items", [])]
+        doomed = [("capacitynodes", n) for n in self.nodes(prefix)]
+        doomed += [("capacityballots", n) for n in named if n.startswith(prefix)]
+        for plural, name in doomed:
             try:
-                self.custom.delete_cluster_custom_object(GROUP, VERSION, "capacitynodes", name)
+                self.custom.delete_cluster_custom_object(GROUP, VERSION, plural, name)
             except ApiException as exc:
                 if exc.status != 404:
                     raise

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 CLAIMS = (GROUP, VERSION, "capacityclaims")
 NODES = (GROUP, VERSION, "capacitynodes")
+BALLOTS = (GROUP, VERSION, "capacityballots")
 
 
 def _emitter(kube: Kube) -> Callable[[JSON, str, str, str], None]:
@@ -220,6 +221,12 @@ async def node_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     # could be Confirmed without the pod that falsifies it)
     memo["indexed"].set()
     _engine(memo).observe_node(dict(event["object"]), deleted=event["type"] == "DELETED")
+
+
+@kopf.on.event(*BALLOTS)
+async def ballot_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    """A node's votes: the claims whose votes changed get a look from the admission loop."""
+    _engine(memo).observe_ballot(dict(event["object"]), deleted=event["type"] == "DELETED")
 
 
 @kopf.on.event("coordination.k8s.io", "v1", "leases")

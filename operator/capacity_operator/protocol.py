@@ -60,6 +60,7 @@ from capacity_api.models import (
     Proposal,
     Recovery,
     Substrate,
+    Vote,
 )
 from capacity_api.recovery import (
     Decision,
@@ -173,6 +174,8 @@ class Engine:
         """The cached claims parsed once (an event is parsed once, not per look at it)."""
         self._queued_started: set[str] = set()
         """Queued claims whose first step runs (counted as open until it ends)."""
+        self.ballots: dict[str, dict[str, tuple[JSON, Vote]]] = {}
+        """Per node, its ballot's votes by claim uid (as sent, and parsed): the live votes."""
 
     # -- caches --------------------------------------------------------------------------------
 
@@ -194,6 +197,55 @@ class Engine:
             self.leases.pop(lease.name, None)
         else:
             self.leases[lease.name] = lease
+
+    def observe_ballot(self, body: JSON, deleted: bool = False) -> None:
+        """A node's ballot changed: keep its votes, and look again at every claim whose vote
+        from that node is new or changed (only those entries are parsed)."""
+        node = body["metadata"]["name"]
+        known = self.ballots.get(node, {})
+        if deleted:
+            self.ballots.pop(node, None)
+            return
+        raw = ((body.get("status") or {}).get("votes")) or {}
+        votes: dict[str, tuple[JSON, Vote]] = {}
+        for uid, entry in raw.items():
+            before = known.get(uid)
+            if before is not None and before[0] == entry:
+                votes[uid] = before
+                continue
+            try:
+                votes[uid] = (entry, Vote.model_validate(entry))  # its claim key dropped
+            except ValueError as exc:
+                log.warning("ballot %s: vote on claim %s ignored (%s)", node, uid, exc)
+                continue
+            if uid in self.claims:
+                self._due.add(uid)
+                self._wake.set()
+        self.ballots[node] = votes
+
+    def votes_for(self, claim: CapacityClaim) -> dict[str, Vote]:
+        """The ballots' votes on the claim's open proposal: each voter's vote for its epoch."""
+        status = claim.status
+        proposal = status.proposal if status else None
+        if proposal is None:
+            return {}
+        uid = claim.metadata.uid or ""
+        votes: dict[str, Vote] = {}
+        for node in proposal.voters:
+            entry = self.ballots.get(node, {}).get(uid)
+            if entry is not None and entry[1].epoch == proposal.epoch:
+                votes[node] = entry[1]
+        return votes
+
+    def with_votes(self, claim: CapacityClaim) -> CapacityClaim:
+        """The claim as the protocol decides on it: while it is Voting or Recovering, its
+        ``status.votes`` are the ballots' votes on its open proposal (the claim itself holds
+        votes only once they were counted)."""
+        status = claim.status
+        if status is None or status.phase not in (Phase.VOTING, Phase.RECOVERING):
+            return claim
+        votes = self.votes_for(claim)  # whatever the claim's status says: only ballots count
+        return claim.model_copy(update={"status": status.model_copy(update={"votes": votes})})
 
     def observe_claim(self, body: JSON, deleted: bool = False, *, own: bool = False) -> None:
         """A claim as a watch event (or, with ``own``, our own write) shows it now: cache it and
@@ -524,7 +576,7 @@ class Engine:
                 if claim.metadata.deletion_timestamp is not None:
                     return
                 try:
-                    await self._step(claim, body)
+                    await self._step(self.with_votes(claim), body)
                 except ConflictError:
                     try:
                         body = await self.kube.get_claim(
@@ -775,6 +827,7 @@ class Engine:
                 "message": message,
                 "nodes": ",".join(proposal.placement),
                 "voteCount": result.vote_count,
+                "votes": counted_votes(result),
                 "refusals": None,
                 "observedGeneration": claim.metadata.generation,
                 "conditions": with_condition(
@@ -923,6 +976,9 @@ class Engine:
                 "phase": Phase.REJECTED.value,
                 "reason": reason,
                 "message": _clip(message),
+                "votes": {n: v.wire() for n, v in (claim.status.votes or {}).items()}
+                if claim.status
+                else None,
                 "refusals": refusals or None,
                 "nodes": None,
                 "observedGeneration": claim.metadata.generation,
@@ -1209,6 +1265,7 @@ class Engine:
                 "message": message,
                 "nodes": ",".join(nodes),
                 "voteCount": result.vote_count,
+                "votes": counted_votes(result),
                 "refusals": None,
                 "attempts": 0,
                 "conditions": with_condition(
@@ -1319,8 +1376,8 @@ def _rv_newer(candidate: str, known: str) -> bool:
 def guarded_status_patch(claim: CapacityClaim, status: JSON) -> list[JSON]:
     """The JSON patch that merges ``status`` (a merge patch of top-level status fields, None
     removing one) into the claim's, guarded by ``test`` operations on what the operator decided
-    from: the generation, the phase and the proposal's epoch. ``votes`` is only ever cleared by
-    the operator (a new epoch): it is replaced by an empty map."""
+    from: the generation, the phase and the proposal's epoch. ``votes`` is replaced whole: by
+    an empty map for a new epoch, by the counted votes at a decision."""
     current = claim.status
     assert current is not None
     assert current.phase is not None
@@ -1333,15 +1390,20 @@ def guarded_status_patch(claim: CapacityClaim, status: JSON) -> list[JSON]:
         epoch = current.proposal.epoch
         ops.append({"op": "test", "path": "/status/proposal/epoch", "value": epoch})
     for key, value in status.items():
-        if key == "votes":
-            assert all(v is None for v in (value or {}).values()), "the operator never votes"
-            ops.append({"op": "add", "path": "/status/votes", "value": {}})
+        if key == "votes":  # replaced whole: cleared (a new epoch) or the counted votes
+            kept = {n: v for n, v in (value or {}).items() if v is not None}
+            ops.append({"op": "add", "path": "/status/votes", "value": kept})
         elif value is None:
             if key in present:
                 ops.append({"op": "remove", "path": f"/status/{key}"})
         else:
             ops.append({"op": "add", "path": f"/status/{key}", "value": value})
     return ops
+
+
+def counted_votes(result: Tally) -> JSON:
+    """The votes a decision counted, as the claim keeps them (``capctl explain``, calibration)."""
+    return {node: vote.wire() for node, vote in sorted(result.counted.items())}
 
 
 def with_condition(

@@ -282,8 +282,7 @@ def scenario(
     finally:
         op.stop()
         agents.stop()
-        for name in cluster.nodes(prefix):
-            cluster.custom.delete_cluster_custom_object(GROUP, VERSION, "capacitynodes", name)
+        cluster.delete_nodes(prefix)  # and their ballots
         custom = client.CustomObjectsApi(api)
         for item in cluster.claims(namespace):
             custom.patch_namespaced_custom_object(

@@ -204,7 +204,8 @@ VOTE_TIMEOUT = 8.0
 def test_votes_from_old_epochs_and_strangers_are_ignored(
     kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
 ) -> None:
-    """A forged vote that is not from a voter, or for another epoch, never commits a claim."""
+    """A forged vote that is not in a voter's ballot, or is for another epoch, never commits a
+    claim."""
     prefix = unique("forge")
     # voters that never answer: two simulated nodes whose agent is stopped before the claim
     agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=3)
@@ -230,21 +231,26 @@ def test_votes_from_old_epochs_and_strangers_are_ignored(
                     "time": "2026-01-01T00:00:00Z",
                 }
 
-            forged = {
-                "votes": {
-                    **{n: vote(n, epoch + 7) for n in proposal["voters"]},  # wrong epoch
-                    "stranger-a": vote("stranger-a", epoch),  # not a voter
-                    "stranger-b": vote("stranger-b", epoch),
-                }
-            }
+            uid = body["metadata"]["uid"]
+            # 1. YES from every voter for this epoch, but in the claim's status, where only
+            #    the operator writes the votes it counted: a vote counts only from a ballot
             cluster.custom.patch_namespaced_custom_object_status(
-                "capacity.platform.dev",
-                "v1alpha1",
-                namespace,
-                "capacityclaims",
-                "forged",
-                {"status": forged},
-            )
+                "capacity.platform.dev", "v1alpha1", namespace, "capacityclaims", "forged",
+                {"status": {"votes": {n: vote(n, epoch) for n in proposal["voters"]}}},
+            )  # fmt: skip
+            # 2. the voters' ballots, for another epoch; 3. strangers' ballots, for this one
+            ballots = {n: vote(n, epoch + 7) for n in proposal["voters"]}
+            ballots |= {f"{prefix}-stranger-{i}": vote("", epoch) for i in range(2)}
+            for node, forged in ballots.items():
+                cluster.custom.create_cluster_custom_object(
+                    "capacity.platform.dev", "v1alpha1", "capacityballots",
+                    {"apiVersion": "capacity.platform.dev/v1alpha1", "kind": "CapacityBallot",
+                     "metadata": {"name": node}, "spec": {"nodeName": node}},
+                )  # fmt: skip
+                cluster.custom.patch_cluster_custom_object_status(
+                    "capacity.platform.dev", "v1alpha1", "capacityballots", node,
+                    {"status": {"votes": {uid: {**forged, "claim": f"{namespace}/forged"}}}},
+                )  # fmt: skip
             # the operator sees the forged votes (a watch event) and must count none of them:
             # had it counted them, it would have committed at once; instead the epoch runs to
             # its deadline and is aborted with no YES counted

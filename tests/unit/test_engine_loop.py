@@ -1,6 +1,7 @@
 """The admission engine in loop time: its cycle, flow control, conflicts, deadlines and the
 ledger, against an in-memory API (compare-and-swap on resourceVersion, conflicts on demand) and
-a clock the test moves. The agents' votes are written by the test, as an agent's patch would.
+a clock the test moves. The agents' votes are written by the test into the nodes' ballots, as an
+agent's ballot write would.
 
 A fake is fine here: these are unit tests of the engine's logic; the same protocol runs against
 the real API server in tests/integration/test_admission*.py.
@@ -50,6 +51,7 @@ class FakeApi:
         self.clock = clock
         self.claims: dict[tuple[str, str], JSON] = {}
         self.nodes: dict[str, JSON] = {}
+        self.ballots: dict[str, JSON] = {}
         self.leases: list[LeaseInfo] = []
         self.versions = itertools.count(1)
         self.conflicts: dict[str, int] = {}
@@ -173,26 +175,29 @@ class FakeApi:
     # -- what an agent does -------------------------------------------------------------------
 
     def vote_all(self, value: str = "YES", only: set[str] | None = None) -> int:
-        """Every voter (or those in ``only``) of every open proposal votes (a JSON patch: the
-        epoch test, then its own key). Returns the votes written."""
+        """Every voter (or those in ``only``) of every open proposal votes: one ballot write
+        per node carries its votes on every claim. Returns the votes written."""
         written = 0
         for body in self.claims.values():
             status = body.get("status") or {}
             proposal = status.get("proposal")
             if status.get("phase") not in ("Voting", "Recovering") or proposal is None:
                 continue
-            votes = status.setdefault("votes", {}) or {}
-            status["votes"] = votes
+            uid = body["metadata"]["uid"]
             for voter in proposal["voters"]:
-                if (votes.get(voter) or {}).get("epoch") == proposal["epoch"]:
-                    continue
                 if only is not None and voter not in only:
                     continue
+                ballot = self.ballots.setdefault(
+                    voter, {"kind": "CapacityBallot", "metadata": {"name": voter},
+                            "spec": {"nodeName": voter}, "status": {"votes": {}}},
+                )  # fmt: skip
+                votes = ballot["status"]["votes"]
+                if (votes.get(uid) or {}).get("epoch") == proposal["epoch"]:
+                    continue
                 role = "placement" if voter in proposal["placement"] else "witness"
-                votes[voter] = {"vote": value, "role": role, "epoch": proposal["epoch"],
-                                "reason": "test"}  # fmt: skip
+                votes[uid] = {"vote": value, "role": role, "epoch": proposal["epoch"],
+                              "reason": "test", "claim": body["metadata"]["name"]}  # fmt: skip
                 written += 1
-            self._stamp(body)
         return written
 
 
@@ -214,9 +219,11 @@ class Harness:
         return engine
 
     async def deliver(self, engine: Engine) -> None:
-        """The watch: every claim as it is now reaches the engine (in-memory: no lag)."""
+        """The watches: every claim and ballot as it is now reaches the engine (no lag)."""
         for body in list(self.api.claims.values()):
             engine.observe_claim(copy.deepcopy(body))
+        for ballot in list(self.api.ballots.values()):
+            engine.observe_ballot(copy.deepcopy(ballot))
 
     async def settle(self, engine: Engine) -> None:
         """Watch events, one cycle, and every step it started run to its end."""
@@ -455,5 +462,62 @@ def test_a_spec_change_fails_the_guard_and_the_admission_starts_over() -> None:
             for n in h.api.nodes.values()
             for a in ((n.get("status") or {}).get("allocated") or {}).values()
         )
+
+    run(scenario)
+
+
+def test_a_ballot_answers_every_claim_of_its_node_and_the_commit_keeps_the_counted_votes() -> None:
+    h = Harness(nodes=8)
+    for name in ("a", "b", "c", "d"):
+        h.api.add_claim(name, 0.1)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        # witnesses are the first live nodes by name that do not hold the claim: the same
+        # few nodes witness every proposal
+        placements = set()
+        for name in "abcd":
+            proposal = h.api.claim(name)["status"]["proposal"]
+            placements.update(proposal["placement"])
+            others = [f"n{i}" for i in range(8) if f"n{i}" not in proposal["placement"]]
+            assert proposal["voters"] == [*proposal["placement"], *others[:2]]
+        assert h.api.vote_all() == 12
+        assert set(h.api.ballots) == placements | {"n0", "n1", "n2"}  # one per node, not per claim
+        await h.settle(engine)
+        assert set(h.phases().values()) == {"Admitted"}
+        status = h.api.claim("a")["status"]
+        assert sorted(status["votes"]) == sorted(status["proposal"]["voters"])
+        assert all(v["vote"] == "YES" and v["epoch"] == 1 for v in status["votes"].values())
+        assert all("claim" not in v for v in status["votes"].values())  # a claim's own Vote
+        assert status["voteCount"] == "3/2"
+
+    run(scenario)
+
+
+def test_a_ballot_vote_for_an_older_epoch_never_counts() -> None:
+    h = Harness(nodes=3)
+    h.api.add_claim("c", 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.now += timedelta(seconds=11)  # epoch 1 misses its deadline: epoch 2 is proposed
+        await h.settle(engine)
+        assert h.api.claim("c")["status"]["proposal"]["epoch"] == 2
+        assert h.api.ballots == {}  # no vote was written yet
+        # every voter answers epoch 1 only (late votes of the aborted epoch)
+        proposal = h.api.claim("c")["status"]["proposal"]
+        for voter in proposal["voters"]:
+            h.api.ballots[voter] = {
+                "kind": "CapacityBallot", "metadata": {"name": voter},
+                "spec": {"nodeName": voter},
+                "status": {"votes": {"uid-c": {"vote": "YES", "role": "witness", "epoch": 1}}},
+            }  # fmt: skip
+        await h.settle(engine)
+        assert h.phases() == {"c": "Voting"}
+        h.api.vote_all()  # now for epoch 2
+        await h.settle(engine)
+        assert h.phases() == {"c": "Admitted"}
 
     run(scenario)
