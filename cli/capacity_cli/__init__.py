@@ -8,8 +8,9 @@ A user tool: it depends on :mod:`capacity_api` and the Kubernetes client, never 
 the agent (an import-linter contract checks it). The modules keep I/O thin:
 
 - :mod:`capacity_cli.main`: argument parsing, dispatch, exit codes;
-- :mod:`capacity_cli.cluster`: finding the cluster as kubectl does and reading claims, events,
-  CapacityNodes, Leases and the calibration ConfigMap into parsed models;
+- :mod:`capacity_cli.cluster`: finding the cluster as kubectl does and reading claims, the
+  voters' CapacityBallots (the live votes of an open proposal), events, CapacityNodes, Leases
+  and the calibration ConfigMap into parsed models;
 - :mod:`capacity_cli.explain`, :mod:`capacity_cli.why`, :mod:`capacity_cli.nodes`: pure renderers
   that take the clock as a parameter, so they are unit-tested without a cluster;
 - :mod:`capacity_cli.output`: tables, durations, numbers and JSON output.
@@ -25,14 +26,18 @@ from capacity_cli.explain import (
     Explanation,
     GateCheck,
     VoteRow,
+    ballot_voters,
     explain,
     explain_json,
     explain_text,
     explanation_json,
     explanation_text,
     gate_checks,
+    proposal_open,
     recent_events,
     vote_rows,
+    votes_in_ballots,
+    with_ballot_votes,
 )
 from capacity_cli.main import build_parser, main
 from capacity_cli.nodes import NODE_HEADERS, lease_json, node_json, nodes_json, nodes_text
@@ -46,6 +51,7 @@ __all__ = [
     "Explanation",
     "GateCheck",
     "VoteRow",
+    "ballot_voters",
     "build_parser",
     "explain",
     "explain_json",
@@ -59,8 +65,11 @@ __all__ = [
     "node_json",
     "nodes_json",
     "nodes_text",
+    "proposal_open",
     "recent_events",
     "table",
     "vote_rows",
+    "votes_in_ballots",
     "why",
+    "with_ballot_votes",
 ]

@@ -1,5 +1,5 @@
-"""capctl's cluster access: finding the cluster as kubectl does, and reading claims, events,
-CapacityNodes, node Leases and the calibration ConfigMap.
+"""capctl's cluster access: finding the cluster as kubectl does, and reading claims, the
+voters' CapacityBallots, events, CapacityNodes, node Leases and the calibration ConfigMap.
 
 :func:`load_client` asks :func:`capacity_api.cluster_access.choose_cluster` which source to use
 (``--kubeconfig``, ``$KUBECONFIG``, in-cluster, ``~/.kube/config``) and loads it. Every read
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from capacity_api.cluster_access import (
 )
 from capacity_api.gates import CALIBRATION_CONFIGMAP
 from capacity_api.lease import LeaseInfo, parse_lease
-from capacity_api.models import CapacityClaim, CapacityNode
+from capacity_api.models import CapacityBallot, CapacityClaim, CapacityNode
 from capacity_cli.errors import EXIT_UNREACHABLE, CapctlError
 from capacity_cli.explain import Calibration, EventInfo
 from capacity_cli.output import aware
@@ -176,6 +177,34 @@ def read_claim(api: client.ApiClient, namespace: str, name: str) -> CapacityClai
         ) from exc
 
 
+def read_ballots(api: client.ApiClient, nodes: Iterable[str]) -> dict[str, CapacityBallot] | None:
+    """The CapacityBallots of ``nodes`` that exist, by node (a missing one: that node has not
+    voted); None when the CapacityBallot API is not installed (a platform that keeps votes in
+    the claim). A ballot that cannot be read or parsed is left out with a warning."""
+    custom = client.CustomObjectsApi(api)
+    ballots: dict[str, CapacityBallot] = {}
+    for node in dict.fromkeys(nodes):
+        try:
+            body = custom.get_cluster_custom_object(
+                GROUP, VERSION, CapacityBallot.plural, node, _request_timeout=REQUEST_TIMEOUT
+            )
+        except ApiException as exc:
+            if exc.status == 404:
+                if _missing_kind(exc):
+                    return None
+                continue
+            _warn(f"cannot read capacityballot {node}: {_api_reason(exc)}; its vote is not shown")
+            continue
+        try:
+            ballots[node] = CapacityBallot.model_validate(body)
+        except ValidationError as exc:
+            _warn(
+                f"capacityballot {node} does not parse ({exc.error_count()} errors); "
+                "its vote is not shown"
+            )
+    return ballots
+
+
 def read_calibration(api: client.ApiClient, namespace: str) -> Calibration:
     """The thresholds of the calibration ConfigMap, or the defaults saying why."""
     core = client.CoreV1Api(api)
@@ -253,6 +282,7 @@ __all__ = [
     "REQUEST_TIMEOUT",
     "event_info",
     "load_client",
+    "read_ballots",
     "read_calibration",
     "read_claim",
     "read_events",

@@ -3,6 +3,12 @@ thresholds, refusals, placements, recoveries, conditions, events and one sentenc
 
 :func:`explain` computes everything once from parsed models and the clock (pure);
 :func:`explanation_text` and :func:`explanation_json` render it.
+
+Where the votes are: while a claim's proposal is open (Voting, or Recovering with a proposal newer
+than every placement) the agents' votes are in their nodes' CapacityBallots, keyed by the claim's
+uid, and the claim's ``status.votes`` is empty; the operator copies the counted ones into the
+claim when it commits. The caller reads the ballots of :func:`ballot_voters` and hands
+:func:`votes_in_ballots` of them to :func:`explain`.
 """
 
 from __future__ import annotations
@@ -15,7 +21,15 @@ from capacity_api import gate_table
 from capacity_api.admission import Tally
 from capacity_api.gate_table import GATES
 from capacity_api.gates import Thresholds
-from capacity_api.models import CapacityClaim, Condition, Phase, Proposal, Vote, VoterRole
+from capacity_api.models import (
+    CapacityBallot,
+    CapacityClaim,
+    Condition,
+    Phase,
+    Proposal,
+    Vote,
+    VoterRole,
+)
 from capacity_cli.output import JSON, age_text, iso, shown, table
 from capacity_cli.why import claim_tally, why
 
@@ -192,6 +206,61 @@ def vote_rows(
     return rows
 
 
+def proposal_open(claim: CapacityClaim) -> bool:
+    """Whether the claim's proposal is still being voted on: the claim is Voting, or Recovering
+    with a proposal newer than every placement (a re-admission of a failed node's share)."""
+    status = claim.status
+    if status is None or status.proposal is None:
+        return False
+    if status.phase is Phase.VOTING:
+        return True
+    if status.phase is not Phase.RECOVERING:
+        return False
+    newest = max((p.epoch or 0 for p in status.placements or []), default=0)
+    return status.proposal.epoch > newest
+
+
+def ballot_voters(claim: CapacityClaim) -> list[str]:
+    """The nodes whose CapacityBallots hold the claim's live votes: the voters of its open
+    proposal; none when the proposal is closed (its counted votes are in the claim)."""
+    if not proposal_open(claim):
+        return []
+    status = claim.status
+    assert status is not None
+    assert status.proposal is not None
+    return list(dict.fromkeys(status.proposal.voters))
+
+
+def votes_in_ballots(
+    claim: CapacityClaim, ballots: Mapping[str, CapacityBallot | None]
+) -> dict[str, Vote]:
+    """Node -> the vote on the claim in that voter's ballot (``ballots`` by ballot name, which is
+    the node's; the entry keyed by the claim's uid). A voter without a ballot or without an entry
+    has not voted. An entry for another epoch than the proposal's is kept: it is shown as stale
+    and, as by the operator, not counted."""
+    uid = claim.metadata.uid
+    votes: dict[str, Vote] = {}
+    if not uid:
+        return votes
+    for node in ballot_voters(claim):
+        ballot = ballots.get(node)
+        if ballot is None or ballot.status is None:
+            continue
+        entry = (ballot.status.votes or {}).get(uid)
+        if entry is not None:
+            votes[node] = Vote.model_validate(entry.model_dump(include=set(Vote.model_fields)))
+    return votes
+
+
+def with_ballot_votes(claim: CapacityClaim, votes: Mapping[str, Vote] | None) -> CapacityClaim:
+    """The claim as the operator decides on it: while its proposal is open, its votes are the
+    ballots' ``votes`` (None: the ballots were not read; the claim's own are kept)."""
+    status = claim.status
+    if votes is None or status is None or not proposal_open(claim):
+        return claim
+    return claim.model_copy(update={"status": status.model_copy(update={"votes": dict(votes)})})
+
+
 # ---------------------------------------------------------------------------------------------
 # explain
 
@@ -212,12 +281,15 @@ def _request(claim: CapacityClaim) -> str:
 @dataclass(frozen=True, slots=True)
 class Explanation:
     claim: CapacityClaim
+    """The claim, its ``status.votes`` the ballots' while its proposal is open."""
     calibration: Calibration
     events: list[EventInfo]
     now: datetime
     result: Tally | None
     rows: list[VoteRow]
     why: str
+    votes_from: str = "claim"
+    """``ballots`` (the live votes of an open proposal) or ``claim`` (its ``status.votes``)."""
 
 
 def explain(
@@ -226,9 +298,16 @@ def explain(
     events: Iterable[EventInfo] = (),
     *,
     now: datetime,
+    ballot_votes: Mapping[str, Vote] | None = None,
 ) -> Explanation:
-    """Everything ``capctl explain`` shows, computed once (pure)."""
+    """Everything ``capctl explain`` shows, computed once (pure).
+
+    ``ballot_votes`` are the votes on the claim in its voters' ballots
+    (:func:`votes_in_ballots`); while the proposal is open they stand for ``status.votes``
+    (None: not read, the claim's own are shown)."""
     calibration = calibration or Calibration()
+    live = ballot_votes is not None and proposal_open(claim)
+    claim = with_ballot_votes(claim, ballot_votes)
     status = claim.status
     result = claim_tally(claim, now)
     rows = vote_rows(
@@ -236,7 +315,7 @@ def explain(
         status.votes if status else None,
         result.counted if result else {},
         calibration.thresholds,
-        open_epoch=status is not None and status.phase is Phase.VOTING,
+        open_epoch=proposal_open(claim),
     )
     return Explanation(
         claim=claim,
@@ -246,6 +325,7 @@ def explain(
         result=result,
         rows=rows,
         why=why(claim, now),
+        votes_from="ballots" if live else "claim",
     )
 
 
@@ -269,9 +349,10 @@ def explain_json(
     events: Iterable[EventInfo] = (),
     *,
     now: datetime,
+    ballot_votes: Mapping[str, Vote] | None = None,
 ) -> JSON:
     """``capctl explain -o json``: one JSON-ready dict."""
-    return explanation_json(explain(claim, calibration, events, now=now))
+    return explanation_json(explain(claim, calibration, events, now=now, ballot_votes=ballot_votes))
 
 
 def explanation_json(e: Explanation) -> JSON:
@@ -308,6 +389,7 @@ def explanation_json(e: Explanation) -> JSON:
         if result
         else None,
         "votes": [row.wire() for row in e.rows],
+        "votesFrom": e.votes_from,
         "refusals": [
             {"node": node, "reason": reason}
             for node, reason in ((status.refusals or {}) if status else {}).items()
@@ -326,9 +408,10 @@ def explain_text(
     events: Iterable[EventInfo] = (),
     *,
     now: datetime,
+    ballot_votes: Mapping[str, Vote] | None = None,
 ) -> str:
     """``capctl explain``: the human-readable report."""
-    return explanation_text(explain(claim, calibration, events, now=now))
+    return explanation_text(explain(claim, calibration, events, now=now, ballot_votes=ballot_votes))
 
 
 def _conditions_table(conditions: Sequence[Condition], now: datetime) -> str:
@@ -440,8 +523,9 @@ def _vote_lines(e: Explanation) -> list[str]:
         ]
         for r in e.rows
     ]
+    source = ", from the voters' CapacityBallots" if e.votes_from == "ballots" else ""
     lines = [
-        f"Votes{summary}:",
+        f"Votes{summary}{source}:",
         table(["NODE", "ROLE", "VOTE", "EPOCH", "COUNTED", "REASON"], rows),
     ]
     gated = [r for r in e.rows if r.gates]
@@ -548,12 +632,16 @@ __all__ = [
     "Explanation",
     "GateCheck",
     "VoteRow",
+    "ballot_voters",
     "explain",
     "explain_json",
     "explain_text",
     "explanation_json",
     "explanation_text",
     "gate_checks",
+    "proposal_open",
     "recent_events",
     "vote_rows",
+    "votes_in_ballots",
+    "with_ballot_votes",
 ]

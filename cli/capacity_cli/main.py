@@ -25,6 +25,7 @@ from capacity_cli.calibration import (
 from capacity_cli.cluster import (
     PLATFORM_NAMESPACE,
     load_client,
+    read_ballots,
     read_calibration,
     read_claim,
     read_events,
@@ -33,7 +34,13 @@ from capacity_cli.cluster import (
     unreachable,
 )
 from capacity_cli.errors import EXIT_OK, CapctlError
-from capacity_cli.explain import explain, explanation_json, explanation_text
+from capacity_cli.explain import (
+    ballot_voters,
+    explain,
+    explanation_json,
+    explanation_text,
+    votes_in_ballots,
+)
 from capacity_cli.nodes import nodes_json, nodes_text
 from capacity_cli.output import emit
 
@@ -140,9 +147,13 @@ def _command(
     if args.command == "explain":
         namespace = args.namespace or context_namespace or "default"
         claim = read_claim(api, namespace, args.claim)
+        # while its proposal is open, the votes are in the voters' ballots, not in the claim
+        voters = ballot_voters(claim)
+        ballots = read_ballots(api, voters) if voters else None
+        votes = votes_in_ballots(claim, ballots) if ballots is not None else None
         calibration = read_calibration(api, args.platform_namespace)
         events = read_events(api, claim)
-        e = explain(claim, calibration, events, now=now())
+        e = explain(claim, calibration, events, now=now(), ballot_votes=votes)
         emit(args.output, explanation_json(e), explanation_text(e))
     elif args.command == "calibration":
         action = getattr(args, "action", None) or "show"

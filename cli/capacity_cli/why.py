@@ -1,6 +1,9 @@
 """One sentence saying why a claim is in its phase, from its status alone (pure).
 
-Vote counts come from :func:`capacity_api.admission.tally`, so they match the operator's.
+Vote counts come from :func:`capacity_api.admission.tally`, so they match the operator's. While a
+claim's proposal is open its votes are in the voters' CapacityBallots, not in ``status.votes``:
+``capctl explain`` hands over the claim with those votes in place
+(:func:`capacity_cli.explain.with_ballot_votes`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""capctl against a real API server: a claim with a proposal and votes written through the status
-subresource (as the operator and the agents write them), CapacityNodes with status, Leases and the
-calibration ConfigMap; capctl runs as the installed console script."""
+"""capctl against a real API server: a Voting claim with a proposal written through the status
+subresource (as the operator writes it) and the votes on it in the voters' CapacityBallots (as
+the agents write them: the ballot created, its status merge-patched), CapacityNodes with status,
+Leases and the calibration ConfigMap; capctl runs as the installed console script."""
 
 from __future__ import annotations
 
@@ -66,16 +67,18 @@ def platform_namespace(api: client.ApiClient) -> Iterator[str]:
 
 @pytest.fixture
 def node_names(custom: client.CustomObjectsApi, crds: list[str]) -> Iterator[list[str]]:
-    """Unique names for cluster-scoped CapacityNodes; whatever the test created is deleted."""
+    """Unique names for cluster-scoped CapacityNodes and CapacityBallots; whatever the test
+    created is deleted."""
     prefix = f"cp-test-{uuid.uuid4().hex[:8]}"
     names = [f"{prefix}-a", f"{prefix}-b", f"{prefix}-c"]
     yield names
-    for name in names:
-        try:
-            custom.delete_cluster_custom_object(GROUP, VERSION, "capacitynodes", name)
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
+    for plural in ("capacitynodes", "capacityballots"):
+        for name in names:
+            try:
+                custom.delete_cluster_custom_object(GROUP, VERSION, plural, name)
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
 
 
 def create_node(
@@ -146,6 +149,29 @@ def create_lease(api: client.ApiClient, namespace: str, name: str, renewed: date
     )
 
 
+def write_ballot(custom: client.CustomObjectsApi, node: str, votes: dict[str, Any]) -> None:
+    """As an agent votes: its node's ballot created when missing, the votes (claim uid -> vote)
+    merged into its status."""
+    try:
+        custom.create_cluster_custom_object(
+            GROUP,
+            VERSION,
+            "capacityballots",
+            {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "CapacityBallot",
+                "metadata": {"name": node},
+                "spec": {"nodeName": node},
+            },
+        )
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    custom.patch_cluster_custom_object_status(
+        GROUP, VERSION, "capacityballots", node, {"status": {"votes": votes}}
+    )
+
+
 def create_voting_claim(
     custom: client.CustomObjectsApi, namespace: str, nodes: list[str], now: datetime
 ) -> dict[str, Any]:
@@ -176,29 +202,53 @@ def create_voting_claim(
             "share": 0.25,
             "substrate": "host",
         },
-        "votes": {
-            a: {
+        "refusals": {"cp-old-node": "fit_error 0.31 > theta_fit 0.2"},
+        "voteCount": "1/2",
+    }
+    out: dict[str, Any] = custom.patch_namespaced_custom_object_status(
+        GROUP, VERSION, namespace, "capacityclaims", "web", {"status": status}
+    )
+    # the votes: in the voters' ballots, keyed by the claim's uid (the claim holds none while
+    # it is Voting); c has not voted (no ballot)
+    uid, key = created["metadata"]["uid"], f"{namespace}/web"
+    write_ballot(
+        custom,
+        a,
+        {
+            uid: {
                 "vote": "YES",
                 "role": "placement",
                 "epoch": 2,
                 "reason": "fits: fit_error 0.00 <= 0.2, isolation 0.55 >= 0.15",
                 "readings": FIT,
                 "time": iso(now),
+                "claim": key,
             },
-            # cast for epoch 1 and never withdrawn: must be shown as not counted
-            b: {
+            # another claim's vote in the same ballot: not this claim's
+            f"{uid}-other": {
+                "vote": "NO",
+                "role": "placement",
+                "epoch": 2,
+                "reason": "fit_error 0.31 > theta_fit 0.2",
+                "time": iso(now),
+                "claim": f"{namespace}/other",
+            },
+        },
+    )
+    # cast for epoch 1 and not yet withdrawn: must be shown as not counted
+    write_ballot(
+        custom,
+        b,
+        {
+            uid: {
                 "vote": "YES",
                 "role": "witness",
                 "epoch": 1,
                 "reason": "placement nodes alive",
                 "time": iso(now - timedelta(seconds=20)),
-            },
+                "claim": key,
+            }
         },
-        "refusals": {"cp-old-node": "fit_error 0.31 > theta_fit 0.2"},
-        "voteCount": "1/2",
-    }
-    out: dict[str, Any] = custom.patch_namespaced_custom_object_status(
-        GROUP, VERSION, namespace, "capacityclaims", "web", {"status": status}
     )
     return out
 
@@ -268,6 +318,7 @@ def test_explain_and_nodes(
     assert f"voters     {a}, {b}, {c}" in text
     assert "thetaFit 0.2," in text
     assert f"from ConfigMap {platform_namespace}/{CALIBRATION_CONFIGMAP}" in text
+    assert "from the voters' CapacityBallots:" in text
     lines = text.splitlines()
     vote_b = next(line for line in lines if line.strip().startswith(b) and "witness" in line)
     assert vote_b.split()[1:5] == ["witness", "YES", "1", "stale,"]
@@ -300,8 +351,10 @@ def test_explain_and_nodes(
     assert data["why"].startswith(f"Voting: waiting for {b}, {c} until")
     assert data["tally"]["voteCount"] == "1/2"
     assert data["thresholds"]["thetaFit"] == 0.2
+    assert data["votesFrom"] == "ballots"
     votes = {v["node"]: v for v in data["votes"]}
     assert votes[a]["counted"] is True
+    assert votes[a]["reason"].startswith("fits")
     assert votes[b]["counted"] is False
     assert votes[b]["note"] == "stale, not counted"
     assert votes[c]["vote"] is None

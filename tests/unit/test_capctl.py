@@ -1,4 +1,5 @@
-"""capctl's pure renderers: the one-sentence why, votes (stale ones marked), gates, JSON, nodes."""
+"""capctl's pure renderers: the one-sentence why, votes (stale ones marked; an open proposal's
+from the voters' ballots), gates, JSON, nodes."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from kubernetes import client as kube_client
+from kubernetes.client.rest import ApiException
 
 import capacity_cli as capctl
+import capacity_cli.cluster
 from capacity_api.lease import LeaseInfo
-from capacity_api.models import CapacityClaim, CapacityNode, Truth
+from capacity_api.models import CapacityBallot, CapacityClaim, CapacityNode, Phase, Proposal, Truth
 from capacity_cli import Calibration, EventInfo
 
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -291,6 +295,142 @@ def test_calibrated_thresholds_judge_the_readings() -> None:
 def test_a_value_just_past_the_threshold_does_not_print_as_the_threshold() -> None:
     checks = capctl.gate_checks({"fitError": 0.1651}, Calibration().thresholds)
     assert checks[0].cell() == "0.1651 ✗"
+
+
+# -- the live votes of an open proposal: in the voters' ballots -----------------------------------
+
+
+def ballot(node: str, votes: dict[str, dict[str, Any]]) -> CapacityBallot:
+    return CapacityBallot.model_validate(
+        {
+            "metadata": {"name": node},
+            "spec": {"nodeName": node},
+            "status": {"votes": {uid: {**v, "claim": "team-a/web"} for uid, v in votes.items()}},
+        }
+    )
+
+
+def voting_on_ballots() -> CapacityClaim:
+    """A Voting claim as the operator writes it: no votes in the claim, they are in ballots."""
+    return claim(
+        {
+            "phase": "Voting",
+            "reason": "Proposed",
+            "message": "epoch 3: asking node-a, node-b, node-c, node-d to vote",
+            "attempts": 3,
+            "proposal": proposal(3, ["node-a"], ["node-a", "node-b", "node-c", "node-d"], 3),
+        },
+        cGeo=0.25,
+    )
+
+
+BALLOTS = {
+    "node-a": ballot(
+        "node-a",
+        {
+            "uid-1": vote("YES", "placement", 3, "fits", FIT_YES),
+            # another claim's vote in the same ballot
+            "uid-2": vote("NO", "placement", 7, "fit_error 0.31 > theta_fit 0.165", FIT_NO),
+        },
+    ),
+    "node-b": ballot("node-b", {"uid-1": vote("YES", "witness", 3, "placement nodes alive")}),
+    # node-c's vote of the previous epoch, not yet withdrawn: shown stale, not counted
+    "node-c": ballot("node-c", {"uid-1": vote("YES", "witness", 2, "placement nodes alive")}),
+    # node-d has no ballot yet; node-e is no voter (its ballot is not read)
+    "node-e": ballot("node-e", {"uid-1": vote("NO", "witness", 3, "node-a is down")}),
+}
+
+
+def test_a_voting_claims_votes_come_from_its_voters_ballots() -> None:
+    c = voting_on_ballots()
+    assert capctl.ballot_voters(c) == ["node-a", "node-b", "node-c", "node-d"]
+    votes = capctl.votes_in_ballots(c, BALLOTS)
+    assert sorted(votes) == ["node-a", "node-b", "node-c"]
+    assert votes["node-a"].reason == "fits"
+    e = capctl.explain(c, now=NOW, ballot_votes=votes)
+    assert e.votes_from == "ballots"
+    rows = {r.node: r for r in e.rows}
+    assert [r.node for r in e.rows] == ["node-a", "node-b", "node-c", "node-d"]
+    assert rows["node-a"].note == "counted"
+    assert rows["node-b"].note == "counted"
+    assert rows["node-c"].note == "stale, not counted"
+    assert rows["node-d"].vote is None
+    assert rows["node-d"].note == "no vote yet"
+    assert e.result is not None
+    assert (e.result.yes, e.result.needed) == (2, 3)
+    assert e.why == "Voting: waiting for node-c, node-d until 12:00:03 UTC (2/3 YES so far)."
+
+    text = capctl.explanation_text(e)
+    assert (
+        "Votes (2/3 YES counted; 3 of 4 voters needed), from the voters' CapacityBallots:" in text
+    )
+    gates = text.split("Gate readings of placement votes")[1].split("\n\n")[0].splitlines()
+    assert [line.split()[0] for line in gates[2:]] == ["node-a"]
+    data = json.loads(json.dumps(capctl.explanation_json(e)))
+    assert data["votesFrom"] == "ballots"
+    assert data["tally"]["voteCount"] == "2/3"
+    assert data["why"] == e.why
+    assert {v["node"]: v["counted"] for v in data["votes"]} == {
+        "node-a": True,
+        "node-b": True,
+        "node-c": False,
+        "node-d": False,
+    }
+    # the claim itself holds no vote while it is Voting
+    assert capctl.why(c, NOW) == (
+        "Voting: waiting for node-a, node-b, node-c, node-d until 12:00:03 UTC (0/3 YES so far)."
+    )
+    assert capctl.explain_json(c, now=NOW)["votesFrom"] == "claim"
+
+
+def test_a_placement_nodes_no_in_its_ballot_fails_the_epoch() -> None:
+    c = voting_on_ballots()
+    no = ballot("node-a", {"uid-1": vote("NO", "placement", 3, "isolation 0.05 < theta_iso 0.15")})
+    e = capctl.explain(c, now=NOW, ballot_votes=capctl.votes_in_ballots(c, {"node-a": no}))
+    assert e.why == (
+        "Voting: epoch 3 fails because node-a refused (isolation 0.05 < theta_iso 0.15); "
+        "the operator aborts it next."
+    )
+    # no ballot at all: nobody has voted yet
+    e = capctl.explain(c, now=NOW, ballot_votes=capctl.votes_in_ballots(c, {}))
+    assert all(r.note == "no vote yet" for r in e.rows)
+    assert e.result is not None
+    assert e.result.yes == 0
+
+
+def test_a_decided_claim_shows_the_votes_copied_into_it() -> None:
+    for decided in (admitted(), rejected()):
+        assert capctl.ballot_voters(decided) == []
+        assert capctl.votes_in_ballots(decided, BALLOTS) == {}
+        e = capctl.explain(decided, now=NOW, ballot_votes={})
+        assert e.votes_from == "claim"
+        assert decided.status is not None
+        assert {r.node for r in e.rows if r.vote} == set(decided.status.votes or {})
+    text = capctl.explain_text(admitted(), now=NOW, ballot_votes={})
+    assert "3/2 YES votes in epoch 2" in text
+    assert "CapacityBallots" not in text
+
+
+def test_a_recovery_proposal_is_voted_on_in_ballots() -> None:
+    c = admitted()
+    assert c.status is not None
+    c.status.phase = Phase.RECOVERING
+    # the committed proposal (epoch 2, the placements'): closed, its votes are in the claim
+    assert not capctl.proposal_open(c)
+    assert capctl.ballot_voters(c) == []
+    recovery = proposal(3, ["node-c"], ["node-b", "node-c", "node-d"])
+    c.status.proposal = Proposal.model_validate(recovery)
+    c.status.votes = None
+    assert capctl.proposal_open(c)
+    assert capctl.ballot_voters(c) == ["node-b", "node-c", "node-d"]
+    ballots = {"node-c": ballot("node-c", {"uid-1": vote("YES", "placement", 3, "fits", FIT_YES)})}
+    e = capctl.explain(c, now=NOW, ballot_votes=capctl.votes_in_ballots(c, ballots))
+    assert e.votes_from == "ballots"
+    assert [(r.node, r.note) for r in e.rows] == [
+        ("node-b", "no vote yet"),
+        ("node-c", "counted"),
+        ("node-d", "no vote yet"),
+    ]
 
 
 # -- the whole report ------------------------------------------------------------------------------
@@ -596,3 +736,41 @@ def test_explain_shows_the_truth_of_the_decision() -> None:
     text = capctl.explain_text(r, now=NOW)
     assert "Truth: MissedOpportunity (the rejected decision" in text
     assert "node-b     0.610" in text
+
+
+def test_read_ballots_leaves_out_missing_and_unreadable_ones(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refusal(status: int, name: str | None) -> ApiException:
+        exc = ApiException(status=status, reason="x")
+        exc.body = json.dumps({"message": "no", "details": {"name": name} if name else {}})
+        return exc
+
+    class Custom:
+        missing_kind = False
+
+        def __init__(self, _: Any) -> None:
+            pass
+
+        def get_cluster_custom_object(self, *args: Any, **_: Any) -> Any:
+            node = args[3]
+            if Custom.missing_kind:
+                raise refusal(404, None)
+            if node == "node-a":
+                return BALLOTS["node-a"].wire()
+            if node == "node-c":
+                raise refusal(403, node)
+            if node == "node-d":
+                return {"metadata": {"name": node}, "spec": {}}
+            raise refusal(404, node)
+
+    monkeypatch.setattr(kube_client, "CustomObjectsApi", Custom)
+    voters = ["node-a", "node-b", "node-c", "node-d"]
+    ballots = capacity_cli.cluster.read_ballots(None, voters)
+    assert ballots is not None
+    assert list(ballots) == ["node-a"]
+    warnings = capsys.readouterr().err
+    assert "cannot read capacityballot node-c: 403 x: no; its vote is not shown" in warnings
+    assert "capacityballot node-d does not parse" in warnings
+    Custom.missing_kind = True  # a platform without ballots: the claim's votes stand
+    assert capacity_cli.cluster.read_ballots(None, voters) is None
