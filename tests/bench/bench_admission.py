@@ -9,6 +9,8 @@ watch) p50/p90/p99, sustained throughput, operator CPU and RSS, and API requests
     python tests/bench/bench_admission.py                 # 10, 50, 100 nodes; 1000 claims; 10/s
     BENCH_NODES=100 BENCH_CLAIMS=1000 BENCH_RATE=40 python tests/bench/bench_admission.py
     BENCH_PROFILE=1 ...        # also a py-spy profile of the operator (root), hot frames printed
+    BENCH_APISERVER_PROFILE=1  # also a CPU profile of kube-apiserver (go tool pprof -top -cum);
+                               # needs the control plane up with CAPACITY_CP_PROFILING=1
 
 Prints a table and writes tests/bench/results/admission.json. Figures, not pass/fail.
 """
@@ -36,7 +38,7 @@ sys.path.insert(0, str(REPO))
 from capacity_api import GROUP, VERSION  # noqa: E402
 from tests import kube  # noqa: E402
 from tests.bench.machine import MachineSampler, cluster_processes, table  # noqa: E402
-from tests.bench.profile import Profile, hot_frames  # noqa: E402
+from tests.bench.profile import ApiServerProfile, Profile, apiserver_hot, hot_frames  # noqa: E402
 from tests.cluster import Cluster, agents_proc, operator_proc, unique  # noqa: E402
 from tests.nodes import control_plane_dir  # noqa: E402
 
@@ -226,6 +228,11 @@ def scenario(
         if os.environ.get("BENCH_PROFILE") and op.popen:
             name = f"profile-operator-{nodes}n-{rate:g}per-s.txt"
             profile = Profile(op.popen.pid, RESULTS / name).__enter__()
+        apiserver: ApiServerProfile | None = None
+        if os.environ.get("BENCH_APISERVER_PROFILE"):  # needs CAPACITY_CP_PROFILING=1
+            name = f"profile-apiserver-{nodes}n-{rate:g}per-s.pprof"
+            seconds = int(min(60, claims / rate))
+            apiserver = ApiServerProfile(control_plane_dir(), seconds, RESULTS / name).__enter__()
         before = apiserver_requests(api)
         start = time.time()
         created = offer(
@@ -244,6 +251,13 @@ def scenario(
             samples, frames = hot_frames(profile.path)
             result["profile"] = {"file": str(profile.path), "samples": samples,
                                  "frames": [[f, n] for f, n in frames]}  # fmt: skip
+        if apiserver is not None:
+            apiserver.__exit__()
+            binary = str(kube.tool_path("kube-apiserver"))
+            result["apiserver_profile"] = {
+                "file": str(apiserver.path), "error": apiserver.error,
+                "top_cumulative": apiserver_hot(binary, apiserver.path),
+            }  # fmt: skip
         sampler.stop_flag.set()
         watcher.stop_flag.set()
         latencies = [watcher.done[n][0] - created[n] for n in created if n in watcher.done]
@@ -315,6 +329,8 @@ def main() -> int:
         print(json.dumps(outcome, indent=2), flush=True)
         if "cpu" in outcome:
             print(table(outcome["cpu"]), flush=True)
+        for line in (outcome.get("apiserver_profile") or {}).get("top_cumulative", []):
+            print("  apiserver " + line)
         if "profile" in outcome:
             total = max(1, outcome["profile"]["samples"])
             print(f"  operator profile ({total} samples, inclusive):")

@@ -13,8 +13,11 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
+import threading
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -66,3 +69,54 @@ def hot_frames(path: Path, top: int = 25) -> tuple[int, list[tuple[str, int]]]:
         for frame in frames:
             counts[frame] += samples
     return total, counts.most_common(top)
+
+
+class ApiServerProfile:
+    """``with ApiServerProfile(state_dir, seconds, path):`` takes a CPU profile of the local
+    control plane's kube-apiserver (``/debug/pprof/profile``, served when the control plane was
+    started with ``CAPACITY_CP_PROFILING=1``) over the first ``seconds`` of the block, with the
+    admin client certificate, in a thread. :func:`apiserver_hot` summarises it with
+    ``go tool pprof``."""
+
+    def __init__(self, state: Path, seconds: int, path: Path, port: int = 16443) -> None:
+        self.state = state
+        self.seconds = max(1, seconds)
+        self.path = path
+        self.port = port
+        self.error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    def _fetch(self) -> None:
+        pki = self.state / "pki"
+        url = f"https://127.0.0.1:{self.port}/debug/pprof/profile?seconds={self.seconds}"
+        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+        context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+        try:
+            with urllib.request.urlopen(url, context=context, timeout=self.seconds + 30) as answer:
+                self.path.write_bytes(answer.read())
+        except OSError as exc:  # not served (profiling off), or the API server went away
+            self.error = str(exc)
+
+    def __enter__(self) -> ApiServerProfile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._fetch, name="apiserver-pprof", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._thread is not None:
+            self._thread.join(self.seconds + 60)
+
+
+def apiserver_hot(binary: str, path: Path, top: int = 25) -> list[str]:
+    """The functions holding the most CPU, inclusive (``go tool pprof -top -cum``), as lines."""
+    go = shutil.which("go")
+    if go is None or not path.exists():
+        return []
+    out = subprocess.run(
+        [go, "tool", "pprof", "-top", "-cum", f"-nodecount={top}", binary, str(path)],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    lines = out.stdout.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip().startswith("flat")), None)
+    return [] if start is None else lines[start + 1 :]
