@@ -307,6 +307,8 @@ class PlacementPlan:
     placement: list[str]
     witnesses: list[str]
     share: float
+    committed: dict[str, float] = field(default_factory=dict)
+    """Per placement node, its committed share (holders only, not open proposals)."""
 
     @property
     def voters(self) -> list[str]:
@@ -411,7 +413,11 @@ def plan_placement(
     )
     witnesses = [v.name for v in others[:wanted]]
     share = max(offering[name] for name in placement)
-    return PlacementPlan(placement=placement, witnesses=witnesses, share=share)
+    views = {v.name: v for v in candidates}
+    committed = {
+        n: min(1.0, round(allocated_share(views[n].node, substrate), 6)) for n in placement
+    }
+    return PlacementPlan(placement=placement, witnesses=witnesses, share=share, committed=committed)
 
 
 def new_proposal(
@@ -429,6 +435,7 @@ def new_proposal(
         deadline=now + vote_timeout,
         share=plan.share,
         substrate=substrate,
+        committed=plan.committed or None,
     )
 
 

@@ -241,6 +241,10 @@ class Proposal(Model):
     """The requested fraction of each placement node's substrate."""
     substrate: Substrate | None = None
     """The substrate the proposal is judged on."""
+    committed: dict[str, Fraction] | None = Field(default=None, max_length=MAX_VOTERS)
+    """Per placement node, the share of the substrate committed to admitted claims when the
+    proposal was made (the operator's ledger): the node counts it with its own open promises
+    instead of reading its CapacityNode; the commit's compare-and-swap checks again."""
 
 
 class Vote(Model):

@@ -332,7 +332,10 @@ class Voter:
         now = self.clock()
         if node.name in proposal.placement:
             substrate = proposal.substrate or Substrate.HOST
-            committed = _allocated(await self._capacity_node(node.name), substrate.value)
+            known = (proposal.committed or {}).get(node.name)
+            if known is None:  # a proposal of an operator that does not say: read the ledger
+                known = _allocated(await self._capacity_node(node.name), substrate.value)
+            committed = known
             decision = decide_placement(
                 node=node,
                 claim_uid=claim.metadata.uid or "",

@@ -516,3 +516,13 @@ def test_a_full_ledger_stays_within_the_node_object_budget() -> None:
         n = node("a", holders=holders)
     assert ledger_bytes((n.status.allocated or {}) if n.status else {}) <= LEDGER_BYTES
     assert len(holders) > 30  # room for a working node's claims
+
+
+def test_a_proposal_tells_each_placement_node_its_committed_share() -> None:
+    held = [Holder(claim="ns/x", uid="u-x", epoch=1, share=0.3)]
+    nodes = [view(node("a", p95=0.1, holders=held)), view(node("b", p95=0.5))]
+    plan = plan_placement(spec(cGeo=0.1, replicas=2), Substrate.HOST, nodes)
+    assert isinstance(plan, PlacementPlan)
+    assert plan.committed == {"a": pytest.approx(0.3), "b": 0.0}
+    proposal = new_proposal(None, plan, Substrate.HOST, NOW, timedelta(seconds=10))
+    assert proposal.committed == plan.committed

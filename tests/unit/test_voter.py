@@ -307,6 +307,27 @@ def test_a_witness_reads_thresholds_leases_and_nodes_then_votes() -> None:
     assert v.votes_cast == 1
 
 
+def test_a_placement_node_counts_the_committed_share_the_proposal_names_without_a_read() -> None:
+    body = claim_body(placement="n1")
+    body["status"]["proposal"]["committed"] = {"n1": 0.8}
+    server = FakeApiServer(404, ballot_body(), ballot_body())  # thresholds, then the ballot
+    v = voter(server)
+
+    async def run() -> None:
+        await v.handle(body)
+        await v.ballot("n1").idle()
+
+    asyncio.run(run())
+    assert [r.url.path for r in server.requests] == [
+        "/api/v1/namespaces/capacity-system/configmaps/capacity-calibration",
+        BALLOT,
+        BALLOT_STATUS,
+    ]  # no CapacityNode read
+    vote = server.sent()[4]["status"]["votes"]["uid-c1"]
+    assert (vote["vote"], vote["role"], vote["gate"]) == ("NO", "placement", "isolation")
+    assert vote["readings"]["allocated"] == pytest.approx(0.8)
+
+
 class Loop:
     """The event loop as the watch thread uses it: calls run at once."""
 
