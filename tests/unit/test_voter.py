@@ -226,7 +226,7 @@ def cast(v: Voter, *claims: dict[str, Any]) -> None:
     async def run() -> None:
         for body in claims:
             await v._cast(CapacityClaim.model_validate(body), "n1", a_vote())
-        await v.ballot("n1").idle()
+        await asyncio.wait_for(v.ballot("n1").idle(), 5)  # a write that fails retries
 
     asyncio.run(run())
 
@@ -290,7 +290,7 @@ def test_a_witness_reads_thresholds_leases_and_nodes_then_votes() -> None:
 
     async def run() -> None:
         await v.handle(claim_body())
-        await v.ballot("n1").idle()
+        await asyncio.wait_for(v.ballot("n1").idle(), 5)  # a write that fails retries
 
     asyncio.run(run())
     paths = [request.url.path for request in server.requests]
@@ -315,7 +315,7 @@ def test_a_placement_node_counts_the_committed_share_the_proposal_names_without_
 
     async def run() -> None:
         await v.handle(body)
-        await v.ballot("n1").idle()
+        await asyncio.wait_for(v.ballot("n1").idle(), 5)  # a write that fails retries
 
     asyncio.run(run())
     assert [r.url.path for r in server.requests] == [
@@ -326,6 +326,45 @@ def test_a_placement_node_counts_the_committed_share_the_proposal_names_without_
     vote = server.sent()[4]["status"]["votes"]["uid-c1"]
     assert (vote["vote"], vote["role"], vote["gate"]) == ("NO", "placement", "isolation")
     assert vote["readings"]["allocated"] == pytest.approx(0.8)
+
+
+def lease_list(*names: str) -> dict[str, Any]:
+    renewed = datetime.fromtimestamp(NOW - 1, UTC).isoformat().replace("+00:00", "Z")
+    items = [
+        {"metadata": {"name": n, "namespace": "capacity-system"},
+         "spec": {"holderIdentity": n, "leaseDurationSeconds": 40, "renewTime": renewed}}
+        for n in names
+    ]  # fmt: skip
+    return {"kind": "LeaseList", "metadata": {"resourceVersion": "1"}, "items": items}
+
+
+@pytest.mark.parametrize(("observed", "reads"), [(NOW - 2, 1), (NOW - 300, 2)])
+def test_a_witness_reads_a_placement_node_again_only_when_its_copy_would_not_pass(
+    observed: float, reads: int
+) -> None:
+    node = capacity_node("p1", observed=observed).wire()
+    answers: list[Any] = [404, lease_list("p1"), node, ballot_body(), ballot_body()]
+    answers.append(lease_list("p1"))  # two seconds later: the Leases are read again...
+    if reads == 2:
+        answers.append(node)  # ...and a copy that failed the freshness rule
+    answers.append(ballot_body())
+    server = FakeApiServer(*answers)
+    now = [NOW]
+    v = Voter(server.client(), {"n1": voter_node(Window(0.2))}, "capacity-system", lambda: now[0])
+
+    async def run() -> None:
+        for name in ("c1", "c2"):
+            await v.handle(claim_body(name))
+            await asyncio.wait_for(v.ballot("n1").idle(), 5)  # a write that fails retries
+            now[0] += 2
+
+    asyncio.run(run())
+    paths = [r.url.path for r in server.requests]
+    assert paths.count("/apis/capacity.platform.dev/v1alpha1/capacitynodes/p1") == reads
+    votes = [server.sent(i)[4]["status"]["votes"] for i in range(len(paths))
+             if paths[i] == BALLOT_STATUS]  # fmt: skip
+    expected = "YES" if reads == 1 else "NO"
+    assert [next(iter(v.values()))["vote"] for v in votes] == [expected, expected]
 
 
 class Loop:
