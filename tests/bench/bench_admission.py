@@ -55,7 +55,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def apiserver_requests(api: client.ApiClient) -> dict[str, float]:
-    """kube-apiserver's apiserver_request_total, summed per resource and verb."""
+    """kube-apiserver's apiserver_request_total, summed per resource, verb and answer code."""
     text = api.call_api(
         "/metrics",
         "GET",
@@ -71,7 +71,8 @@ def apiserver_requests(api: client.ApiClient) -> dict[str, float]:
         if not match:
             continue
         labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
-        key = f"{labels.get('resource', '')}/{labels.get('subresource', '')}:{labels.get('verb')}"
+        resource = f"{labels.get('resource', '')}/{labels.get('subresource', '')}"
+        key = f"{resource}:{labels.get('verb')}:{labels.get('code')}"
         totals[key] = totals.get(key, 0.0) + float(match.group(2))
     return totals
 
@@ -286,6 +287,11 @@ def scenario(
                 "operator_rss_peak_mib": round(max(sampler.rss), 1) if sampler.rss else None,
                 "api_requests_per_claim": round(sum(delta.values()) / max(1, done), 2),
                 "cpu": machine.figures(per=done),
+                "api_requests_by_verb_per_claim": {
+                    k: round(v / max(1, done), 2)
+                    for k, v in sorted(delta.items(), key=lambda kv: -kv[1])
+                    if v / max(1, done) >= 0.01
+                },
                 "api_requests_by_resource_per_claim": {
                     k: round(v / max(1, done), 2)
                     for k, v in sorted(by_resource.items(), key=lambda kv: -kv[1])
