@@ -29,7 +29,13 @@ from lightkube.types import PatchType
 from capacity_agent.backoff import Backoff
 from capacity_agent.cluster import CapacityBallots, describe_failure, http_status
 from capacity_agent.settings import FIELD_MANAGER
-from capacity_api.models import BallotVote, CapacityBallot, CapacityBallotSpec, ObjectMeta
+from capacity_api.models import (
+    MAX_BALLOT_VOTES,
+    BallotVote,
+    CapacityBallot,
+    CapacityBallotSpec,
+    ObjectMeta,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,7 @@ class BallotWriter:
     def _write(self, batch: dict[str, JSON | None]) -> None:
         if not self.synced:
             self._sync(batch)
+        self._bound(batch)
         self.api.patch(
             CapacityBallots.Status,
             self.node,
@@ -125,6 +132,24 @@ class BallotWriter:
             patch_type=PatchType.MERGE,
             field_manager=FIELD_MANAGER,
         )
+
+    def _bound(self, batch: dict[str, JSON | None]) -> None:
+        """Keep the ballot within its schema's bound (MAX_BALLOT_VOTES): should more votes be
+        held than that (an operator allowed more open epochs than the bound, or claims whose
+        decision this agent has not seen yet), the oldest held votes go first. A vote removed
+        so is for an epoch the operator has long counted or aborted; were one still open, it
+        aborts at its deadline and is proposed again, as for a lost vote."""
+        kept = {uid for uid, vote in batch.items() if vote is not None}
+        kept |= {uid for uid in self.held if uid not in batch}
+        excess = len(kept) - MAX_BALLOT_VOTES
+        for uid in list(self.held):
+            if excess <= 0:
+                break
+            if batch.get(uid, self.held) is None:
+                continue  # already being removed
+            batch[uid] = None
+            excess -= 1
+            log.warning("ballot of %s is full: dropping its vote on claim %s", self.node, uid)
 
     def _sync(self, batch: dict[str, JSON | None]) -> None:
         """Before the first write: create the ballot (server-side apply of its spec, which

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from capacity_api.models import MAX_BALLOT_VOTES
+
 
 class OperatorSettings(BaseSettings):
     """Every knob of the operator; flags of ``capacity-operator`` override the environment."""
@@ -20,9 +22,11 @@ class OperatorSettings(BaseSettings):
     """How long voters have to answer a proposal before the epoch is aborted."""
     max_attempts: int = Field(default=5, ge=1, le=50)
     """Proposals tried for one admission before the claim is Rejected."""
-    max_open_proposals: int = Field(default=64, ge=1, le=10_000)
+    max_open_proposals: int = Field(default=64, ge=1, le=MAX_BALLOT_VOTES // 2)
     """Epochs open at once (flow control): more Pending claims wait, unwritten, in creation
-    order until an epoch ends, instead of all proposing and missing their deadlines."""
+    order until an epoch ends, instead of all proposing and missing their deadlines. At most
+    half of what a ballot holds: a witness votes on every open epoch, and keeps a vote until
+    its claim's next event."""
     ledger_gc_seconds: float = Field(default=60.0, gt=0)
     """How often holders of deleted claims that no deletion event freed are looked for."""
     peering: str = "capacity-platform"

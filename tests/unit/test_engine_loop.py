@@ -20,6 +20,7 @@ import jsonpatch
 import pytest
 
 from capacity_api.lease import LeaseInfo
+from capacity_api.models import MAX_BALLOT_VOTES
 from capacity_operator.kube import ConflictError, NotFoundError
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
@@ -521,3 +522,10 @@ def test_a_ballot_vote_for_an_older_epoch_never_counts() -> None:
         assert h.phases() == {"c": "Admitted"}
 
     run(scenario)
+
+
+def test_open_epochs_are_bounded_by_what_a_ballot_holds() -> None:
+    # a witness votes on every open epoch: more than half a ballot is refused at start
+    with pytest.raises(ValueError, match="max_open_proposals"):
+        OperatorSettings(max_open_proposals=MAX_BALLOT_VOTES // 2 + 1)
+    assert OperatorSettings(max_open_proposals=MAX_BALLOT_VOTES // 2).max_open_proposals == 128

@@ -21,6 +21,7 @@ from capacity_agent.voter import (
 )
 from capacity_api.gates import Thresholds
 from capacity_api.models import (
+    MAX_BALLOT_VOTES,
     CapacityClaim,
     CapacityNode,
     Substrate,
@@ -276,6 +277,19 @@ def test_a_vote_of_a_claim_that_left_its_epoch_is_removed_with_the_next_write() 
     votes = server.sent()[4]["status"]["votes"]
     assert votes == {"uid-c1": None, "uid-c2": {**a_vote().wire(), "claim": "team/c2"}}
     assert v.ballot("n1").held == {"uid-c2": 4}
+
+
+def test_a_full_ballot_drops_its_oldest_votes_to_stay_within_its_schema() -> None:
+    server = FakeApiServer(ballot_body(), ballot_body())
+    v = voter(server)
+    writer = v.ballot("n1")
+    writer.held = {f"uid-old{i}": 1 for i in range(MAX_BALLOT_VOTES)}  # full, oldest first
+    cast(v, claim_body("c1"))
+    votes = server.sent()[4]["status"]["votes"]
+    assert votes["uid-old0"] is None  # the oldest goes...
+    assert "uid-old1" not in votes  # ...and only it
+    assert votes["uid-c1"]["epoch"] == 4
+    assert len(writer.held) == MAX_BALLOT_VOTES
 
 
 def test_a_witness_reads_thresholds_leases_and_nodes_then_votes() -> None:
