@@ -246,13 +246,20 @@ class Kube:
 
         async def post() -> None:
             try:
-                await self._call(self.core.create_namespaced_event, namespace, event)
+                await self._call(self._create_event, namespace, event)
             except Exception as exc:
                 log.warning("could not post Event %s on %s: %s", reason, meta.get("name"), exc)
 
         task = asyncio.get_running_loop().create_task(post())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _create_event(self, namespace: str, event: client.CoreV1Event) -> None:
+        """Create the Event without parsing the answer into models (the most costly part of
+        the call, once per decision): read to its end, so its connection returns to the pool."""
+        answer = self.core.create_namespaced_event(namespace, event, _preload_content=False)
+        answer.read()
+        answer.release_conn()
 
     async def get_configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
         try:
