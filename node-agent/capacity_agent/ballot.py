@@ -101,8 +101,13 @@ class BallotWriter:
                 self.failures += 1
                 for uid, vote in batch.items():
                     self.pending.setdefault(uid, vote)  # a newer vote queued meanwhile wins
-                if http_status(exc) == 404:
-                    self.synced = False  # the ballot was deleted: create it again
+                if http_status(exc) == 404 and self.synced:
+                    # the ballot was deleted (the operator does so with its CapacityNode):
+                    # create it again, at once
+                    self.synced = False
+                    self.held.clear()
+                    log.info("ballot of %s was deleted; creating it again", self.node)
+                    continue
                 delay = self.backoff.next()
                 log.warning(
                     "ballot of %s not written (%s); retrying in %.2fs",

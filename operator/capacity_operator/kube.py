@@ -9,6 +9,7 @@ moved on). A conflict raises :class:`ConflictError`; callers re-read and re-deci
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from datetime import UTC, datetime
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CLAIMS = "capacityclaims"
 NODES = "capacitynodes"
+BALLOTS = "capacityballots"
 JSON = dict[str, Any]
 
 
@@ -131,6 +133,13 @@ class Kube:
     async def list_nodes(self) -> list[JSON]:
         out = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, NODES)
         return list(out.get("items", []))
+
+    async def delete_ballot(self, name: str) -> None:
+        """Delete a node's CapacityBallot (its CapacityNode is gone); a missing one is fine."""
+        with contextlib.suppress(NotFoundError):
+            await self._call(
+                self.custom.delete_cluster_custom_object, GROUP, VERSION, BALLOTS, name
+            )
 
     async def patch_node_status_cas(self, name: str, resource_version: str, status: JSON) -> JSON:
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}

@@ -174,6 +174,7 @@ class Engine:
         """The cached claims parsed once (an event is parsed once, not per look at it)."""
         self._queued_started: set[str] = set()
         """Queued claims whose first step runs (counted as open until it ends)."""
+        self._background: set[asyncio.Task[None]] = set()
         self.ballots: dict[str, dict[str, tuple[JSON, Vote]]] = {}
         """Per node, its ballot's votes by claim uid (as sent, and parsed): the live votes."""
 
@@ -184,6 +185,12 @@ class Engine:
         if deleted:
             self.nodes.pop(name, None)
             self.node_versions.pop(name, None)
+            # its ballot goes with it (an agent still running creates it again with its next
+            # vote); without this, ballots of removed nodes would stay for ever
+            self.ballots.pop(name, None)
+            task = asyncio.get_running_loop().create_task(self._delete_ballot(name))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
             return
         version = body["metadata"].get("resourceVersion", "")
         known = self.node_versions.get(name)
@@ -191,6 +198,12 @@ class Engine:
             return  # an event no newer than what our own write returned
         self.nodes[name] = parse_node(body)
         self.node_versions[name] = version
+
+    async def _delete_ballot(self, name: str) -> None:
+        try:
+            await self.kube.delete_ballot(name)
+        except Exception as exc:  # the next deletion event or a restart tries again
+            log.warning("ballot of removed node %s not deleted: %s", name, exc)
 
     def observe_lease(self, lease: LeaseInfo, deleted: bool = False) -> None:
         if deleted:
@@ -533,9 +546,9 @@ class Engine:
         self._wake.set()
 
     async def drain(self) -> None:
-        """Wait until no step is running (tests; a clean stop)."""
-        while self._running:
-            await asyncio.gather(*self._running.values(), return_exceptions=True)
+        """Wait until no step and no background deletion is running (tests; a clean stop)."""
+        while self._running or self._background:
+            await asyncio.gather(*self._running.values(), *self._background, return_exceptions=True)
 
     async def collect_garbage(self) -> int:
         """Free holders whose claim no longer exists (a deletion this operator did not see:

@@ -226,7 +226,7 @@ def test_agents_vote_in_their_ballot_and_never_write_a_claim() -> None:
     accounts = {s["name"] for s in binding["subjects"]}
     assert accounts == {"capacity-platform-agent", "capacity-platform-simulator"}
     operator = _grants(one(objs, "ClusterRole", "capacity-platform-operator"))
-    assert operator["capacityballots"] == {"get", "list", "watch"}
+    assert operator["capacityballots"] == {"get", "list", "watch", "delete"}
     assert "capacityballots/status" not in operator
 
 

@@ -151,6 +151,10 @@ class FakeApi:
     async def list_nodes(self) -> list[JSON]:
         return [copy.deepcopy(b) for b in self.nodes.values()]
 
+    async def delete_ballot(self, name: str) -> None:
+        self.ballots.pop(name, None)
+        self.writes.append(("CapacityBallot", name))
+
     async def patch_node_status_cas(self, name: str, resource_version: str, status: JSON) -> JSON:
         if name not in self.nodes:
             raise NotFoundError(name)
@@ -529,3 +533,22 @@ def test_open_epochs_are_bounded_by_what_a_ballot_holds() -> None:
     with pytest.raises(ValueError, match="max_open_proposals"):
         OperatorSettings(max_open_proposals=MAX_BALLOT_VOTES // 2 + 1)
     assert OperatorSettings(max_open_proposals=MAX_BALLOT_VOTES // 2).max_open_proposals == 128
+
+
+def test_a_removed_nodes_ballot_is_deleted_with_it() -> None:
+    h = Harness(nodes=3)
+    h.api.add_claim("c", 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        await h.settle(engine)
+        assert set(h.api.ballots) == {"n0", "n1", "n2"}
+        gone = h.api.nodes.pop("n2")
+        engine.observe_node(gone, deleted=True)  # the watch sees the CapacityNode deleted
+        await engine.drain()
+        assert set(h.api.ballots) == {"n0", "n1"}
+        assert "n2" not in engine.ballots
+
+    run(scenario)

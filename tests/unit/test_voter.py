@@ -265,6 +265,18 @@ def test_a_ballot_write_that_fails_is_retried_with_every_vote_queued_meanwhile(
     assert any("not written" in r.getMessage() for r in caplog.records)
 
 
+def test_a_deleted_ballot_is_created_again_at_once_with_the_votes_queued() -> None:
+    server = FakeApiServer(ballot_body(), ballot_body(), 404, ballot_body(), ballot_body())
+    v = voter(server)
+    v.ballot("n1").backoff = Backoff(initial=60, cap=60)  # a backoff would outlast the test
+    cast(v, claim_body("c1"))
+    cast(v, claim_body("c2"))  # the ballot was deleted meanwhile
+    paths = [r.url.path for r in server.requests]
+    assert paths == [BALLOT, BALLOT_STATUS, BALLOT_STATUS, BALLOT, BALLOT_STATUS]
+    assert "uid-c2" in server.sent()[4]["status"]["votes"]
+    assert v.ballot("n1").held == {"uid-c2": 4}
+
+
 def test_a_vote_of_a_claim_that_left_its_epoch_is_removed_with_the_next_write() -> None:
     server = FakeApiServer(ballot_body(), ballot_body(), ballot_body())
     v = voter(server)
