@@ -394,7 +394,26 @@ class ObjectMeta(Model):
     finalizers: list[str] | None = None
 
 
-class CapacityClaim(Model):
+class Resource(Model):
+    """A custom resource: its names for the API and the CRD, apiVersion, metadata, and ``wire``
+    with its kind (spec and status are the resource's own)."""
+
+    kind: ClassVar[str]
+    plural: ClassVar[str]
+    singular: ClassVar[str]
+    short_names: ClassVar[list[str]]
+    namespaced: ClassVar[bool]
+
+    api_version: str = API_VERSION
+    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
+
+    def wire(self) -> dict[str, Any]:
+        body = super().wire()
+        body["kind"] = self.kind
+        return body
+
+
+class CapacityClaim(Resource):
     """A workload's request for capacity, admitted by a quorum of nodes."""
 
     kind: ClassVar[str] = "CapacityClaim"
@@ -403,15 +422,8 @@ class CapacityClaim(Model):
     short_names: ClassVar[list[str]] = ["cc"]
     namespaced: ClassVar[bool] = True
 
-    api_version: str = API_VERSION
-    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: CapacityClaimSpec
     status: CapacityClaimStatus | None = None
-
-    def wire(self) -> dict[str, Any]:
-        body = super().wire()
-        body["kind"] = self.kind
-        return body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +603,7 @@ class CapacityNodeStatus(Model):
     nodes whose Leases expired."""
 
 
-class CapacityNode(Model):
+class CapacityNode(Resource):
     """One node's measured capacity, published by its agent."""
 
     kind: ClassVar[str] = "CapacityNode"
@@ -600,15 +612,8 @@ class CapacityNode(Model):
     short_names: ClassVar[list[str]] = ["cn"]
     namespaced: ClassVar[bool] = False
 
-    api_version: str = API_VERSION
-    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: CapacityNodeSpec
     status: CapacityNodeStatus | None = None
-
-    def wire(self) -> dict[str, Any]:
-        body = super().wire()
-        body["kind"] = self.kind
-        return body
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +647,7 @@ class CapacityBallotStatus(Model):
     epoch is the claim's proposal epoch."""
 
 
-class CapacityBallot(Model):
+class CapacityBallot(Resource):
     """One node's votes on the proposals that name it, one write for all that arrived since."""
 
     kind: ClassVar[str] = "CapacityBallot"
@@ -651,12 +656,5 @@ class CapacityBallot(Model):
     short_names: ClassVar[list[str]] = ["cb"]
     namespaced: ClassVar[bool] = False
 
-    api_version: str = API_VERSION
-    metadata: ObjectMeta = Field(default_factory=ObjectMeta)
     spec: CapacityBallotSpec
     status: CapacityBallotStatus | None = None
-
-    def wire(self) -> dict[str, Any]:
-        body = super().wire()
-        body["kind"] = self.kind
-        return body

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from capacity_api import crdgen
-from capacity_api.models import CapacityClaim, CapacityNode
+from capacity_api.models import CapacityClaim, CapacityNode, Resource
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
@@ -70,8 +70,8 @@ def _walk(node: Any, path: str) -> list[str]:
     return problems
 
 
-@pytest.mark.parametrize("model", [CapacityClaim, CapacityNode], ids=lambda m: m.kind)
-def test_schema_is_structural_and_typed(model: type[CapacityClaim] | type[CapacityNode]) -> None:
+@pytest.mark.parametrize("model", crdgen.MODELS, ids=lambda m: m.kind)
+def test_schema_is_structural_and_typed(model: type[Resource]) -> None:
     schema = crdgen.object_schema(model)
     problems = [p for p in _walk(schema, "") if not p.startswith(".metadata")]
     assert problems == []
