@@ -58,8 +58,6 @@ class BallotWriter:
         self.synced = False
         """Whether the ballot is known to exist and its earlier votes were cleared."""
         self.votes_written = 0
-        self.writes = 0
-        self.failures = 0
         self._task: asyncio.Task[None] | None = None
 
     def put(self, uid: str, vote: BallotVote) -> None:
@@ -85,7 +83,7 @@ class BallotWriter:
 
     async def idle(self) -> None:
         """Wait until everything queued so far is written."""
-        while self._task is not None and not self._task.done():
+        while self._task is not None and self.busy:
             await asyncio.shield(self._task)
 
     def _kick(self) -> None:
@@ -98,7 +96,6 @@ class BallotWriter:
             try:
                 await asyncio.to_thread(self._write, batch)
             except Exception as exc:  # any failure: keep the votes, write them again later
-                self.failures += 1
                 for uid, vote in batch.items():
                     self.pending.setdefault(uid, vote)  # a newer vote queued meanwhile wins
                 if http_status(exc) == 404 and self.synced:
@@ -118,7 +115,6 @@ class BallotWriter:
                 await asyncio.sleep(delay)
                 continue
             self.backoff.reset()
-            self.writes += 1
             for uid, vote in batch.items():
                 if vote is None:
                     self.held.pop(uid, None)

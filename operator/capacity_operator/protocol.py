@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -840,7 +840,7 @@ class Engine:
                 "message": message,
                 "nodes": ",".join(proposal.placement),
                 "voteCount": result.vote_count,
-                "votes": counted_votes(result),
+                "votes": votes_wire(result.counted),
                 "refusals": None,
                 "observedGeneration": claim.metadata.generation,
                 "conditions": with_condition(
@@ -989,9 +989,7 @@ class Engine:
                 "phase": Phase.REJECTED.value,
                 "reason": reason,
                 "message": _clip(message),
-                "votes": {n: v.wire() for n, v in (claim.status.votes or {}).items()}
-                if claim.status
-                else None,
+                "votes": votes_wire(claim.status.votes if claim.status else None),
                 "refusals": refusals or None,
                 "nodes": None,
                 "observedGeneration": claim.metadata.generation,
@@ -1278,7 +1276,7 @@ class Engine:
                 "message": message,
                 "nodes": ",".join(nodes),
                 "voteCount": result.vote_count,
-                "votes": counted_votes(result),
+                "votes": votes_wire(result.counted),
                 "refusals": None,
                 "attempts": 0,
                 "conditions": with_condition(
@@ -1414,9 +1412,9 @@ def guarded_status_patch(claim: CapacityClaim, status: JSON) -> list[JSON]:
     return ops
 
 
-def counted_votes(result: Tally) -> JSON:
-    """The votes a decision counted, as the claim keeps them (``capctl explain``, calibration)."""
-    return {node: vote.wire() for node, vote in sorted(result.counted.items())}
+def votes_wire(votes: Mapping[str, Vote] | None) -> JSON:
+    """Votes as the claim keeps them at a decision (``capctl explain``, calibration)."""
+    return {node: vote.wire() for node, vote in sorted((votes or {}).items())}
 
 
 def with_condition(
