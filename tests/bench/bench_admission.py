@@ -233,7 +233,7 @@ def scenario(
         if os.environ.get("BENCH_APISERVER_PROFILE"):  # needs CAPACITY_CP_PROFILING=1
             name = f"profile-apiserver-{nodes}n-{rate:g}per-s.pprof"
             seconds = int(min(60, claims / rate))
-            apiserver = ApiServerProfile(control_plane_dir(), seconds, RESULTS / name).__enter__()
+            apiserver = ApiServerProfile(api, seconds, RESULTS / name).__enter__()
         before = apiserver_requests(api)
         start = time.time()
         created = offer(

@@ -13,13 +13,12 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import threading
-import urllib.request
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 _LINE = re.compile(r":\d+\)$")
 
@@ -72,29 +71,31 @@ def hot_frames(path: Path, top: int = 25) -> tuple[int, list[tuple[str, int]]]:
 
 
 class ApiServerProfile:
-    """``with ApiServerProfile(state_dir, seconds, path):`` takes a CPU profile of the local
-    control plane's kube-apiserver (``/debug/pprof/profile``, served when the control plane was
-    started with ``CAPACITY_CP_PROFILING=1``) over the first ``seconds`` of the block, with the
-    admin client certificate, in a thread. :func:`apiserver_hot` summarises it with
-    ``go tool pprof``."""
+    """``with ApiServerProfile(api, seconds, path):`` takes a CPU profile of kube-apiserver
+    (``/debug/pprof/profile``, served when the local control plane was started with
+    ``CAPACITY_CP_PROFILING=1``) over the first ``seconds`` of the block, through the
+    benchmark's own client (``api``, a kubernetes ApiClient), in a thread.
+    :func:`apiserver_hot` summarises it with ``go tool pprof``."""
 
-    def __init__(self, state: Path, seconds: int, path: Path, port: int = 16443) -> None:
-        self.state = state
+    def __init__(self, api: Any, seconds: int, path: Path) -> None:
+        self.api = api
         self.seconds = max(1, seconds)
         self.path = path
-        self.port = port
         self.error: str | None = None
         self._thread: threading.Thread | None = None
 
     def _fetch(self) -> None:
-        pki = self.state / "pki"
-        url = f"https://127.0.0.1:{self.port}/debug/pprof/profile?seconds={self.seconds}"
-        context = ssl.create_default_context(cafile=str(pki / "ca.crt"))
-        context.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
         try:
-            with urllib.request.urlopen(url, context=context, timeout=self.seconds + 30) as answer:
-                self.path.write_bytes(answer.read())
-        except OSError as exc:  # not served (profiling off), or the API server went away
+            answer = self.api.call_api(
+                "/debug/pprof/profile", "GET",
+                query_params=[("seconds", self.seconds)],
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _return_http_data_only=True,
+                _request_timeout=self.seconds + 30,
+            )  # fmt: skip
+            self.path.write_bytes(answer.data)
+        except Exception as exc:  # not served (profiling off), or the API server went away
             self.error = str(exc)
 
     def __enter__(self) -> ApiServerProfile:
