@@ -132,14 +132,21 @@ def rejected() -> CapacityClaim:
     )
 
 
+def epoch_3_open() -> dict[str, Any]:
+    """The status of a claim Voting on epoch 3 (its votes not included)."""
+    return {
+        "phase": "Voting",
+        "reason": "Proposed",
+        "message": "epoch 3: asking node-a, node-b, node-c, node-d to vote",
+        "attempts": 3,
+        "proposal": proposal(3, ["node-a"], ["node-a", "node-b", "node-c", "node-d"], 3),
+    }
+
+
 def voting() -> CapacityClaim:
     return claim(
         {
-            "phase": "Voting",
-            "reason": "Proposed",
-            "message": "epoch 3: asking node-a, node-b, node-c, node-d to vote",
-            "attempts": 3,
-            "proposal": proposal(3, ["node-a"], ["node-a", "node-b", "node-c", "node-d"], 3),
+            **epoch_3_open(),
             "votes": {
                 "node-a": vote("YES", "placement", 3, "fits", FIT_YES),
                 "node-b": vote("YES", "witness", 3, "placement nodes alive: node-a"),
@@ -312,16 +319,7 @@ def ballot(node: str, votes: dict[str, dict[str, Any]]) -> CapacityBallot:
 
 def voting_on_ballots() -> CapacityClaim:
     """A Voting claim as the operator writes it: no votes in the claim, they are in ballots."""
-    return claim(
-        {
-            "phase": "Voting",
-            "reason": "Proposed",
-            "message": "epoch 3: asking node-a, node-b, node-c, node-d to vote",
-            "attempts": 3,
-            "proposal": proposal(3, ["node-a"], ["node-a", "node-b", "node-c", "node-d"], 3),
-        },
-        cGeo=0.25,
-    )
+    return claim(epoch_3_open(), cGeo=0.25)
 
 
 BALLOTS = {
