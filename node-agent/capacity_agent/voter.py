@@ -333,10 +333,9 @@ class Voter:
         now = self.clock()
         if node.name in proposal.placement:
             substrate = proposal.substrate or Substrate.HOST
-            known = (proposal.committed or {}).get(node.name)
-            if known is None:  # a proposal of an operator that does not say: read the ledger
-                known = _allocated(await self._capacity_node(node.name), substrate.value)
-            committed = known
+            committed = (proposal.committed or {}).get(node.name)
+            if committed is None:  # a proposal of an operator that does not say: read the ledger
+                committed = _allocated(await self._capacity_node(node.name), substrate.value)
             decision = decide_placement(
                 node=node,
                 claim_uid=claim.metadata.uid or "",
