@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -41,6 +41,26 @@ log = logging.getLogger(__name__)
 CLAIMS = (GROUP, VERSION, "capacityclaims")
 NODES = (GROUP, VERSION, "capacitynodes")
 BALLOTS = (GROUP, VERSION, "capacityballots")
+
+
+class NoChangeDetection(kopf.AnnotationsDiffBaseStorage):
+    """kopf's diff base for an operator without change-detecting handlers.
+
+    kopf builds every object's "essence" (a deep copy of the whole body) and reads the last
+    handled one on every watch event, whether or not a handler compares them; only
+    ``on.create``/``on.update``/``on.resume``/``on.field`` handlers do, and this operator has
+    none (event and index handlers only; a unit test keeps it so). At 30 claims a second that
+    copying was a tenth of the operator's CPU. The essence is empty here, so every event is
+    "unchanged" for kopf, which is what it is to event handlers.
+    """
+
+    def build(
+        self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None
+    ) -> kopf.BodyEssence:
+        return kopf.BodyEssence()
+
+    def fetch(self, *, body: kopf.Body) -> kopf.BodyEssence | None:
+        return None
 
 
 def _emitter(kube: Kube) -> Callable[[JSON, str, str, str], None]:
@@ -78,7 +98,7 @@ async def startup(
     # kopf's own bookkeeping under our API group, from day one
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+    settings.persistence.diffbase_storage = NoChangeDetection(
         prefix=GROUP, key="last-handled-configuration"
     )
     settings.posting.level = logging.WARNING  # our Events are posted explicitly
