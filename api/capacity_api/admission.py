@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
+from functools import lru_cache
 
 from capacity_api.models import (
     Allocation,
@@ -93,9 +94,19 @@ def node_share(spec: CapacityClaimSpec, substrate: Substrate, node: CapacityNode
     None when the node does not offer what is asked (substrate absent, or a requested resource
     has no capacity there). A value above 1 means the node can never hold the claim.
     """
+    return share_of(requested_resources(spec), spec, substrate, node)
+
+
+def share_of(
+    resources: Mapping[str, Decimal],
+    spec: CapacityClaimSpec,
+    substrate: Substrate,
+    node: CapacityNode,
+) -> float | None:
+    """:func:`node_share` with the claim's resources already parsed (placement asks it of every
+    node for one claim)."""
     if substrate not in node.spec.substrates:
         return None
-    resources = requested_resources(spec)
     if not resources:
         return max(spec.c_geo or 0.0, spec.c_int or 0.0)
     capacity = node.spec.capacity or {}
@@ -103,11 +114,17 @@ def node_share(spec: CapacityClaimSpec, substrate: Substrate, node: CapacityNode
     for name, amount in resources.items():
         if name not in capacity:
             return None
-        total = parse_quantity(capacity[name])
+        total = _capacity_quantity(capacity[name])
         if total <= 0:
             return None if amount > 0 else worst
         worst = max(worst, float(amount / total))
     return worst
+
+
+@lru_cache(maxsize=4096)
+def _capacity_quantity(value: str) -> Decimal:
+    """A node's capacity quantity, parsed once: the same few strings recur on every node."""
+    return parse_quantity(value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,6 +159,31 @@ def node_staleness(
 
 
 @dataclass(frozen=True, slots=True)
+class NodeFacts:
+    """What placement reads from one version of a CapacityNode, computed once per version:
+    every proposal looks at every node, and summing ledgers per proposal per node was a good
+    part of the operator's CPU."""
+
+    committed: Mapping[str, float]
+    """Sum of the holders' shares per substrate (the ledger)."""
+    p95: Mapping[str, float]
+    """The p95 load of each substrate's published reading."""
+    ledger_size: int
+    """:func:`ledger_estimate` of the ledger as it is."""
+
+
+def node_facts(node: CapacityNode) -> NodeFacts:
+    status = node.status
+    allocated = (status.allocated or {}) if status else {}
+    readings = (status.readings or {}) if status else {}
+    return NodeFacts(
+        committed={s: sum(h.share for h in a.holders) for s, a in allocated.items()},
+        p95={s: r.load.p95 for s, r in readings.items()},
+        ledger_size=ledger_estimate(node),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class NodeView:
     """What the operator knows of one node when it places a claim."""
 
@@ -153,16 +195,29 @@ class NodeView:
     """The node is Ready and its readings are recent."""
     reserved: Mapping[str, float] = field(default_factory=dict)
     """Shares of open proposals on this node, per substrate (not yet committed)."""
+    facts: NodeFacts | None = None
+    """The node's :func:`node_facts`; computed here when not given."""
+
+    def __post_init__(self) -> None:
+        if self.facts is None:
+            object.__setattr__(self, "facts", node_facts(self.node))
+
+    @property
+    def known(self) -> NodeFacts:
+        assert self.facts is not None  # set by __post_init__
+        return self.facts
+
+    def committed(self, substrate: Substrate) -> float:
+        """The holders' shares on the substrate (open proposals not included)."""
+        return self.known.committed.get(substrate.value, 0.0)
 
     def allocated(self, substrate: Substrate) -> float:
-        return allocated_share(self.node, substrate) + self.reserved.get(substrate.value, 0.0)
+        return self.committed(substrate) + self.reserved.get(substrate.value, 0.0)
 
     def headroom(self, substrate: Substrate) -> float:
         """min(1 - a, 1 - p95(u)) from the node's own reading, measured and promised."""
         a = self.allocated(substrate)
-        status = self.node.status
-        reading = (status.readings or {}).get(substrate.value) if status else None
-        p95 = reading.load.p95 if reading else 1.0
+        p95 = self.known.p95.get(substrate.value, 1.0)
         return max(0.0, min(1.0 - a, 1.0 - p95))
 
 
@@ -346,7 +401,8 @@ def plan_placement(
     as the voter does and need not ask a node that must refuse).
     """
     excluded_set = set(excluded)
-    shares = {view.name: node_share(spec, substrate, view.node) for view in nodes}
+    resources = requested_resources(spec)
+    shares = {view.name: share_of(resources, spec, substrate, view.node) for view in nodes}
     offering = {name: r for name, r in shares.items() if r is not None}
     if not offering:
         return NoPlacement(
@@ -381,7 +437,7 @@ def plan_placement(
         a = view.allocated(substrate)
         if view.name in excluded_set:
             continue  # the caller reports refusals with the voters' own reasons
-        if ledger_estimate(view.node, MAX_HOLDER_BYTES) > LEDGER_BYTES:
+        if view.known.ledger_size + MAX_HOLDER_BYTES > LEDGER_BYTES:
             reasons.append(f"{view.name}: its ledger is full")
         elif a + r > 1.0 + EPSILON:
             reasons.append(f"{view.name}: allocated {a:.2f} + request {r:.2f} exceeds capacity")
@@ -402,7 +458,8 @@ def plan_placement(
             + "; ".join(reasons),
             final=False,
         )
-    candidates.sort(key=lambda v: (-v.headroom(substrate), v.name))
+    headroom = {v.name: v.headroom(substrate) for v in candidates}
+    candidates.sort(key=lambda v: (-headroom[v.name], v.name))
     placement = [v.name for v in candidates[: spec.replicas]]
     wanted = spec.witnesses if spec.witnesses is not None else default_witnesses(spec.replicas)
     # witnesses judge liveness, not room: the same few live nodes (by name) witness every
@@ -414,9 +471,7 @@ def plan_placement(
     witnesses = [v.name for v in others[:wanted]]
     share = max(offering[name] for name in placement)
     views = {v.name: v for v in candidates}
-    committed = {
-        n: min(1.0, round(allocated_share(views[n].node, substrate), 6)) for n in placement
-    }
+    committed = {n: min(1.0, round(views[n].committed(substrate), 6)) for n in placement}
     return PlacementPlan(placement=placement, witnesses=witnesses, share=share, committed=committed)
 
 

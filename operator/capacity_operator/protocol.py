@@ -176,6 +176,8 @@ class Engine:
         """Queued claims whose first step runs (counted as open until it ends)."""
         self._background: set[asyncio.Task[None]] = set()
         self.ballots: dict[str, dict[str, tuple[JSON, Vote]]] = {}
+        self._views: dict[str, NodeView] = {}
+        """Per node, its view without open proposals (see :meth:`views`)."""
         """Per node, its ballot's votes by claim uid (as sent, and parsed): the live votes."""
 
     # -- caches --------------------------------------------------------------------------------
@@ -185,6 +187,7 @@ class Engine:
         if deleted:
             self.nodes.pop(name, None)
             self.node_versions.pop(name, None)
+            self._views.pop(name, None)
             # its ballot goes with it (an agent still running creates it again with its next
             # vote); without this, ballots of removed nodes would stay for ever
             self.ballots.pop(name, None)
@@ -306,17 +309,32 @@ class Engine:
         views = []
         for name, node in sorted(self.nodes.items()):
             live, fresh = self._liveness(name, node, now)
-            distrusted = name in self.failed or name in self.returning
-            views.append(
-                NodeView(
+            live = live and name not in self.failed and name not in self.returning
+            view = self._base_view(name, node, live, fresh)
+            held = reserved.get(name)
+            if held:
+                view = NodeView(
                     name=name,
                     node=node,
-                    lease_live=live and not distrusted,
+                    lease_live=live,
                     fresh=fresh,
-                    reserved=dict(reserved.get(name, {})),
+                    reserved=dict(held),
+                    facts=view.facts,
                 )
-            )
+            views.append(view)
         return views
+
+    def _base_view(self, name: str, node: CapacityNode, live: bool, fresh: bool) -> NodeView:
+        """The node's view without open proposals, kept while nothing in it changes: its facts
+        are computed once per version of the CapacityNode, not once per proposal."""
+        view = self._views.get(name)
+        same = view is not None and view.node is node
+        if view is not None and same and (view.lease_live, view.fresh) == (live, fresh):
+            return view
+        facts = view.facts if view is not None and same else None
+        view = NodeView(name=name, node=node, lease_live=live, fresh=fresh, facts=facts)
+        self._views[name] = view
+        return view
 
     def _liveness(self, name: str, node: CapacityNode, now: datetime) -> tuple[bool, bool]:
         """(Lease live, readings fresh) of a node, computed again only when its CapacityNode

@@ -19,6 +19,7 @@ from capacity_api.admission import (
     Outcome,
     PlacementPlan,
     admit_order,
+    allocated_share,
     claim_substrate,
     expected_holders,
     ledger_bytes,
@@ -26,6 +27,7 @@ from capacity_api.admission import (
     ledger_full,
     new_proposal,
     next_step,
+    node_facts,
     node_share,
     node_staleness,
     plan_placement,
@@ -486,6 +488,21 @@ def test_ledger_estimate_is_never_below_the_exact_size() -> None:
         n = node("a", holders=[long_holder(i) for i in range(count)])
         exact = ledger_bytes((n.status.allocated or {}) if n.status else {})
         assert ledger_estimate(n) >= exact
+
+
+def test_a_nodes_facts_are_its_ledger_and_readings() -> None:
+    n = node("a", p95=0.35, holders=[long_holder(i, 0.1) for i in range(3)])
+    facts = node_facts(n)
+    assert facts.committed == {"host": pytest.approx(allocated_share(n, Substrate.HOST))}
+    assert facts.p95 == {"host": 0.35}
+    assert facts.ledger_size == ledger_estimate(n)
+    v = view(n)
+    assert v.facts == facts
+    assert v.headroom(Substrate.HOST) == pytest.approx(0.65)
+    assert v.headroom(Substrate.GPU) == 0.0  # no reading: no measured room
+    reserved = NodeView(name="a", node=n, lease_live=True, fresh=True, reserved={"host": 0.4})
+    assert reserved.allocated(Substrate.HOST) == pytest.approx(0.7)
+    assert reserved.committed(Substrate.HOST) == pytest.approx(0.3)
 
 
 def test_a_full_ledger_refuses_the_next_holder_and_placement_skips_the_node() -> None:

@@ -20,7 +20,7 @@ import jsonpatch
 import pytest
 
 from capacity_api.lease import LeaseInfo
-from capacity_api.models import MAX_BALLOT_VOTES
+from capacity_api.models import MAX_BALLOT_VOTES, Substrate
 from capacity_operator.kube import ConflictError, NotFoundError
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
@@ -550,5 +550,36 @@ def test_a_removed_nodes_ballot_is_deleted_with_it() -> None:
         await engine.drain()
         assert set(h.api.ballots) == {"n0", "n1"}
         assert "n2" not in engine.ballots
+
+    run(scenario)
+
+
+def test_placement_sees_every_new_version_of_a_node_and_the_open_proposals() -> None:
+    # the views are kept per node between proposals: a new CapacityNode version (a ledger
+    # written by another operator copy, new readings) must reach the next placement at once
+    h = Harness(nodes=2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        before = {v.name: v.allocated(Substrate.HOST) for v in engine.views()}
+        assert before == {"n0": 0.0, "n1": 0.0}
+        assert engine.views()[0] is engine.views()[0]  # nothing changed: the same view
+        body = copy.deepcopy(h.api.nodes["n0"])
+        body["status"]["allocated"] = {"host": {"share": 0.6, "claims": 1, "holders": [
+            {"claim": "ns/other", "uid": "u-other", "epoch": 1, "share": 0.6}]}}  # fmt: skip
+        body["status"]["readings"]["host"]["load"]["p95"] = 0.3
+        engine.observe_node(h.api._stamp(body))
+        views = {v.name: v for v in engine.views()}
+        assert views["n0"].allocated(Substrate.HOST) == pytest.approx(0.6)
+        assert views["n0"].headroom(Substrate.HOST) == pytest.approx(0.4)
+        # an open proposal of a claim on n1 is counted there, and only while it is open
+        h.api.add_claim("c", 0.25)
+        await h.settle(engine)
+        proposal = h.api.claims[("ns", "c")]["status"]["proposal"]
+        assert proposal["placement"] == ["n1"]
+        assert {v.name: v.allocated(Substrate.HOST) for v in engine.views()} == pytest.approx(
+            {"n0": 0.6, "n1": 0.25}
+        )
+        assert engine.views(exclude_claim="uid-c")[1].allocated(Substrate.HOST) == 0.0
 
     run(scenario)
