@@ -39,13 +39,12 @@ Degenerate inputs are defined, never NaN and never an exception:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
+from functools import reduce
+from operator import add
 from typing import Any, NamedTuple
-
-import numpy as np
-import numpy.typing as npt
 
 from capacity_api.models import GateReading, SignalSummary
 
@@ -59,27 +58,83 @@ FLAT_TOLERANCE = 1e-9
 """A series whose peak-to-peak range is at most this (in load units) is flat: it has no spectrum."""
 CALIBRATION_CONFIGMAP = "capacity-calibration"
 """Name of the ConfigMap (in the platform namespace) that holds the calibrated thresholds."""
+P95 = 0.95
+"""The quantile of the p95 readings."""
 
-Series = Sequence[float] | npt.NDArray[Any]
-"""A load or signal series, oldest sample first."""
-FloatArray = npt.NDArray[np.float64]
+Series = Collection[float]
+"""A load or signal series, oldest sample first: a list, tuple or deque of floats, or a 1-D numpy
+array (accepted, never required)."""
 
 _LOG_BINS = math.log(BINS)
+_SUM_BLOCK = 128
+"""numpy's pairwise summation block (see :func:`_sum`)."""
+_COS = tuple(math.cos(math.tau * m / WINDOW) for m in range(WINDOW))
+_SIN = tuple(math.sin(math.tau * m / WINDOW) for m in range(WINDOW))
+_PHASES = tuple(tuple(j * k % WINDOW for j in range(WINDOW)) for k in range(BINS + 1))
+"""``_PHASES[k][j] = j·k mod W``: sample j enters bin k times ``exp(-2πi·_PHASES[k][j] / W)``."""
 
 
 # ---------------------------------------------------------------------------------------------
-# Cleaning
+# Cleaning and plain statistics
+#
+# The gate math is plain Python, not numpy: the node agent imports this module, and importing
+# numpy alone costs about 12 MiB of RSS, for windows of 64 samples. Means and percentiles are
+# computed with numpy's operations in numpy's order (bit for bit what numpy.mean and the linear
+# numpy.percentile give); the spectrum is a direct DFT, equal to numpy.fft.rfft to within rounding.
+# tests/unit/test_gates_numpy.py compares every reading with numpy.
 
 
-def _as_array(values: Series) -> FloatArray:
-    """The finite values of ``values`` as a 1-D float64 array (non-finite values dropped)."""
-    array = np.asarray(values, dtype=np.float64).ravel()
-    return array[np.isfinite(array)]
+def _finite(values: Series) -> list[float]:
+    """The finite values of ``values`` as floats, in order (non-finite values dropped)."""
+    floats = [float(v) for v in values]
+    return [v for v in floats if math.isfinite(v)]
 
 
-def clean_series(u: Series) -> FloatArray:
+def clean_series(u: Series) -> list[float]:
     """The finite values of a load series, clipped to [0, 1], oldest first."""
-    return np.clip(_as_array(u), 0.0, 1.0)
+    return [min(1.0, max(0.0, v)) for v in _finite(u)]
+
+
+def _sum(x: Sequence[float]) -> float:
+    """The sum of ``x``, added in numpy's order so that it rounds as ``numpy.sum`` does (the
+    readings stay what they were with numpy, bit for bit, nearly flat windows included).
+
+    numpy sums float64 pairwise: fewer than 8 values one after the other; up to
+    :data:`_SUM_BLOCK` values in 8 interleaved partial sums, combined as a tree, and the rest of the
+    values after them; a longer run is split in two halves (the first a multiple of 8). An
+    overflowing sum is ±inf, never an exception.
+    """
+    n = len(x)
+    if n < 8:
+        return reduce(add, x, 0.0)
+    if n <= _SUM_BLOCK:
+        end = n - n % 8
+        r = [reduce(add, x[j:end:8]) for j in range(8)]
+        total = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]))
+        return reduce(add, x[end:], total)
+    half = n // 2
+    half -= half % 8
+    return _sum(x[:half]) + _sum(x[half:])
+
+
+def _mean(x: Sequence[float]) -> float:
+    """Mean of ``x`` (not empty), as ``numpy.mean`` rounds it; ±inf when the sum overflows."""
+    return _sum(x) / len(x)
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Quantile ``q`` of sorted finite values (not empty), interpolated linearly between the
+    neighbouring order statistics (numpy's default ``linear`` method, the same operations)."""
+    last = len(ordered) - 1
+    index = last * q
+    if index >= last:
+        return ordered[last]
+    below = math.floor(index)
+    t = index - below
+    a, b = ordered[below], ordered[below + 1]
+    diff = b - a
+    # as numpy's lerp: from the nearer neighbour, so that t close to 1 ends exactly at b
+    return b - diff * (1.0 - t) if t >= 0.5 else a + diff * t
 
 
 def _unit(value: float) -> float:
@@ -105,19 +160,19 @@ def summarize(values: Series) -> SignalSummary | None:
     never lets the mean or the p95 leave [min, max]; sums that would overflow float64 are computed
     on scaled values instead.
     """
-    x = _as_array(values)
-    if x.size == 0:
+    x = _finite(values)
+    if not x:
         return None
-    low = float(x.min())
-    high = float(x.max())
-    with np.errstate(all="ignore"):
-        mean = float(np.mean(x))
-        p95 = float(np.percentile(x, 95))
+    ordered = sorted(x)
+    low = ordered[0]
+    high = ordered[-1]
+    mean = _mean(x)
+    p95 = _percentile(ordered, P95)
     if not math.isfinite(mean):
         scale = max(abs(low), abs(high))
-        mean = scale * float(np.mean(x / scale))
-    if not math.isfinite(p95):
-        p95 = float(np.percentile(x, 95, method="higher"))
+        mean = scale * _mean([v / scale for v in x])
+    if not math.isfinite(p95):  # the neighbours' difference overflowed: take the upper one
+        p95 = ordered[math.ceil((len(ordered) - 1) * P95)]
     return SignalSummary(
         mean=min(high, max(low, mean)),
         p95=min(high, max(low, p95)),
@@ -128,9 +183,9 @@ def summarize(values: Series) -> SignalSummary | None:
 def load_p95(u: Series) -> float:
     """p95 of the cleaned load series; 1.0 (full load) when it has no finite value."""
     x = clean_series(u)
-    if x.size == 0:
+    if not x:
         return 1.0
-    return _unit(float(np.percentile(x, 95)))
+    return _unit(_percentile(sorted(x), P95))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,55 +223,63 @@ def gluing_delta(u: Series) -> float:
     The quarter is ``max(1, len // 4)`` samples; fewer than 2 samples give 0.0.
     """
     x = clean_series(u)
-    if x.size < 2:
+    if len(x) < 2:
         return 0.0
-    quarter = max(1, x.size // 4)
-    return _unit(abs(float(np.mean(x[-quarter:])) - float(np.mean(x[:quarter]))))
+    quarter = max(1, len(x) // 4)
+    return _unit(abs(_mean(x[-quarter:]) - _mean(x[:quarter])))
 
 
 # ---------------------------------------------------------------------------------------------
 # Spectrum
 
 
-def power_spectrum(u: Series) -> FloatArray:
+def power_spectrum(u: Series) -> list[float]:
     """``|rfft(u - mean(u))|²`` without the DC bin: exactly :data:`BINS` non-negative values.
 
     The newest :data:`WINDOW` cleaned samples are used; a shorter series is zero-padded to
     :data:`WINDOW` after its mean is removed. A flat series (fewer than 2 samples, or a range of at
     most :data:`FLAT_TOLERANCE`) has all-zero power.
+
+    The transform is a direct DFT of the (at most 64) samples, bins 1 to 32, each sum correctly
+    rounded: padding zeros add nothing, so they are not summed.
     """
     x = clean_series(u)[-WINDOW:]
-    if x.size < 2 or float(np.ptp(x)) <= FLAT_TOLERANCE:
-        return np.zeros(BINS, dtype=np.float64)
-    padded = np.zeros(WINDOW, dtype=np.float64)
-    padded[: x.size] = x - np.mean(x)
-    power: FloatArray = np.abs(np.fft.rfft(padded)) ** 2
-    return power[1 : BINS + 1]
+    if len(x) < 2 or max(x) - min(x) <= FLAT_TOLERANCE:
+        return [0.0] * BINS
+    mean = _mean(x)
+    centred = [v - mean for v in x]
+    power: list[float] = []
+    for k in range(1, BINS + 1):
+        phases = _PHASES[k]
+        re = math.fsum([v * _COS[m] for v, m in zip(centred, phases, strict=False)])
+        im = math.fsum([v * _SIN[m] for v, m in zip(centred, phases, strict=False)])
+        power.append(re * re + im * im)
+    return power
 
 
-def _normalise(power: FloatArray) -> FloatArray:
-    total = float(np.sum(power))
+def _normalise(power: Sequence[float]) -> list[float]:
+    total = _sum(power)
     if not total > 0.0:
-        return np.zeros(BINS, dtype=np.float64)
-    return np.clip(power / total, 0.0, 1.0)
+        return [0.0] * BINS
+    return [min(1.0, max(0.0, p / total)) for p in power]
 
 
-def fingerprint(u: Series) -> FloatArray:
+def fingerprint(u: Series) -> list[float]:
     """``P / sum(P)``: :data:`BINS` shares summing to 1, or all zeros for a flat series."""
     return _normalise(power_spectrum(u))
 
 
-def _entropy_of(f: FloatArray) -> float:
-    p = f[f > 0.0]
-    if p.size == 0:
+def _entropy_of(f: Sequence[float]) -> float:
+    p = [v for v in f if v > 0.0]
+    if not p:
         return 0.0
-    return _unit(float(-np.sum(p * np.log(p))) / _LOG_BINS)
+    return _unit(-_sum([v * math.log(v) for v in p]) / _LOG_BINS)
 
 
 class Spectrum(NamedTuple):
-    """The spectral readings of one load series, from one FFT."""
+    """The spectral readings of one load series, from one transform."""
 
-    fingerprint: FloatArray
+    fingerprint: list[float]
     """``P / sum(P)`` (:data:`BINS` values), all zeros for a flat series."""
     lambda1: float
     """Periodicity: the largest bin's share of the power."""
@@ -230,13 +293,13 @@ def spectrum(u: Series) -> Spectrum:
     """Fingerprint, lambda1, lambda_int and entropy of ``u`` (all 0 for a flat series)."""
     power = power_spectrum(u)
     f = _normalise(power)
-    total = float(np.sum(power))
+    total = _sum(power)
     if not total > 0.0:
         return Spectrum(f, 0.0, 0.0, 0.0)
     return Spectrum(
         fingerprint=f,
-        lambda1=_unit(float(np.max(power)) / total),
-        lambda_int=_unit(float(np.sum(power[BINS - UPPER_BINS :])) / total),
+        lambda1=_unit(max(power) / total),
+        lambda_int=_unit(_sum(power[BINS - UPPER_BINS :]) / total),
         entropy=_entropy_of(f),
     )
 
@@ -262,18 +325,19 @@ def cosine_similarity(a: Series, b: Series) -> float:
     Non-finite and negative entries count as 0. A zero vector (a flat series' fingerprint, or an
     empty one) has similarity 0.0 with anything. Raises ValueError when the lengths differ.
     """
-    x = np.asarray(a, dtype=np.float64).ravel()
-    y = np.asarray(b, dtype=np.float64).ravel()
-    if x.shape != y.shape:
-        raise ValueError(f"fingerprints differ in length: {x.size} and {y.size}")
-    x = np.where(np.isfinite(x) & (x > 0.0), x, 0.0)
-    y = np.where(np.isfinite(y) & (y > 0.0), y, 0.0)
-    if x.size == 0 or not (np.max(x) > 0.0 and np.max(y) > 0.0):
+    x = [float(v) for v in a]
+    y = [float(v) for v in b]
+    if len(x) != len(y):
+        raise ValueError(f"fingerprints differ in length: {len(x)} and {len(y)}")
+    x = [v if math.isfinite(v) and v > 0.0 else 0.0 for v in x]
+    y = [v if math.isfinite(v) and v > 0.0 else 0.0 for v in y]
+    if not x or not (max(x) > 0.0 and max(y) > 0.0):
         return 0.0
-    x = x / np.max(x)  # cosine is scale-free; scaling first rules out overflow
-    y = y / np.max(y)
-    norms = float(np.linalg.norm(x)) * float(np.linalg.norm(y))
-    return _unit(float(np.dot(x, y)) / norms)
+    x_max, y_max = max(x), max(y)  # cosine is scale-free; scaling first rules out overflow
+    x = [v / x_max for v in x]
+    y = [v / y_max for v in y]
+    norms = math.hypot(*x) * math.hypot(*y)
+    return _unit(math.fsum([p * q for p, q in zip(x, y, strict=True)]) / norms)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +564,7 @@ def evaluate_fit(
     }
     conditions = [pressure] if isinstance(pressure, str) else list(pressure)
     conditions = [c for c in conditions if c]
-    have = min(samples, int(clean_series(u).size))
+    have = min(samples, len(clean_series(u)))
     within_capacity = (
         math.isfinite(allocated)
         and math.isfinite(request)

@@ -35,9 +35,6 @@ import threading
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-import numpy.typing as npt
-
 from capacity_agent.collectors.base import Collector, CollectorError, Sample
 from capacity_agent.collectors.procfs import PrimingError
 from capacity_agent.node_status import (
@@ -309,11 +306,11 @@ class NodeMeasurements:
 
     # -- what the voter reads ------------------------------------------------------------------
 
-    def series(self, substrate: Substrate) -> npt.NDArray[np.float64]:
+    def series(self, substrate: Substrate) -> list[float]:
         """The load u window of ``substrate``, oldest first (empty when never sampled)."""
         state = self._states.get(substrate)
         if state is None:
-            return np.zeros(0, dtype=np.float64)
+            return []
         return state.window.series(LOAD)
 
     def samples(self, substrate: Substrate) -> int:
@@ -341,7 +338,7 @@ class NodeMeasurements:
     def load_range(self, substrate: Substrate) -> float:
         """Peak-to-peak range of the load window (0 when it has fewer than two samples)."""
         u = self.series(substrate)
-        return float(np.ptp(u)) if u.size >= 2 else 0.0
+        return max(u) - min(u) if len(u) >= 2 else 0.0
 
     # -- the CapacityNode ------------------------------------------------------------------------
 
@@ -400,7 +397,7 @@ class NodeMeasurements:
     def gates(self, substrate: Substrate, allocated: float) -> GateReading | None:
         """The gate readings of one substrate; None when it has no sample."""
         u = self.series(substrate)
-        if u.size == 0:
+        if not u:
             return None
         g = gate_reading(u, allocated)
         return GateReading(

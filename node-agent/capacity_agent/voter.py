@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import httpx2
-import numpy as np
 from lightkube import ALL_NS, Client
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import ConfigMap
@@ -46,7 +45,7 @@ from capacity_agent.cluster import (
     raise_releasing,
 )
 from capacity_api.admission import claim_key, node_staleness
-from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds, evaluate_fit
+from capacity_api.gates import CALIBRATION_CONFIGMAP, Series, Thresholds, evaluate_fit
 from capacity_api.lease import LeaseInfo
 from capacity_api.models import (
     BallotVote,
@@ -73,7 +72,7 @@ last resourceVersion seen."""
 class Measurements(Protocol):
     """What a node's measurement loop offers the voter."""
 
-    def series(self, substrate: Substrate) -> np.ndarray[Any, Any]: ...
+    def series(self, substrate: Substrate) -> Series: ...
 
     def samples(self, substrate: Substrate) -> int: ...
 

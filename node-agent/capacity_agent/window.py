@@ -13,9 +13,6 @@ import math
 from collections import deque
 from collections.abc import Mapping
 
-import numpy as np
-import numpy.typing as npt
-
 from capacity_api.gates import WINDOW, summarize
 from capacity_api.models import SignalSummary
 
@@ -97,12 +94,12 @@ class Window:
         series = self._values.get(name)
         return len(series) if series is not None else 0
 
-    def series(self, name: str) -> npt.NDArray[np.float64]:
+    def series(self, name: str) -> list[float]:
         """The values of ``name`` in the window, oldest first (a copy; empty when unknown)."""
         series = self._values.get(name)
         if series is None:
-            return np.zeros(0, dtype=np.float64)
-        return np.fromiter((value for _, value in series), dtype=np.float64, count=len(series))
+            return []
+        return [value for _, value in series]
 
     def summaries(self) -> dict[str, SignalSummary]:
         """Mean, p95 and max of every signal with values in the window."""

@@ -86,14 +86,14 @@ def test_every_reading_is_in_unit_interval(u: list[float], allocated: float) -> 
     s = spectrum(u)
     for value in (s.lambda1, s.lambda_int, s.entropy, gluing_delta(u), load_p95(u)):
         assert in_unit(value)
-    assert s.fingerprint.shape == (BINS,)
+    assert len(s.fingerprint) == BINS
     assert all(in_unit(float(v)) for v in s.fingerprint)
     total = float(np.sum(s.fingerprint))
     assert total == 0.0 or total == pytest.approx(1.0)
     power = power_spectrum(u)
-    assert power.shape == (BINS,)
+    assert len(power) == BINS
     assert np.all(np.isfinite(power))
-    assert np.all(power >= 0.0)
+    assert all(p >= 0.0 for p in power)
 
 
 @FAST
@@ -252,7 +252,7 @@ def test_white_noise_has_high_entropy(seed: int) -> None:
 def test_short_window_keeps_the_frequency_axis() -> None:
     long = fingerprint(sine(8))
     short = fingerprint(sine(8, n=32))
-    assert short.shape == (BINS,)
+    assert len(short) == BINS
     assert int(np.argmax(short)) == int(np.argmax(long)) == WINDOW // 8 - 1
     assert cosine_similarity(long, short) > 0.8
 

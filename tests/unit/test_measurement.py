@@ -71,7 +71,7 @@ def test_a_failing_collector_is_counted_skipped_and_stale_never_zero(
 
     assert m.errors(Substrate.STORAGE) == 5
     assert m.samples(Substrate.STORAGE) == 0
-    assert m.series(Substrate.STORAGE).size == 0  # nothing, not zeros
+    assert m.series(Substrate.STORAGE) == []  # nothing, not zeros
     assert m.newest_time(Substrate.STORAGE) is None
     assert m.is_stale(Substrate.STORAGE, clock.now)
     # the healthy substrate is unaffected

@@ -25,7 +25,7 @@ def test_empty_window() -> None:
     assert window.newest_time is None
     assert window.oldest_time is None
     assert window.names() == []
-    assert window.series("cpu").size == 0
+    assert window.series("cpu") == []
     assert window.count("cpu") == 0
     assert window.summaries() == {}
 
