@@ -46,8 +46,11 @@ async def start_voter(agents: Sequence[NodeAgent], api: Client) -> None:
 
 
 async def start_witness(agents: Sequence[NodeAgent], api: Client, endpoint: str | None) -> None:
-    """The witness of this process, reporting as its first hosted node (one vantage point)."""
+    """The witness of this process, reporting as its first hosted node (one vantage point).
+    It starts once that node's CapacityNode exists: its report is written into the object's
+    status, and before the first publish that write could only fail and be retried."""
     settings = agents[0].settings
+    await agents[0].publisher.published.wait()
     await Witness(
         api,
         agents[0].name,

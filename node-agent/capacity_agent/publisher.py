@@ -294,6 +294,8 @@ class Publisher:
         self.recreated = 0
         """Times the object was found deleted and recreated."""
         self.cycles_since_write = 0
+        self.published = asyncio.Event()
+        """Set once the CapacityNode has been written by this process (it exists)."""
         self._published: dict[str, Any] | None = None
         self._spec_applied: JSON | None = None
         self._failing_since: float | None = None
@@ -393,6 +395,7 @@ class Publisher:
         generation = metadata.get("generation")
         self.generation = int(generation) if isinstance(generation, int) else self.generation
         self.allocated = allocated_shares(result)
+        self.published.set()
         log.debug(
             "%s: published (%s) in %.3f s",
             self.name,

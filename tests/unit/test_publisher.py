@@ -369,6 +369,18 @@ def test_a_failed_write_leaves_nothing_recorded_and_is_sent_again() -> None:
     assert api.objects["n1"]["status"]["readings"]["host"]["load"]["max"] == 0.9
 
 
+def test_published_is_set_by_the_first_write_that_succeeded() -> None:
+    # the witness waits on it: its report goes into the object the first write creates
+    clock = Clock()
+    p, m = make_publisher(clock, Scripted(clock, 0.4), api := FakeApi())
+    api.fail = [api_error(503)]
+    with pytest.raises(ApiError):
+        cycle(p, m, clock)
+    assert not p.published.is_set()
+    assert cycle(p, m, clock) is True
+    assert p.published.is_set()
+
+
 def test_spec_written_but_status_failed_is_completed_by_the_retry() -> None:
     clock = Clock()
     api = FakeApi()
