@@ -1,11 +1,11 @@
 """kopf registrations: thin handlers that hand objects to the admission engine.
 
-Claim events (the agents' votes included) only feed the admission loop's cache
-(:meth:`Engine.run` takes the steps, deadlines and flow control included); truth keeping is one
-loop over a kopf index of the claims under observation; CapacityNodes and node Leases only feed
-the engine's caches. No handler needs a finalizer or kopf's annotations, so kopf writes nothing
-to a claim: a deletion event frees the claim's holders, and what a missed event leaves behind
-is freed by the loop's ledger garbage collection.
+Claim and ballot events only feed the admission loop's cache (:meth:`Engine.run` takes the steps,
+deadlines and flow control included); truth keeping is one loop over the claims of that cache
+under observation, with kopf indexes of their pods and of the Nodes' kubelet pressure;
+CapacityNodes and node Leases only feed the engine's caches. No handler needs a finalizer or
+kopf's annotations, so kopf writes nothing to a claim: a deletion event frees the claim's
+holders, and what a missed event leaves behind is freed by the loop's ledger garbage collection.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from capacity_operator.lifecycle import Lifecycle
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
 from capacity_operator.store import OutcomeStore, database_url
-from capacity_operator.truth import TruthKeeper, observed, pod_view
+from capacity_operator.truth import TruthKeeper, pod_view
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +87,11 @@ async def startup(
     *,
     # kopf passes its indexes (defined below) to every handler: live views, filled once the
     # watches start
-    observed_claims: kopf.Index[tuple[str, str], JSON] | None = None,
     claim_pods: kopf.Index[tuple[str, str], JSON] | None = None,
     kubelet_pressure: kopf.Index[str, list[JSON]] | None = None,
     **_: Any,
 ) -> None:
-    if observed_claims is None or claim_pods is None or kubelet_pressure is None:
+    if claim_pods is None or kubelet_pressure is None:
         raise kopf.PermanentError("kopf passed no indexes to the startup handler")
     cfg: OperatorSettings = memo["settings"]
     # kopf's own bookkeeping under our API group, from day one
@@ -131,7 +130,7 @@ async def startup(
     truth = TruthKeeper(engine, emit, store)
     memo["indexed"] = indexed = asyncio.Event()
     memo["truth"] = asyncio.create_task(
-        truth.run(observed_claims, claim_pods, kubelet_pressure, indexed), name="truth"
+        truth.run(claim_pods, kubelet_pressure, indexed), name="truth"
     )
     await engine.start()
     memo["admission"] = asyncio.create_task(engine.run(), name="admission")
@@ -193,21 +192,6 @@ async def claim_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
     """Every claim event goes to the admission loop's cache (Engine.run takes the steps)."""
     memo["indexed"].set()  # see node_event
     _engine(memo).observe_claim(dict(event["object"]), deleted=event["type"] == "DELETED")
-
-
-def _observed(status: kopf.Status, **_: Any) -> bool:
-    return observed(status)
-
-
-@kopf.index(*CLAIMS, when=_observed)
-async def observed_claims(
-    namespace: str | None, name: str, body: kopf.Body, **_: Any
-) -> dict[tuple[str, str], JSON]:
-    """The claims whose decision is still being checked, by (namespace, name): the truth loop
-    (started below) goes through them every truth interval. One loop for all claims instead of
-    a kopf timer per claim: with the default ten-minute observation, a cluster admitting ten
-    claims a second would otherwise run thousands of timers, each waking every second."""
-    return {(namespace or "", name): dict(body)}
 
 
 @kopf.index("pods", labels={CLAIM_LABEL: kopf.PRESENT})

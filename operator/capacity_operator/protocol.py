@@ -292,6 +292,13 @@ class Engine:
             self._due.add(uid)
             self._wake.set()
 
+    def parsed(self, body: JSON) -> CapacityClaim:
+        """The claim of ``body``: parsed once when it is the newest body seen of its claim."""
+        uid = body["metadata"].get("uid", "")
+        if self.claims.get(uid) is body and uid in self._parsed:
+            return self._parsed[uid]
+        return parse_claim(body)
+
     def views(
         self, exclude_claim: str | None = None, *, ignore_inflight: bool = False
     ) -> list[NodeView]:

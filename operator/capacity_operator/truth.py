@@ -27,7 +27,7 @@ from capacity_api import reasons
 from capacity_api import truth as decide
 from capacity_api.admission import ClaimError, claim_substrate, node_share
 from capacity_api.models import CapacityClaim, Phase, Truth, Verdict
-from capacity_operator.kube import JSON, ConflictError, NotFoundError, parse_claim
+from capacity_operator.kube import JSON, ConflictError, NotFoundError
 from capacity_operator.protocol import Engine, EventSink, with_condition
 from capacity_operator.store import OutcomeRow, OutcomeStore, decision_id
 
@@ -90,14 +90,15 @@ class TruthKeeper:
 
     async def run(
         self,
-        claims: Mapping[tuple[str, str], Iterable[JSON]],
         pods: Mapping[tuple[str, str], Iterable[Mapping[str, Any]]],
         kubelet: Mapping[str, Iterable[Iterable[Mapping[str, Any]]]],
         indexed: asyncio.Event,
     ) -> None:
-        """Every ``truth_interval_seconds``, check each claim of ``claims`` (kopf's index of the
-        claims under observation) against its pods and its nodes' kubelet pressure (the other
-        two indexes), once kopf has filled them (``indexed``) and the engine is ready."""
+        """Every ``truth_interval_seconds``, check each claim under observation (:func:`observed`,
+        among the engine's claims: the admission loop keeps every claim's newest body anyway, so
+        a kopf index of them cost a second bookkeeping per claim event) against its pods and its
+        nodes' kubelet pressure (kopf's indexes), once kopf has filled those (``indexed``) and
+        the engine is ready."""
         await indexed.wait()
         await self.engine.ready.wait()
         interval = self.settings.truth_interval_seconds
@@ -105,25 +106,28 @@ class TruthKeeper:
         while True:
             started = loop.time()
             if self.engine.paused:
-                # a copy paused by peering keeps still: its indexes stopped with kopf's
-                # watches, and the active copy checks the same claims
+                # a copy paused by peering keeps still: its watches stopped with kopf's, and
+                # the active copy checks the same claims
                 await asyncio.sleep(interval)
                 continue
             pressure = {
                 node: [c for conditions in store for c in conditions]
                 for node, store in list(kubelet.items())
             }
-            observed: set[str] = set()
-            for key in list(claims):
-                for body in list(claims.get(key) or ()):
-                    observed.add(str((body.get("metadata") or {}).get("uid") or ""))
-                    try:
-                        await self.check(body, list(pods.get(key) or ()), pressure)
-                    except asyncio.CancelledError:
-                        raise
-                    except Exception:
-                        log.exception("truth check of claim %s/%s failed; next pass retries", *key)
-            self._started &= observed  # deleted claims, and checks that closed
+            checked: set[str] = set()
+            for uid, body in list(self.engine.claims.items()):
+                if not observed(body.get("status") or {}):
+                    continue
+                checked.add(uid)
+                meta = body["metadata"]
+                key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+                try:
+                    await self.check(body, list(pods.get(key) or ()), pressure)
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("truth check of claim %s/%s failed; next pass retries", *key)
+            self._started &= checked  # deleted claims, and checks that closed
             await asyncio.sleep(max(0.0, interval - (loop.time() - started)))
 
     async def check(
@@ -134,7 +138,7 @@ class TruthKeeper:
     ) -> None:
         """Look at one claim now (the truth loop calls this once per pass)."""
         now = self.engine.clock()
-        claim = parse_claim(body)
+        claim = self.engine.parsed(body)
         status = claim.status
         if status is None or status.phase not in (Phase.ADMITTED, Phase.REJECTED):
             return

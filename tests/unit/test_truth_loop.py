@@ -1,5 +1,6 @@
-"""The truth loop checks the claims of kopf's index each pass, and none while this operator copy
-is paused by peering (its indexes stopped with kopf's watches; the active copy checks them)."""
+"""The truth loop checks the engine's claims under observation each pass, and none while this
+operator copy is paused by peering (its watches stopped with kopf's; the active copy checks
+them)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,21 @@ def passes(paused: bool) -> list[str]:
         checked.append(body["metadata"]["name"])
 
     keeper.check = check  # type: ignore[method-assign]
-    claims = {("ns", "c"): [{"metadata": {"name": "c", "uid": "u"}}]}
+    status = {"phase": "Admitted"}
+    engine.claims = {
+        "u": {"metadata": {"name": "c", "namespace": "ns", "uid": "u"}, "status": status},
+        # not under observation: still voting, and a decision whose check closed
+        "v": {"metadata": {"name": "v", "namespace": "ns", "uid": "v"},
+              "status": {"phase": "Voting"}},
+        "w": {"metadata": {"name": "w", "namespace": "ns", "uid": "w"},
+              "status": {**status, "truth": {"decision": "Admitted", "verdict": "Confirmed"}}},
+    }  # fmt: skip
 
     async def scenario() -> None:
         indexed = asyncio.Event()
         indexed.set()
         engine.ready.set()
-        task = asyncio.create_task(keeper.run(claims, {}, {}, indexed))  # type: ignore[arg-type]
+        task = asyncio.create_task(keeper.run({}, {}, indexed))
         await asyncio.sleep(0.1)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -42,7 +51,9 @@ def passes(paused: bool) -> list[str]:
 
 
 def test_an_active_copy_checks_every_pass() -> None:
-    assert len(passes(paused=False)) >= 3
+    checked = passes(paused=False)
+    assert len(checked) >= 3
+    assert set(checked) == {"c"}
 
 
 def test_a_paused_copy_checks_nothing() -> None:
