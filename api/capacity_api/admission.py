@@ -8,7 +8,7 @@ clock is a parameter), so the protocol's invariants are unit-tested without a cl
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -524,6 +524,56 @@ class Tally:
 def quorum(voters: int) -> int:
     """floor(n/2) + 1."""
     return voters // 2 + 1
+
+
+def proposal_open(claim: CapacityClaim) -> bool:
+    """Whether the claim's proposal is still being voted on, so that its live votes are in the
+    voters' ballots: the claim is Voting, or Recovering with a proposal newer than every
+    placement (the re-admission of a failed node's share). Once the proposal is decided, the
+    votes that were counted are in the claim's own ``status.votes``."""
+    status = claim.status
+    if status is None or status.proposal is None:
+        return False
+    if status.phase is Phase.VOTING:
+        return True
+    if status.phase is not Phase.RECOVERING:
+        return False
+    newest = max((p.epoch or 0 for p in status.placements or []), default=0)
+    return status.proposal.epoch > newest
+
+
+def ballot_votes(
+    claim: CapacityClaim,
+    entry: Callable[[str, str], Vote | None],
+    *,
+    other_epochs: bool = False,
+) -> dict[str, Vote]:
+    """Node -> its vote on the claim's open proposal, read from each voter's ballot by
+    ``entry(node, claim uid)`` (None: no vote there). Only votes for the proposal's epoch are
+    taken, as the tally counts them; ``other_epochs`` keeps a voter's entry for another epoch
+    too, for showing it as stale (the tally still never counts it). Empty when the proposal is
+    not open (:func:`proposal_open`)."""
+    uid = claim.metadata.uid
+    proposal = claim.status.proposal if claim.status else None
+    if not uid or proposal is None or not proposal_open(claim):
+        return {}
+    votes: dict[str, Vote] = {}
+    for node in dict.fromkeys(proposal.voters):
+        vote = entry(node, uid)
+        if vote is not None and (other_epochs or vote.epoch == proposal.epoch):
+            votes[node] = vote
+    return votes
+
+
+def with_ballot_votes(claim: CapacityClaim, votes: Mapping[str, Vote] | None) -> CapacityClaim:
+    """The claim as the protocol decides on it: while its proposal is open, its
+    ``status.votes`` are the ballots' ``votes`` (whatever the claim's own status says: a vote
+    written there by anyone never counts); otherwise, and when ``votes`` is None (the ballots
+    were not read), the claim as it is."""
+    status = claim.status
+    if votes is None or status is None or not proposal_open(claim):
+        return claim
+    return claim.model_copy(update={"status": status.model_copy(update={"votes": dict(votes)})})
 
 
 def tally(proposal: Proposal, votes: Mapping[str, Vote] | None, now: datetime) -> Tally:

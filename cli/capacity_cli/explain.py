@@ -18,14 +18,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from capacity_api import gate_table
-from capacity_api.admission import Tally
+from capacity_api.admission import Tally, ballot_votes, proposal_open, with_ballot_votes
 from capacity_api.gate_table import GATES
 from capacity_api.gates import Thresholds
 from capacity_api.models import (
     CapacityBallot,
     CapacityClaim,
     Condition,
-    Phase,
     Proposal,
     Vote,
     VoterRole,
@@ -206,20 +205,6 @@ def vote_rows(
     return rows
 
 
-def proposal_open(claim: CapacityClaim) -> bool:
-    """Whether the claim's proposal is still being voted on: the claim is Voting, or Recovering
-    with a proposal newer than every placement (a re-admission of a failed node's share)."""
-    status = claim.status
-    if status is None or status.proposal is None:
-        return False
-    if status.phase is Phase.VOTING:
-        return True
-    if status.phase is not Phase.RECOVERING:
-        return False
-    newest = max((p.epoch or 0 for p in status.placements or []), default=0)
-    return status.proposal.epoch > newest
-
-
 def ballot_voters(claim: CapacityClaim) -> list[str]:
     """The nodes whose CapacityBallots hold the claim's live votes: the voters of its open
     proposal; none when the proposal is closed (its counted votes are in the claim)."""
@@ -237,28 +222,18 @@ def votes_in_ballots(
     """Node -> the vote on the claim in that voter's ballot (``ballots`` by ballot name, which is
     the node's; the entry keyed by the claim's uid). A voter without a ballot or without an entry
     has not voted. An entry for another epoch than the proposal's is kept: it is shown as stale
-    and, as by the operator, not counted."""
-    uid = claim.metadata.uid
-    votes: dict[str, Vote] = {}
-    if not uid:
-        return votes
-    for node in ballot_voters(claim):
+    and, as by the operator, not counted (``capacity_api.admission.ballot_votes``)."""
+
+    def entry(node: str, uid: str) -> Vote | None:
         ballot = ballots.get(node)
         if ballot is None or ballot.status is None:
-            continue
-        entry = (ballot.status.votes or {}).get(uid)
-        if entry is not None:
-            votes[node] = Vote.model_validate(entry.model_dump(include=set(Vote.model_fields)))
-    return votes
+            return None
+        found = (ballot.status.votes or {}).get(uid)
+        if found is None:
+            return None
+        return Vote.model_validate(found.model_dump(include=set(Vote.model_fields)))
 
-
-def with_ballot_votes(claim: CapacityClaim, votes: Mapping[str, Vote] | None) -> CapacityClaim:
-    """The claim as the operator decides on it: while its proposal is open, its votes are the
-    ballots' ``votes`` (None: the ballots were not read; the claim's own are kept)."""
-    status = claim.status
-    if votes is None or status is None or not proposal_open(claim):
-        return claim
-    return claim.model_copy(update={"status": status.model_copy(update={"votes": dict(votes)})})
+    return ballot_votes(claim, entry, other_epochs=True)
 
 
 # ---------------------------------------------------------------------------------------------

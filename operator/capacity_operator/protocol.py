@@ -35,6 +35,7 @@ from capacity_api.admission import (
     Tally,
     admit_order,
     allocation,
+    ballot_votes,
     claim_key,
     claim_substrate,
     ledger_full,
@@ -47,6 +48,7 @@ from capacity_api.admission import (
     rebuild_allocations,
     tally,
     wake_at,
+    with_ballot_votes,
 )
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds
 from capacity_api.lease import LeaseInfo
@@ -239,29 +241,16 @@ class Engine:
                 self._wake.set()
         self.ballots[node] = votes
 
-    def votes_for(self, claim: CapacityClaim) -> dict[str, Vote]:
-        """The ballots' votes on the claim's open proposal: each voter's vote for its epoch."""
-        status = claim.status
-        proposal = status.proposal if status else None
-        if proposal is None:
-            return {}
-        uid = claim.metadata.uid or ""
-        votes: dict[str, Vote] = {}
-        for node in proposal.voters:
-            entry = self.ballots.get(node, {}).get(uid)
-            if entry is not None and entry[1].epoch == proposal.epoch:
-                votes[node] = entry[1]
-        return votes
+    def ballot_vote(self, node: str, uid: str) -> Vote | None:
+        """The vote on claim ``uid`` in ``node``'s ballot, as last seen."""
+        entry = self.ballots.get(node, {}).get(uid)
+        return entry[1] if entry is not None else None
 
     def with_votes(self, claim: CapacityClaim) -> CapacityClaim:
-        """The claim as the protocol decides on it: while it is Voting or Recovering, its
-        ``status.votes`` are the ballots' votes on its open proposal (the claim itself holds
-        votes only once they were counted)."""
-        status = claim.status
-        if status is None or status.phase not in (Phase.VOTING, Phase.RECOVERING):
-            return claim
-        votes = self.votes_for(claim)  # whatever the claim's status says: only ballots count
-        return claim.model_copy(update={"status": status.model_copy(update={"votes": votes})})
+        """The claim as the protocol decides on it: while its proposal is open, its
+        ``status.votes`` are the ballots' votes on it (``capacity_api.admission``'s one rule,
+        which ``capctl explain`` shows as well)."""
+        return with_ballot_votes(claim, ballot_votes(claim, self.ballot_vote))
 
     def observe_claim(self, body: JSON, deleted: bool = False, *, own: bool = False) -> None:
         """A claim as a watch event (or, with ``own``, our own write) shows it now: cache it and

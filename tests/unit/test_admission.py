@@ -20,6 +20,7 @@ from capacity_api.admission import (
     PlacementPlan,
     admit_order,
     allocated_share,
+    ballot_votes,
     claim_substrate,
     expected_holders,
     ledger_bytes,
@@ -31,10 +32,12 @@ from capacity_api.admission import (
     node_share,
     node_staleness,
     plan_placement,
+    proposal_open,
     quorum,
     rebuild_allocations,
     tally,
     wake_at,
+    with_ballot_votes,
 )
 from capacity_api.models import (
     CapacityClaim,
@@ -543,3 +546,51 @@ def test_a_proposal_tells_each_placement_node_its_committed_share() -> None:
     assert plan.committed == {"a": pytest.approx(0.3), "b": 0.0}
     proposal = new_proposal(None, plan, Substrate.HOST, NOW, timedelta(seconds=10))
     assert proposal.committed == plan.committed
+
+
+# ---------------------------------------------------------------------------------------------
+# The votes of the open proposal: the operator and capctl read them by this one rule
+
+
+def test_an_open_proposals_votes_are_the_voters_ballot_entries_for_its_epoch() -> None:
+    c = claim_with(voting({"b": yes(), "x": yes()}))  # written into the claim: never counted
+    ballots = {
+        ("a", "u"): vote("YES"),
+        ("b", "u"): vote("YES", epoch=1, role="witness"),  # an older epoch
+        ("c", "other"): vote("YES", role="witness"),  # another claim's
+        ("x", "u"): vote("YES", role="witness"),  # not a voter of this proposal
+    }
+
+    def entry(node: str, uid: str) -> Vote | None:
+        return ballots.get((node, uid))
+
+    assert proposal_open(c)
+    assert ballot_votes(c, entry) == {"a": vote("YES")}
+    assert set(ballot_votes(c, entry, other_epochs=True)) == {"a", "b"}  # b shown as stale
+    decided = with_ballot_votes(c, ballot_votes(c, entry))
+    assert decided.status is not None
+    assert decided.status.votes == {"a": vote("YES")}
+    assert with_ballot_votes(c, None) is c  # ballots not read: the claim as it is
+
+
+def test_a_decided_proposals_votes_are_the_claims_own() -> None:
+    counted = {"a": yes("placement"), "b": yes()}
+    admitted = claim_with({**voting(counted), "phase": "Admitted"})
+    recovering_closed = claim_with(
+        {**voting(counted), "phase": "Recovering",
+         "placements": [{"node": "a", "substrate": "host", "share": 0.2, "epoch": 2}]}
+    )  # fmt: skip
+    recovering_open = claim_with(
+        {**voting(counted), "phase": "Recovering",
+         "placements": [{"node": "d", "substrate": "host", "share": 0.2, "epoch": 1}]}
+    )  # fmt: skip
+
+    def entry(node: str, uid: str) -> Vote | None:
+        return vote("NO")
+
+    for c in (admitted, recovering_closed):
+        assert not proposal_open(c)
+        assert ballot_votes(c, entry) == {}
+        assert with_ballot_votes(c, {}) is c
+    assert proposal_open(recovering_open)  # a failed node's share proposed again
+    assert set(ballot_votes(recovering_open, entry)) == {"a", "b", "c"}
