@@ -272,9 +272,18 @@ def ledger_estimate(node: CapacityNode, holder_bytes: int = 0) -> int:
     return size
 
 
-def ledger_full(node: CapacityNode, substrate: Substrate, holder: Holder) -> str | None:
-    """Why the holder does not fit in the node's ledger budget, or None when it does."""
+def ledger_full(
+    node: CapacityNode,
+    substrate: Substrate,
+    holder: Holder,
+    pending: Mapping[str, Sequence[Holder]] | None = None,
+) -> str | None:
+    """Why the holder does not fit in the node's ledger budget, or None when it does.
+    ``pending``: per substrate, the holders the write will leave there before this one, where
+    they differ from the node's (a write that carries several)."""
     allocated = dict((node.status.allocated or {}) if node.status else {})
+    for name, holders in (pending or {}).items():
+        allocated[name] = allocation(holders)
     current = allocated.get(substrate.value)
     holders = [h for h in (current.holders if current else []) if h.uid != holder.uid]
     allocated[substrate.value] = allocation([*holders, holder])

@@ -179,6 +179,8 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
         self.ballots: dict[str, dict[str, tuple[JSON, Vote]]] = {}
         self._views: dict[str, NodeView] = {}
+        self._ledger_queue: defaultdict[str, list[_LedgerAdd]] = defaultdict(list)
+        """Per node, the holders waiting for the next write of its ledger (group commit)."""
         """Per node, its view without open proposals (see :meth:`views`)."""
         """Per node, its ballot's votes by claim uid (as sent, and parsed): the live votes."""
 
@@ -878,43 +880,56 @@ class Engine:
         capacity, or leaving less promised slack than theta_iso (the isolation gate is a
         function of promises only, so this compare-and-swap write is where it holds whatever
         the votes saw). With ``replace_older``, the claim's holders of older epochs there go in
-        the same write."""
-        iso = (await self.thresholds()).theta_iso
+        the same write.
+
+        A group commit: the holders queued for a node while a write of its ledger is under way
+        go out together in the next write, each checked in turn against the ledger and the ones
+        before it (commits on one node in one cycle cost one write, not one each)."""
+        add = _LedgerAdd(
+            substrate, holder, replace_older, asyncio.get_running_loop().create_future()
+        )
+        self._ledger_queue[node].append(add)
         async with self._node_locks[node]:
-            # first try on the cached object: a stale one fails the resourceVersion check
-            cn = self.nodes.get(node)
-            for _ in range(self.settings.commit_retries):
-                if cn is None:
-                    return "its CapacityNode is gone"
-                current = _holders(cn, substrate)
-                if any(h.uid == holder.uid and h.epoch == holder.epoch for h in current):
-                    return None
-                if replace_older:
-                    current = [
-                        h for h in current if not (h.uid == holder.uid and h.epoch < holder.epoch)
-                    ]
-                held = sum(h.share for h in current)
-                if held + holder.share > 1.0 + EPSILON:
-                    return (
-                        f"allocated {held:.3f} + request {holder.share:.3f} exceeds capacity "
-                        "(taken by claims committed meanwhile)"
-                    )
-                if 1.0 - held - holder.share < iso - EPSILON:
-                    return (
-                        f"isolation {max(0.0, 1.0 - held - holder.share):.2f} < theta_iso "
-                        f"{iso:.2f} (allocated {held:.3f} + request {holder.share:.3f}, taken by "
-                        "claims committed meanwhile)"
-                    )
-                full = ledger_full(cn, substrate, holder)
-                if full is not None:
-                    return full
-                alloc = allocation([*current, holder])
+            if not add.result.done():
+                batch = self._ledger_queue.pop(node, [])
                 try:
-                    await self._write_node(node, cn, {"allocated": {substrate.value: alloc.wire()}})
+                    await self._write_holders(node, batch)
+                except BaseException as exc:
+                    # the others' commits fail as this one does (as a conflict when it was
+                    # cancelled: they look at their claims again)
+                    failed = exc if isinstance(exc, Exception) else ConflictError(str(exc))
+                    for other in batch:
+                        if other is not add and not other.result.done():
+                            other.result.set_exception(failed)
+                    raise
+        return await add.result
+
+    async def _write_holders(self, node: str, batch: list[_LedgerAdd]) -> None:
+        """One compare-and-swap write of the node's ledger with every holder of ``batch`` that
+        fits (see :meth:`_add_holder`); sets each one's result."""
+        iso = (await self.thresholds()).theta_iso
+        # first try on the cached object: a stale one fails the resourceVersion check
+        cn = self.nodes.get(node)
+        for _ in range(self.settings.commit_retries):
+            if cn is None:
+                for add in batch:
+                    add.result.set_result("its CapacityNode is gone")
+                return
+            ledgers: dict[Substrate, list[Holder]] = {}
+            outcome = [_admit_holder(cn, ledgers, add, iso) for add in batch]
+            changed = sorted(
+                {add.substrate for add, (added, _) in zip(batch, outcome, strict=True) if added}
+            )
+            if changed:
+                patch = {s.value: allocation(ledgers[s]).wire() for s in changed}
+                try:
+                    await self._write_node(node, cn, {"allocated": patch})
                 except ConflictError:
                     cn = await self._fresh_node(node)
                     continue
-                return None
+            for add, (_, why) in zip(batch, outcome, strict=True):
+                add.result.set_result(why)
+            return
         raise ConflictError(f"node {node} kept changing")
 
     async def _remove_holders(self, uid: str, epoch: int | None, nodes: Iterable[str]) -> None:
@@ -1362,6 +1377,49 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+@dataclass(frozen=True, slots=True)
+class _LedgerAdd:
+    """A holder waiting for the next write of its node's ledger (:meth:`Engine._add_holder`)."""
+
+    substrate: Substrate
+    holder: Holder
+    replace_older: bool
+    result: asyncio.Future[str | None]
+    """None once written (or already there), else why it cannot be."""
+
+
+def _admit_holder(
+    node: CapacityNode, ledgers: dict[Substrate, list[Holder]], add: _LedgerAdd, iso: float
+) -> tuple[bool, str | None]:
+    """Take ``add``'s holder into ``ledgers`` (per substrate, the node's holders as the write
+    under way will leave them) when it fits: (whether the ledger changed, why it cannot be)."""
+    holder = add.holder
+    current = ledgers.setdefault(add.substrate, _holders(node, add.substrate))
+    if any(h.uid == holder.uid and h.epoch == holder.epoch for h in current):
+        return False, None
+    kept = current
+    if add.replace_older:
+        kept = [h for h in current if not (h.uid == holder.uid and h.epoch < holder.epoch)]
+    held = sum(h.share for h in kept)
+    if held + holder.share > 1.0 + EPSILON:
+        return False, (
+            f"allocated {held:.3f} + request {holder.share:.3f} exceeds capacity "
+            "(taken by claims committed meanwhile)"
+        )
+    if 1.0 - held - holder.share < iso - EPSILON:
+        return False, (
+            f"isolation {max(0.0, 1.0 - held - holder.share):.2f} < theta_iso "
+            f"{iso:.2f} (allocated {held:.3f} + request {holder.share:.3f}, taken by "
+            "claims committed meanwhile)"
+        )
+    pending = {s.value: holders for s, holders in ledgers.items()}
+    full = ledger_full(node, add.substrate, holder, pending)
+    if full is not None:
+        return False, full
+    ledgers[add.substrate] = [*kept, holder]
+    return True, None
 
 
 def _holds(node: CapacityNode | None, uid: str) -> bool:

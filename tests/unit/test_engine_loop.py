@@ -158,6 +158,7 @@ class FakeApi:
     async def patch_node_status_cas(self, name: str, resource_version: str, status: JSON) -> JSON:
         if name not in self.nodes:
             raise NotFoundError(name)
+        await asyncio.sleep(0)  # a request takes time: other steps run meanwhile
         return self._cas(name, self.nodes[name], resource_version, status)
 
     async def list_leases(self, namespace: str) -> list[LeaseInfo]:
@@ -581,5 +582,41 @@ def test_placement_sees_every_new_version_of_a_node_and_the_open_proposals() -> 
             {"n0": 0.6, "n1": 0.25}
         )
         assert engine.views(exclude_claim="uid-c")[1].allocated(Substrate.HOST) == 0.0
+
+    run(scenario)
+
+
+def test_commits_on_one_node_share_its_ledger_writes_and_are_each_checked() -> None:
+    # one node, no witnesses: every claim is placed there and committed in the same cycle
+    h = Harness(nodes=1)
+    for name in ("a", "b", "c", "d"):
+        h.api.add_claim(name, 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        assert set(h.phases().values()) == {"Voting"}
+        h.api.vote_all()
+        # meanwhile someone else's holder takes 0.25 of the node: three of the four still fit
+        # (theta_iso 0.15 leaves room for 0.85)
+        node = h.api.nodes["n0"]
+        node["status"]["allocated"] = {"host": {"share": 0.25, "claims": 1, "holders": [
+            {"claim": "ns/other", "uid": "uid-other", "epoch": 1, "share": 0.25}]}}  # fmt: skip
+        h.api._stamp(node)
+        h.api.add_claim("other", 0.25)
+        h.api.claims[("ns", "other")]["status"] = {
+            "phase": "Admitted", "placements": [
+                {"node": "n0", "substrate": "host", "share": 0.25, "epoch": 1}]}  # fmt: skip
+        before = len(h.api.writes)
+        await h.settle(engine)
+        phases = h.phases()
+        assert sorted(phases.values()) == ["Admitted"] * 4 + ["Rejected"]  # "other", 3 of ours
+        holders = h.api.nodes["n0"]["status"]["allocated"]["host"]["holders"]
+        assert sum(x["share"] for x in holders) == pytest.approx(0.85)
+        assert len(holders) == 4
+        # fewer ledger writes than commits: the ones queued behind a write share the next one
+        node_writes = [k for k, _ in h.api.writes[before:] if k == "CapacityNode"]
+        assert 1 <= len(node_writes) < 3
+        assert "CapacityTaken" in [r for _, r, _ in h.events]
 
     run(scenario)
