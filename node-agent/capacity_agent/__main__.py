@@ -42,7 +42,8 @@ async def start_voter(agents: Sequence[NodeAgent], api: Client) -> None:
         for agent in agents
     }
     namespace = agents[0].settings.lease_namespace if agents else "capacity-system"
-    await Voter(api, nodes, namespace).run()
+    spacing = agents[0].settings.ballot_interval if agents else 0.1
+    await Voter(api, nodes, namespace, ballot_interval=spacing).run()
 
 
 async def start_witness(agents: Sequence[NodeAgent], api: Client, endpoint: str | None) -> None:
@@ -85,6 +86,11 @@ def parse_args(argv: Sequence[str] | None) -> dict[str, Any]:
         help="seconds a Lease stays valid without renewal (default 40)",
     )
     add("--lease-renew-interval", type=float, help="seconds between Lease renewals (default 10)")
+    add(
+        "--ballot-interval",
+        type=float,
+        help="seconds at least between two writes of a node's ballot (default 0.1)",
+    )
     add("--health-port", type=int, help="port of /metrics and /healthz (0 disables)")
     add("--proc-root", help="the host's /proc as mounted (default /proc)")
     add("--sys-root", help="the host's /sys as mounted (default /sys)")

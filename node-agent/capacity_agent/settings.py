@@ -54,6 +54,9 @@ class AgentSettings(BaseSettings):
     """Lease.spec.leaseDurationSeconds: how long a renewal vouches for the node."""
     lease_renew_interval: float = Field(default=10.0, gt=0)
     """Seconds between two Lease renewals."""
+    ballot_interval: float = Field(default=0.1, ge=0.0, le=5.0)
+    """Seconds at least between two writes of a node's ballot: the votes that come meanwhile go
+    together (a witness votes on every proposal). 0: every vote at once."""
     proc_root: Path = Path("/proc")
     """The host's /proc as mounted in the agent's container."""
     sys_root: Path = Path("/sys")

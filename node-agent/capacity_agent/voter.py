@@ -218,11 +218,14 @@ class Voter:
         nodes: Mapping[str, VoterNode],
         namespace: str,
         clock: Callable[[], float] = time.time,
+        *,
+        ballot_interval: float = 0.1,
     ) -> None:
         self.api = api
         self.nodes = dict(nodes)
         self.namespace = namespace
         self.clock = clock
+        self.ballot_interval = ballot_interval
         self.cast: dict[tuple[str, int, str], float] = {}
         self.ballots: dict[str, BallotWriter] = {}
         self._thresholds: tuple[float, Thresholds] | None = None
@@ -375,7 +378,7 @@ class Voter:
     def ballot(self, node: str) -> BallotWriter:
         writer = self.ballots.get(node)
         if writer is None:
-            writer = self.ballots[node] = BallotWriter(self.api, node)
+            writer = self.ballots[node] = BallotWriter(self.api, node, spacing=self.ballot_interval)
         return writer
 
     @property

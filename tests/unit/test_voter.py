@@ -451,3 +451,37 @@ def test_the_watch_backs_off_after_a_failure(caplog: pytest.LogCaptureFixture) -
     v = voter(FakeApiServer(refuse_and_stop))
     v._watch(Loop(), Queue())  # type: ignore[arg-type]
     assert "claims watch failed (503 ServiceUnavailable); retrying in" in caplog.text
+
+
+def test_votes_within_the_spacing_of_the_last_write_wait_and_go_together() -> None:
+    # a witness's votes come one by one; after the first write, the next ones wait for the rest
+    # of the spacing and share one write, instead of a write each
+    server = FakeApiServer(ballot_body(), ballot_body(), ballot_body(), ballot_body())
+    v = Voter(
+        server.client(),
+        {"n1": voter_node(Window(0.2))},
+        "capacity-system",
+        lambda: NOW,
+        ballot_interval=1.0,
+    )
+
+    async def run() -> list[float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        writer = v.ballot("n1")
+        await v._cast(CapacityClaim.model_validate(claim_body("c1")), "n1", a_vote())
+        await writer.idle()  # the first vote went out at once
+        first = loop.time() - started
+        for name in ("c2", "c3", "c4"):
+            await v._cast(CapacityClaim.model_validate(claim_body(name)), "n1", a_vote())
+            await asyncio.sleep(0.02)
+        await asyncio.wait_for(writer.idle(), 5)
+        return [first, loop.time() - started]
+
+    first, last = asyncio.run(run())
+    assert first < 0.9  # after a quiet spell: at once (the fake API answers in milliseconds)
+    assert last >= 1.0  # the second write waited for the rest of the spacing
+    statuses = [r for r in server.requests if r.url.path == BALLOT_STATUS]
+    assert len(statuses) == 2  # c1 alone, then c2, c3 and c4 together
+    assert set(server.sent()[4]["status"]["votes"]) == {"uid-c2", "uid-c3", "uid-c4"}
+    assert v.votes_cast == 4
