@@ -178,11 +178,11 @@ class Engine:
         """Queued claims whose first step runs (counted as open until it ends)."""
         self._background: set[asyncio.Task[None]] = set()
         self.ballots: dict[str, dict[str, tuple[JSON, Vote]]] = {}
+        """Per node, its ballot's votes by claim uid (as sent, and parsed): the live votes."""
         self._views: dict[str, NodeView] = {}
+        """Per node, its view without open proposals (see :meth:`views`)."""
         self._ledger_queue: defaultdict[str, list[_LedgerAdd]] = defaultdict(list)
         """Per node, the holders waiting for the next write of its ledger (group commit)."""
-        """Per node, its view without open proposals (see :meth:`views`)."""
-        """Per node, its ballot's votes by claim uid (as sent, and parsed): the live votes."""
 
     # -- caches --------------------------------------------------------------------------------
 
