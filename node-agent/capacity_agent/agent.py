@@ -293,15 +293,21 @@ class AgentRuntime:
         self.agents = list(
             await asyncio.gather(*(self._build(i, name) for i, name in enumerate(names)))
         )
-        # the first write waits for two ticks (delta collectors prime on the first one)
+        # the first write waits for two ticks (delta collectors prime on the first one); after
+        # it, each node's publishing and renewals take a random phase of their period, so that
+        # the nodes of this process (and the agents of a DaemonSet started together) do not all
+        # write in the same instant of every period
         first_publish = min(self.settings.publish_interval, 2.5 * self.settings.interval)
         for agent in self.agents:
+            phases = random.random(), random.random()  # noqa: S311 - phases, not secrets
+            publish = agent.publisher.run(
+                first_delay=first_publish, stagger=phases[0] * self.settings.publish_interval
+            )
+            renew = agent.lease.run(stagger=phases[1] * self.settings.lease_renew_interval)
             self._tasks += [
                 asyncio.create_task(agent.measure(), name=f"{agent.name}/measure"),
-                asyncio.create_task(
-                    agent.publisher.run(first_delay=first_publish), name=f"{agent.name}/publish"
-                ),
-                asyncio.create_task(agent.lease.run(), name=f"{agent.name}/lease"),
+                asyncio.create_task(publish, name=f"{agent.name}/publish"),
+                asyncio.create_task(renew, name=f"{agent.name}/lease"),
             ]
         if self.voter_factory is not None:
             voter = self.voter_factory(self.agents, self.api)

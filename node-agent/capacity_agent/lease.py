@@ -161,8 +161,10 @@ class LeaseRenewer:
         if self.metrics is not None:
             self.metrics.lease_renewals.labels(node=self.name).inc()
 
-    async def run(self) -> None:
-        """Renew every ``renew_interval``; back off on failure. Never returns."""
+    async def run(self, stagger: float | None = None) -> None:
+        """Renew every ``renew_interval``; back off on failure. Never returns. ``stagger`` (0 to
+        ``renew_interval``): the wait after the first renewal, instead of a whole interval, so
+        that the nodes of one process do not all renew at the same moment of every period."""
         while True:
             started = self.clock()
             try:
@@ -179,7 +181,10 @@ class LeaseRenewer:
                         self.backoff.attempts,
                     )
                 self.backoff.reset()
-                delay = self.renew_interval - (self.clock() - started)
+                period = self.renew_interval
+                if stagger is not None:
+                    period, stagger = min(stagger, period), None
+                delay = period - (self.clock() - started)
             await self.sleep(max(0.0, delay))
 
     def _failed(self, exc: Exception) -> float:

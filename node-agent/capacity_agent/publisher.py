@@ -301,9 +301,14 @@ class Publisher:
         self._failing_since: float | None = None
         self._trimmed = False
 
-    async def run(self, first_delay: float = 0.0) -> None:
+    async def run(self, first_delay: float = 0.0, stagger: float | None = None) -> None:
         """Publish every ``publish_interval``, the first time after ``first_delay`` (so that the
-        first object already carries readings); retry failures with backoff. Never returns."""
+        first object already carries readings); retry failures with backoff. Never returns.
+
+        ``stagger`` (0 to ``publish_interval``): the wait after the first write that succeeded,
+        instead of a whole interval, so that the nodes of one process (simulated ones, or a
+        DaemonSet rolled out at once) spread their writes over the interval instead of writing
+        all together every period."""
         if first_delay > 0:
             await self.sleep(first_delay)
         while True:
@@ -323,7 +328,10 @@ class Publisher:
                     )
                     self._failing_since = None
                 self.backoff.reset()
-                delay = self.publish_interval - (self.clock() - started)
+                period = self.publish_interval
+                if stagger is not None and self.published.is_set():
+                    period, stagger = min(stagger, period), None
+                delay = period - (self.clock() - started)
             await self.sleep(max(0.0, delay))
 
     def _failed(self, exc: Exception, now: float) -> float:

@@ -272,6 +272,10 @@ def scenario(
         sampler.stop_flag.set()
         watcher.stop_flag.set()
         latencies = [watcher.done[n][0] - created[n] for n in created if n in watcher.done]
+        # in creation order: whether the slow ones are the first (warm-up) or the last (a queue)
+        ordered = sorted((t, n) for n, t in created.items() if n in watcher.done)
+        tenths = [ordered[i * len(ordered) // 10 : (i + 1) * len(ordered) // 10] for i in range(10)]
+        by_tenth = [[watcher.done[n][0] - t for t, n in part] for part in tenths if part]
         phases = [p for _, p in watcher.done.values()]
         finish = max((t for t, _ in watcher.done.values()), default=start)
         delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
@@ -289,6 +293,8 @@ def scenario(
                 "latency_p50_s": round(percentile(latencies, 50), 3),
                 "latency_p90_s": round(percentile(latencies, 90), 3),
                 "latency_p99_s": round(percentile(latencies, 99), 3),
+                "latency_by_tenth_p50_s": [round(percentile(x, 50), 3) for x in by_tenth],
+                "latency_by_tenth_max_s": [round(max(x), 3) for x in by_tenth],
                 "throughput_per_s": round(done / max(1e-9, finish - start), 2),
                 "operator_cpu_median_pct": round(statistics.median(sampler.cpu), 1)
                 if sampler.cpu

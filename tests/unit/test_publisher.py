@@ -508,6 +508,30 @@ def test_run_retries_with_backoff_then_returns_to_the_interval() -> None:
     assert (p.writes, p.skipped) == (1, 1)
 
 
+def test_run_waits_the_stagger_once_after_the_first_write_then_whole_intervals() -> None:
+    # nodes started together take different phases of the period (the stagger), so that a
+    # process hosting many nodes does not publish all of them in the same instant
+    clock = Clock()
+    api = FakeApi()
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.now += seconds
+        m.tick(clock.now)
+        if len(sleeps) == 5:
+            raise StopLoopError
+
+    p, m = make_publisher(clock, Scripted(clock), api, sleep=sleep)
+    m.tick(clock.now)
+    api.fail = [api_error(500)]  # the first attempt fails: the stagger waits for a success
+    with pytest.raises(StopLoopError):
+        asyncio.run(p.run(first_delay=2.5, stagger=3.25))
+    assert sleeps[0] == 2.5
+    assert sleeps[1] < 10.0  # the backoff after the failure
+    assert sleeps[2:] == [3.25, 10.0, 10.0]
+
+
 @pytest.mark.parametrize("draw", [0.0, 0.25, 0.5, 0.999999])
 def test_backoff_doubles_to_the_cap_with_jitter_in_half_to_full(draw: float) -> None:
     backoff = Backoff(initial=1.0, cap=30.0, rng=lambda: draw)
@@ -714,6 +738,25 @@ def test_lease_renews_on_schedule_and_backs_off_within_the_renew_interval() -> N
     assert [r[:4] for r in api.renewals] == [("n1", "capacity-system", "n1", 40)] * 2
     assert renewer.last_renewed() == api.renewals[-1][4]
     assert metrics.value("capacity_agent_lease_renewals_total", node="n1") == 2
+
+
+def test_lease_renewals_take_their_stagger_once_after_the_first() -> None:
+    clock = Clock()
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        clock.now += seconds
+        if len(sleeps) == 3:
+            raise StopLoopError
+
+    renewer = LeaseRenewer(
+        "n1", "capacity-system", FakeLeases(), duration_seconds=40, renew_interval=10.0,
+        clock=clock, sleep=sleep,
+    )  # fmt: skip
+    with pytest.raises(StopLoopError):
+        asyncio.run(renewer.run(stagger=7.5))
+    assert sleeps == [7.5, 10.0, 10.0]
 
 
 def test_micro_time_has_six_fractional_digits_in_utc() -> None:
