@@ -95,13 +95,19 @@ class BallotWriter:
         while self._task is not None and self.busy:
             await asyncio.shield(self._task)
 
+    def open(self) -> None:
+        """Create the ballot now, and clear what an earlier run left in it, instead of with the
+        first vote: the agent does so at start, so that every node's ballot is there before any
+        proposal and a first vote is a plain patch. Retried with backoff until it succeeds."""
+        self._kick()
+
     def _kick(self) -> None:
         if not self.busy:
             self._task = asyncio.create_task(self._drain(), name=f"ballot-{self.node}")
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.pending:
+        while self.pending or not self.synced:
             if self._last_write is not None:
                 # within the spacing of the last write: wait for the rest of it, and take every
                 # vote that comes meanwhile along
@@ -140,6 +146,8 @@ class BallotWriter:
     def _write(self, batch: dict[str, JSON | None]) -> None:
         if not self.synced:
             self._sync(batch)
+        if not batch:
+            return  # the ballot created, nothing left in it to clear
         self._bound(batch)
         self.api.patch(
             CapacityBallots.Status,

@@ -240,6 +240,8 @@ class Voter:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        for node in self.nodes:
+            self.ballot(node).open()  # every hosted node's ballot, before the first proposal
         queue: asyncio.Queue[JSON] = asyncio.Queue()
         thread = threading.Thread(
             target=self._watch, args=(loop, queue), name="claims-watch", daemon=True

@@ -151,7 +151,7 @@ def test_agent_writes_its_own_ballot_only(
 ) -> None:
     node, api = agent
     as_agent = client.CustomObjectsApi(api)
-    try:  # the agent creates its ballot when it first votes: it may not have voted yet
+    try:  # the agent creates its ballot when it starts: it may not have got that far yet
         as_agent.create_cluster_custom_object(
             GROUP, VERSION, "capacityballots", _ballot(node, node)
         )
@@ -183,7 +183,7 @@ def test_agent_writes_its_own_ballot_only(
     assert "node restriction (agent-writes-own-ballot)" in message, message
     assert f"its own node ({node})" in message, message
     assert f"not {other} with spec.nodeName {other}" in message, message
-    if _ballot_of(custom, other) is not None:  # its agent (or the simulator) has voted
+    if _ballot_of(custom, other) is not None:  # its agent (or the simulator) has started
         message = _refused(vote, other, {"status": {"votes": {uid: _vote(1, "e2e/none")}}})
         assert "node restriction (agent-writes-own-ballot)" in message, message
 

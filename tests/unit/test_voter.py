@@ -485,3 +485,37 @@ def test_votes_within_the_spacing_of_the_last_write_wait_and_go_together() -> No
     assert len(statuses) == 2  # c1 alone, then c2, c3 and c4 together
     assert set(server.sent()[4]["status"]["votes"]) == {"uid-c2", "uid-c3", "uid-c4"}
     assert v.votes_cast == 4
+
+
+def test_a_ballot_opened_at_start_is_created_and_cleared_before_any_vote() -> None:
+    # created by server-side apply; what an earlier run left is cleared in a patch of its own
+    server = FakeApiServer(ballot_body(**{"uid-old": a_vote(1).wire()}), ballot_body())
+    v = voter(server)
+
+    async def run() -> None:
+        writer = v.ballot("n1")
+        writer.open()
+        await asyncio.wait_for(writer.idle(), 5)
+        assert writer.synced
+
+    asyncio.run(run())
+    assert [(r.method, r.url.path) for r in server.requests] == [
+        ("PATCH", BALLOT),
+        ("PATCH", BALLOT_STATUS),
+    ]
+    assert server.sent(1)[4]["status"]["votes"] == {"uid-old": None}
+    # a ballot with nothing left in it costs the apply only, and the first vote is a plain patch
+    server = FakeApiServer(ballot_body(), ballot_body())
+    v = voter(server)
+
+    async def again() -> None:
+        writer = v.ballot("n1")
+        writer.open()
+        await asyncio.wait_for(writer.idle(), 5)
+        assert len(server.requests) == 1
+        writer.spacing = 0.0
+        await v._cast(CapacityClaim.model_validate(claim_body("c1")), "n1", a_vote())
+        await asyncio.wait_for(writer.idle(), 5)
+
+    asyncio.run(again())
+    assert [r.url.path for r in server.requests] == [BALLOT, BALLOT_STATUS]
