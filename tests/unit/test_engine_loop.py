@@ -104,6 +104,18 @@ class FakeApi:
     def claim(self, name: str, namespace: str = "ns") -> JSON:
         return copy.deepcopy(self.claims[(namespace, name)])
 
+    def admit_elsewhere(self, node: str, share: float) -> None:
+        """Another operator copy's commit: claim "other" Admitted on ``node``, its holder in
+        the node's ledger (the engine under test has not seen either yet)."""
+        body = self.nodes[node]
+        body["status"]["allocated"] = {"host": {"share": share, "claims": 1, "holders": [
+            {"claim": "ns/other", "uid": "uid-other", "epoch": 1, "share": share}]}}  # fmt: skip
+        self._stamp(body)
+        self.add_claim("other", share)
+        self.claims[("ns", "other")]["status"] = {
+            "phase": "Admitted", "placements": [
+                {"node": node, "substrate": "host", "share": share, "epoch": 1}]}  # fmt: skip
+
     # -- what the engine calls ---------------------------------------------------------------
 
     async def get_claim(self, namespace: str, name: str) -> JSON:
@@ -317,14 +329,7 @@ def test_capacity_taken_between_the_votes_and_the_commit_aborts_and_proposes_els
         first = h.api.claim("c")["status"]["proposal"]["placement"][0]
         h.api.vote_all()
         # another operator's commit fills the node before ours (the engine's cache is stale)
-        node = h.api.nodes[first]
-        node["status"]["allocated"] = {"host": {"share": 0.9, "claims": 1, "holders": [
-            {"claim": "ns/other", "uid": "uid-other", "epoch": 1, "share": 0.9}]}}  # fmt: skip
-        h.api._stamp(node)
-        h.api.add_claim("other", 0.9)
-        h.api.claims[("ns", "other")]["status"] = {
-            "phase": "Admitted", "placements": [
-                {"node": first, "substrate": "host", "share": 0.9, "epoch": 1}]}  # fmt: skip
+        h.api.admit_elsewhere(first, 0.9)
         await h.settle(engine)
         status = h.api.claim("c")["status"]
         assert status["phase"] == "Voting"
@@ -599,14 +604,7 @@ def test_commits_on_one_node_share_its_ledger_writes_and_are_each_checked() -> N
         h.api.vote_all()
         # meanwhile someone else's holder takes 0.25 of the node: three of the four still fit
         # (theta_iso 0.15 leaves room for 0.85)
-        node = h.api.nodes["n0"]
-        node["status"]["allocated"] = {"host": {"share": 0.25, "claims": 1, "holders": [
-            {"claim": "ns/other", "uid": "uid-other", "epoch": 1, "share": 0.25}]}}  # fmt: skip
-        h.api._stamp(node)
-        h.api.add_claim("other", 0.25)
-        h.api.claims[("ns", "other")]["status"] = {
-            "phase": "Admitted", "placements": [
-                {"node": "n0", "substrate": "host", "share": 0.25, "epoch": 1}]}  # fmt: skip
+        h.api.admit_elsewhere("n0", 0.25)
         before = len(h.api.writes)
         await h.settle(engine)
         phases = h.phases()

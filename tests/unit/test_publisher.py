@@ -479,17 +479,29 @@ class StopLoopError(Exception):
     pass
 
 
+class Sleeps:
+    """A loop's sleeps, recorded: each moves the clock on (and ticks ``tick`` with the new
+    time, when set); the ``stop_after``-th stops the loop with :class:`StopLoopError`."""
+
+    def __init__(self, clock: Clock, stop_after: int) -> None:
+        self.clock = clock
+        self.stop_after = stop_after
+        self.tick: Callable[[float], object] | None = None
+        self.seconds: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.seconds.append(seconds)
+        self.clock.now += seconds
+        if self.tick is not None:
+            self.tick(self.clock.now)
+        if len(self.seconds) == self.stop_after:
+            raise StopLoopError
+
+
 def test_run_retries_with_backoff_then_returns_to_the_interval() -> None:
     clock = Clock()
     api = FakeApi()
-    sleeps: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock.now += seconds
-        if len(sleeps) == 6:
-            raise StopLoopError
-
+    sleep = Sleeps(clock, stop_after=6)
     collector = Scripted(clock)
     p, m = make_publisher(
         clock,
@@ -502,8 +514,8 @@ def test_run_retries_with_backoff_then_returns_to_the_interval() -> None:
     api.fail = [api_error(500) for _ in range(4)]
     with pytest.raises(StopLoopError):
         asyncio.run(p.run())
-    assert sleeps[:4] == [0.5, 1.0, 2.0, 4.0]
-    assert sleeps[4:] == [10.0, 10.0]  # publish_interval once it works again
+    assert sleep.seconds[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert sleep.seconds[4:] == [10.0, 10.0]  # publish_interval once it works again
     assert p.failures == 4
     assert (p.writes, p.skipped) == (1, 1)
 
@@ -513,23 +525,16 @@ def test_run_waits_the_stagger_once_after_the_first_write_then_whole_intervals()
     # process hosting many nodes does not publish all of them in the same instant
     clock = Clock()
     api = FakeApi()
-    sleeps: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock.now += seconds
-        m.tick(clock.now)
-        if len(sleeps) == 5:
-            raise StopLoopError
-
+    sleep = Sleeps(clock, stop_after=5)
     p, m = make_publisher(clock, Scripted(clock), api, sleep=sleep)
+    sleep.tick = m.tick  # samples keep coming while the loop sleeps
     m.tick(clock.now)
     api.fail = [api_error(500)]  # the first attempt fails: the stagger waits for a success
     with pytest.raises(StopLoopError):
         asyncio.run(p.run(first_delay=2.5, stagger=3.25))
-    assert sleeps[0] == 2.5
-    assert sleeps[1] < 10.0  # the backoff after the failure
-    assert sleeps[2:] == [3.25, 10.0, 10.0]
+    assert sleep.seconds[0] == 2.5
+    assert sleep.seconds[1] < 10.0  # the backoff after the failure
+    assert sleep.seconds[2:] == [3.25, 10.0, 10.0]
 
 
 @pytest.mark.parametrize("draw", [0.0, 0.25, 0.5, 0.999999])
@@ -705,14 +710,7 @@ class FakeLeases:
 
 def test_lease_renews_on_schedule_and_backs_off_within_the_renew_interval() -> None:
     clock = Clock()
-    sleeps: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock.now += seconds
-        if len(sleeps) == 8:
-            raise StopLoopError
-
+    sleep = Sleeps(clock, stop_after=8)
     api = FakeLeases()
     metrics = AgentMetrics()
     renewer = LeaseRenewer(
@@ -731,8 +729,8 @@ def test_lease_renews_on_schedule_and_backs_off_within_the_renew_interval() -> N
     with pytest.raises(StopLoopError):
         asyncio.run(renewer.run())
     # 1, 2, 4, 8, then capped at the renew interval so the 40 s lease survives the outage
-    assert sleeps[:6] == pytest.approx([1.0, 2.0, 4.0, 8.0, 10.0, 10.0], rel=1e-5)
-    assert sleeps[6:] == [10.0, 10.0]
+    assert sleep.seconds[:6] == pytest.approx([1.0, 2.0, 4.0, 8.0, 10.0, 10.0], rel=1e-5)
+    assert sleep.seconds[6:] == [10.0, 10.0]
     assert renewer.failures == 6
     assert metrics.value("capacity_agent_lease_renew_failures_total", node="n1") == 6
     assert [r[:4] for r in api.renewals] == [("n1", "capacity-system", "n1", 40)] * 2
@@ -742,21 +740,14 @@ def test_lease_renews_on_schedule_and_backs_off_within_the_renew_interval() -> N
 
 def test_lease_renewals_take_their_stagger_once_after_the_first() -> None:
     clock = Clock()
-    sleeps: list[float] = []
-
-    async def sleep(seconds: float) -> None:
-        sleeps.append(seconds)
-        clock.now += seconds
-        if len(sleeps) == 3:
-            raise StopLoopError
-
+    sleep = Sleeps(clock, stop_after=3)
     renewer = LeaseRenewer(
         "n1", "capacity-system", FakeLeases(), duration_seconds=40, renew_interval=10.0,
         clock=clock, sleep=sleep,
     )  # fmt: skip
     with pytest.raises(StopLoopError):
         asyncio.run(renewer.run(stagger=7.5))
-    assert sleeps == [7.5, 10.0, 10.0]
+    assert sleep.seconds == [7.5, 10.0, 10.0]
 
 
 def test_micro_time_has_six_fractional_digits_in_utc() -> None:
