@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from capacity_agent import cluster
 from capacity_agent.agent import NodeAgent, run_agents
-from capacity_agent.settings import AgentSettings
+from capacity_agent.settings import BALLOT_INTERVAL, AgentSettings
 from capacity_agent.voter import Voter, VoterNode
 from capacity_agent.witness import Witness
 from capacity_api import __version__
@@ -42,7 +42,7 @@ async def start_voter(agents: Sequence[NodeAgent], api: Client) -> None:
         for agent in agents
     }
     namespace = agents[0].settings.lease_namespace if agents else "capacity-system"
-    spacing = agents[0].settings.ballot_interval if agents else 0.1
+    spacing = agents[0].settings.ballot_interval if agents else BALLOT_INTERVAL
     await Voter(api, nodes, namespace, ballot_interval=spacing).run()
 
 

@@ -31,7 +31,7 @@ from lightkube.types import PatchType
 
 from capacity_agent.backoff import Backoff
 from capacity_agent.cluster import CapacityBallots, describe_failure, http_status
-from capacity_agent.settings import FIELD_MANAGER
+from capacity_agent.settings import BALLOT_INTERVAL, FIELD_MANAGER
 from capacity_api.models import (
     MAX_BALLOT_VOTES,
     BallotVote,
@@ -51,7 +51,11 @@ class BallotWriter:
     """The queue and the writes of one node's ballot."""
 
     def __init__(
-        self, api: Client, node: str, backoff: Backoff | None = None, spacing: float = 0.1
+        self,
+        api: Client,
+        node: str,
+        backoff: Backoff | None = None,
+        spacing: float = BALLOT_INTERVAL,
     ) -> None:
         self.api = api
         self.node = node

@@ -20,6 +20,8 @@ from capacity_api.models import NodeName, Substrate
 ENV_PREFIX = "CAPACITY_AGENT_"
 FIELD_MANAGER = "capacity-agent"
 """The server-side apply field manager of everything the agent writes."""
+BALLOT_INTERVAL = 0.1
+"""Default seconds at least between two writes of a node's ballot (``ballot_interval``)."""
 
 
 class AgentSettings(BaseSettings):
@@ -54,7 +56,7 @@ class AgentSettings(BaseSettings):
     """Lease.spec.leaseDurationSeconds: how long a renewal vouches for the node."""
     lease_renew_interval: float = Field(default=10.0, gt=0)
     """Seconds between two Lease renewals."""
-    ballot_interval: float = Field(default=0.1, ge=0.0, le=5.0)
+    ballot_interval: float = Field(default=BALLOT_INTERVAL, ge=0.0, le=5.0)
     """Seconds at least between two writes of a node's ballot: the votes that come meanwhile go
     together (a witness votes on every proposal). 0: every vote at once."""
     proc_root: Path = Path("/proc")

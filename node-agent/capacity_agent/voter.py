@@ -44,6 +44,7 @@ from capacity_agent.cluster import (
     lease_info,
     raise_releasing,
 )
+from capacity_agent.settings import BALLOT_INTERVAL
 from capacity_api.admission import claim_key, node_staleness
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Series, Thresholds, evaluate_fit
 from capacity_api.lease import LeaseInfo
@@ -219,7 +220,7 @@ class Voter:
         namespace: str,
         clock: Callable[[], float] = time.time,
         *,
-        ballot_interval: float = 0.1,
+        ballot_interval: float = BALLOT_INTERVAL,
     ) -> None:
         self.api = api
         self.nodes = dict(nodes)

@@ -55,7 +55,7 @@ def pod_view(body: Mapping[str, Any]) -> JSON:
 
 
 def observed(status: Mapping[str, Any]) -> bool:
-    """kopf's timer filter: a decision whose check is still open."""
+    """A decision whose check is still open: the claims the truth loop looks at each pass."""
     phase = status.get("phase")
     if phase not in (Phase.ADMITTED.value, Phase.REJECTED.value):
         return False
