@@ -158,6 +158,10 @@ def _ensure_peering_object(api: client.ApiClient, name: str) -> None:
             raise
 
 
+STOP_DRAIN_SECONDS = 10.0
+"""How long a graceful stop waits for the admission steps under way to finish their writes."""
+
+
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     for name in ("calibration", "lifecycle", "admission", "truth"):
@@ -166,6 +170,15 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+    engine: Engine | None = memo.get("engine")
+    if engine is not None:
+        # no step starts any more; the ones under way finish their writes (a recovery frees
+        # the failed node's holders after its claim write), so that a graceful stop leaves
+        # nothing half done for the next start to clean up. Bounded: a stuck API server does
+        # not hold the stop, and a step cut short is what a crash leaves, which the ledger
+        # rebuild on start repairs.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(engine.drain(), STOP_DRAIN_SECONDS)
     store: OutcomeStore | None = memo.get("store")
     if store is not None:
         await asyncio.to_thread(store.stop)  # flushes what is pending (bounded wait)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import kopf
 import pytest
 
 from capacity_api import GROUP, VERSION
 from capacity_operator import handlers
+from capacity_operator.protocol import Engine
+from capacity_operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.unit
 
@@ -48,3 +52,22 @@ def test_the_essence_is_empty_and_no_previous_one_is_read() -> None:
     )
     assert storage.build(body=body) == {}
     assert storage.fetch(body=body) is None
+
+
+def test_a_graceful_stop_lets_the_steps_under_way_finish_their_writes() -> None:
+    # a recovery frees the failed node's holders after its claim write: stopped in between,
+    # the holders would stay until the next start's rebuild
+    engine = Engine(None, OperatorSettings(), lambda *_: None)  # type: ignore[arg-type]
+    written: list[str] = []
+
+    async def step() -> None:
+        await asyncio.sleep(0.05)  # a write under way
+        written.append("holders freed")
+
+    async def scenario() -> None:
+        engine._start("claim", step())
+        await handlers.cleanup(memo=kopf.Memo(engine=engine))
+        assert written == ["holders freed"]
+        assert not engine._running
+
+    asyncio.run(scenario())
