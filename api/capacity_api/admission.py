@@ -8,7 +8,7 @@ clock is a parameter), so the protocol's invariants are unit-tested without a cl
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -16,6 +16,7 @@ from enum import StrEnum
 from functools import lru_cache
 
 from capacity_api.models import (
+    ASKED_SLOTS,
     Allocation,
     CapacityClaim,
     CapacityClaimSpec,
@@ -482,6 +483,26 @@ def plan_placement(
     views = {v.name: v for v in candidates}
     committed = {n: min(1.0, round(views[n].committed(substrate), 6)) for n in placement}
     return PlacementPlan(placement=placement, witnesses=witnesses, share=share, committed=committed)
+
+
+def claim_watch_fields(hosted: Collection[str]) -> list[dict[str, str] | None]:
+    """The field selectors of an agent process's claims watches (None: every claim).
+
+    A process hosting one node (a DaemonSet pod) watches, one watch per field, the claims whose
+    proposal names its node in ``status.proposal.asked`` (:class:`~capacity_api.models.Asked`)
+    and those naming more voters than the fields hold: the API server then sends it the events
+    of the claims it votes on (and keeps sending the later events of those claims while the
+    proposal stays in their status), not every claim's. A process hosting several (a
+    simulation) would need as many watches per node, so it keeps one watch of every claim.
+    """
+    if len(hosted) != 1:
+        return [None]
+    (node,) = hosted
+    prefix = "status.proposal.asked"
+    return [
+        *({f"{prefix}.{slot}": node} for slot in ASKED_SLOTS),
+        {f"{prefix}.more": "true"},
+    ]
 
 
 def new_proposal(

@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel
 
 from capacity_api import GROUP, VERSION, policy
-from capacity_api.models import CapacityBallot, CapacityClaim, CapacityNode, Resource
+from capacity_api.models import ASKED_SLOTS, CapacityBallot, CapacityClaim, CapacityNode, Resource
 
 JSONSchema = dict[str, Any]
 
@@ -211,8 +211,27 @@ PRINTER_COLUMNS: dict[str, list[JSONSchema]] = {
 }
 
 
+SELECTABLE_FIELDS: dict[str, list[JSONSchema]] = {
+    # an agent hosting one node watches only the claims whose proposal names it
+    "CapacityClaim": [
+        *({"jsonPath": f".status.proposal.asked.{slot}"} for slot in ASKED_SLOTS),
+        {"jsonPath": ".status.proposal.asked.more"},
+    ],
+}
+
+
 def crd(model: type[Resource]) -> JSONSchema:
     """The full CustomResourceDefinition of a resource model."""
+    version: JSONSchema = {
+        "name": VERSION,
+        "served": True,
+        "storage": True,
+        "schema": {"openAPIV3Schema": object_schema(model)},
+        "subresources": {"status": {}},
+        "additionalPrinterColumns": PRINTER_COLUMNS[model.kind],
+    }
+    if model.kind in SELECTABLE_FIELDS:
+        version["selectableFields"] = SELECTABLE_FIELDS[model.kind]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -228,16 +247,7 @@ def crd(model: type[Resource]) -> JSONSchema:
                 "categories": ["capacity"],
             },
             "scope": "Namespaced" if model.namespaced else "Cluster",
-            "versions": [
-                {
-                    "name": VERSION,
-                    "served": True,
-                    "storage": True,
-                    "schema": {"openAPIV3Schema": object_schema(model)},
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS[model.kind],
-                }
-            ],
+            "versions": [version],
         },
     }
 

@@ -11,7 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
 from capacity_api import API_VERSION
@@ -226,6 +226,36 @@ class CapacityClaimSpec(Model):
     """Recovery behaviour when a placement node fails (default: Replace, 3 recoveries)."""
 
 
+ASKED_SLOTS = ("first", "second", "third")
+"""The voters a proposal names one field each in ``status.proposal.asked``."""
+
+
+class Asked(Model):
+    """A proposal's voters, one field each, for the API server's field selectors.
+
+    A field selector matches one value of one field, and a list is not selectable, so the
+    voters are copied out of ``voters`` into fields an agent hosting one node can watch
+    (``status.proposal.asked.first=<node>``, one watch per field): it then sees only the claims
+    whose proposal names its node. A proposal with more voters than fields sets only ``more``,
+    and every such agent watches ``status.proposal.asked.more=true`` as well.
+    """
+
+    first: NodeName | None = None
+    """The first voter (the first placement node)."""
+    second: NodeName | None = None
+    """The second voter."""
+    third: NodeName | None = None
+    """The third voter."""
+    more: bool | None = None
+    """True when the proposal names more voters than there are fields: every agent looks."""
+
+    @classmethod
+    def of(cls, voters: list[str]) -> Asked:
+        if len(voters) > len(ASKED_SLOTS):
+            return cls(more=True)
+        return cls(**dict(zip(ASKED_SLOTS, voters, strict=False)))
+
+
 class Proposal(Model):
     """One epoch of the two-phase admission protocol."""
 
@@ -245,6 +275,14 @@ class Proposal(Model):
     """Per placement node, the share of the substrate committed to admitted claims when the
     proposal was made (the operator's ledger): the node counts it with its own open promises
     instead of reading its CapacityNode; the commit's compare-and-swap checks again."""
+    asked: Asked | None = None
+    """The voters again, one field each, so that an agent can watch only the proposals that
+    name its node; always derived from the voters."""
+
+    @model_validator(mode="after")
+    def _derive_asked(self) -> Proposal:
+        self.asked = Asked.of(self.voters)
+        return self
 
 
 class Vote(Model):

@@ -33,6 +33,7 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.types import OnErrorAction, OnErrorResult
 
 from capacity_api import GROUP, VERSION
+from capacity_api.admission import claim_watch_fields
 from capacity_api.cluster_access import (
     SERVICE_ACCOUNT_NAMESPACE,
     SERVICE_ACCOUNT_TOKEN,
@@ -48,6 +49,8 @@ from capacity_api.lease import LeaseInfo, parse_lease
 from capacity_api.models import CapacityBallot, CapacityClaim, CapacityNode
 
 PROBE_TIMEOUT = httpx2.Timeout(10.0, connect=5.0)
+CLAIM_WATCHES = len(claim_watch_fields(["one-node"]))
+"""The most claims watches an agent process keeps open (one per field it watches)."""
 """Seconds to connect to and then to hear from the API server when checking it at start."""
 
 CapacityNodes = create_global_resource(GROUP, VERSION, CapacityNode.kind, CapacityNode.plural)
@@ -205,9 +208,9 @@ def check_reachable(access: ClusterAccess) -> None:
 
 def connection_limits(pool: int) -> httpx2.Limits:
     """httpx's default limits (100 connections, 20 kept open when idle), raised so that every
-    worker thread and the claims watch keep a connection of their own: a smaller pool closes
+    worker thread and the claims watches keep a connection of their own: a smaller pool closes
     connections after use and redoes their TLS handshakes."""
-    wanted = pool + 1
+    wanted = pool + CLAIM_WATCHES
     return httpx2.Limits(
         max_connections=max(100, wanted), max_keepalive_connections=max(20, wanted)
     )

@@ -1,8 +1,10 @@
 """The agent's side of quorum admission: see proposals that name this node, vote, reserve.
 
 One :class:`Voter` serves every node hosted by the process (one node for a DaemonSet pod, many
-for a simulation), with a single watch on CapacityClaims. For each open proposal that names a
-hosted node and lacks its vote for the current epoch, the node decides:
+for a simulation). A process hosting one node watches only the claims whose proposal names it
+(field selectors on ``status.proposal.asked``, :func:`capacity_api.admission.claim_watch_fields`);
+one hosting several watches every claim once. For each open proposal that names a hosted node
+and lacks its vote for the current epoch, the node decides:
 
 - as a **placement** node, on fit: its own window of the proposal's substrate, through
   :func:`capacity_api.gates.evaluate_fit`, with the allocation already committed to it plus the
@@ -24,6 +26,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -31,6 +34,7 @@ from typing import Any, Protocol
 
 import httpx2
 from lightkube import ALL_NS, Client
+from lightkube.core.client import FieldSelector
 from lightkube.resources.coordination_v1 import Lease
 from lightkube.resources.core_v1 import ConfigMap
 
@@ -45,7 +49,7 @@ from capacity_agent.cluster import (
     raise_releasing,
 )
 from capacity_agent.settings import BALLOT_INTERVAL
-from capacity_api.admission import claim_key, node_staleness
+from capacity_api.admission import claim_key, claim_watch_fields, node_staleness
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Series, Thresholds, evaluate_fit
 from capacity_api.lease import LeaseInfo
 from capacity_api.models import (
@@ -210,6 +214,42 @@ def decide_witness(
     )
 
 
+FORGET_DELETED_SECONDS = 600.0
+"""How long :class:`EpochOrder` remembers the epoch of a claim that went away from its watches."""
+
+
+class EpochOrder:
+    """Puts the events of one agent's several claims watches back in order.
+
+    Each watch delivers its events in order, but a claim moves between the watches when its
+    next epoch names this node in another field (or not at all): the old field's watch sends
+    DELETED with the old epoch's content, the new one's ADDED with the new epoch, in either
+    order. Epochs only grow and a proposal's voters do not change within one, so an event
+    whose epoch is older than the newest seen for that claim is stale and dropped; events of
+    the newest epoch pass, a deletion included. A claim that went away is remembered for
+    :data:`FORGET_DELETED_SECONDS`, long enough for any watch to catch up.
+    """
+
+    def __init__(self) -> None:
+        self.newest: dict[str, int] = {}
+        self._gone: deque[tuple[float, str, int]] = deque()
+
+    def admit(self, body: JSON, now: float) -> bool:
+        while self._gone and self._gone[0][0] < now - FORGET_DELETED_SECONDS:
+            _, uid, epoch = self._gone.popleft()
+            if self.newest.get(uid) == epoch:
+                del self.newest[uid]
+        uid = body.get("metadata", {}).get("uid", "")
+        proposal = (body.get("status") or {}).get("proposal") or {}
+        epoch = int(proposal.get("epoch", 0))
+        if epoch < self.newest.get(uid, 0):
+            return False
+        self.newest[uid] = epoch
+        if body.get("_deleted"):
+            self._gone.append((now, uid, epoch))
+        return True
+
+
 class Voter:
     """Watches claims once for all hosted nodes and casts their votes."""
 
@@ -244,14 +284,21 @@ class Voter:
         for node in self.nodes:
             self.ballot(node).open()  # every hosted node's ballot, before the first proposal
         queue: asyncio.Queue[JSON] = asyncio.Queue()
-        thread = threading.Thread(
-            target=self._watch, args=(loop, queue), name="claims-watch", daemon=True
-        )
-        thread.start()
+        selectors = claim_watch_fields(list(self.nodes))
+        order = EpochOrder() if len(selectors) > 1 else None
+        for index, fields in enumerate(selectors):
+            threading.Thread(
+                target=self._watch,
+                args=(loop, queue, fields),
+                name=f"claims-watch-{index}",
+                daemon=True,
+            ).start()
         pending: set[asyncio.Task[None]] = set()
         try:
             while True:
                 body = await queue.get()
+                if order is not None and not order.admit(body, self.clock()):
+                    continue  # an older epoch's event, from a watch that lagged behind another
                 task = asyncio.create_task(self.handle(body))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -260,13 +307,21 @@ class Voter:
             for task in pending:
                 task.cancel()
 
-    def _watch(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[JSON]) -> None:
-        """List every claim, then watch from the list's version; list again at once when that
-        version expired (410 Gone), after a backoff on any other failure."""
+    def _watch(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue[JSON],
+        fields: dict[str, str] | None,
+    ) -> None:
+        """List the claims that ``fields`` select (None: every claim), then watch from the list's
+        version; list again at once when that version expired (410 Gone), after a backoff on
+        any other failure. A claim that stops matching the selector comes as DELETED with its
+        previous content: for this node it is gone."""
         backoff = Backoff(initial=0.5, cap=30.0)
+        selector: FieldSelector | None = dict(fields) if fields is not None else None
         while not self._stop.is_set():
             try:
-                listing = self.api.list(CapacityClaims, namespace=ALL_NS)
+                listing = self.api.list(CapacityClaims, namespace=ALL_NS, fields=selector)
                 items = [dict(item) for item in listing]
                 version = listing.resourceVersion
                 backoff.reset()  # the API server answers again
@@ -275,6 +330,7 @@ class Voter:
                 events = self.api.watch(
                     CapacityClaims,
                     namespace=ALL_NS,
+                    fields=selector,
                     resource_version=version,
                     server_timeout=WATCH_SECONDS,
                     on_error=raise_releasing,

@@ -91,6 +91,34 @@ def test_fit_admitted_misfit_rejected_with_gate_and_node(
         cluster.delete_nodes(prefix)
 
 
+def test_agents_hosting_one_node_each_vote_through_watches_of_the_claims_naming_them(
+    kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
+) -> None:
+    """Three agent processes of one node each, as a DaemonSet runs them: each watches only the
+    claims whose proposal names its node (field selectors), and the claim is still admitted."""
+    prefix = unique("solo")
+    agents = [
+        agents_proc(
+            kubeconfig, platform, tmp_path / f"agent{i}.log", prefix=f"{prefix}-{i}", count=1
+        )
+        for i in range(3)
+    ]
+    op = operator_proc(kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace)
+    try:
+        with running(*agents, op):
+            cluster.wait_nodes_ready(prefix, 3)
+            cluster.create_claim(namespace, "solo", cGeo=0.2)
+            body = cluster.wait_phase(namespace, "solo", ["Admitted", "Rejected"])
+            assert body["status"]["phase"] == "Admitted", show(*agents, op)
+            proposal = body["status"]["proposal"]
+            assert sorted(proposal["voters"]) == sorted(f"{prefix}-{i}-0" for i in range(3))
+            (placed,) = proposal["placement"]
+            assert body["status"]["votes"][placed]["role"] == "placement"
+            assert len(body["status"]["votes"]) >= 2  # a majority, the placement node's included
+    finally:
+        cluster.delete_nodes(prefix)
+
+
 def test_claim_bigger_than_any_node_is_rejected_at_once(
     kubeconfig: Path, cluster: Cluster, platform: str, namespace: str, tmp_path: Path
 ) -> None:

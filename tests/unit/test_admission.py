@@ -22,6 +22,7 @@ from capacity_api.admission import (
     allocated_share,
     ballot_votes,
     claim_substrate,
+    claim_watch_fields,
     expected_holders,
     ledger_bytes,
     ledger_estimate,
@@ -277,6 +278,30 @@ def test_epochs_only_grow() -> None:
     second = new_proposal(first, plan, Substrate.HOST, NOW, timedelta(seconds=5))
     assert (first.epoch, second.epoch) == (1, 2)
     assert second.deadline == NOW + timedelta(seconds=5)
+
+
+def test_a_proposal_names_its_voters_one_field_each_for_the_agents_field_selectors() -> None:
+    plan = PlacementPlan(placement=["a"], witnesses=["b", "c"], share=0.1)
+    wire = new_proposal(None, plan, Substrate.HOST, NOW, timedelta(seconds=5)).wire()
+    assert wire["asked"] == {"first": "a", "second": "b", "third": "c"}
+    # more voters than fields: only the flag, which every one-node agent watches
+    wide = PlacementPlan(placement=["a", "b"], witnesses=["c", "d"], share=0.1)
+    assert new_proposal(None, wide, Substrate.HOST, NOW, timedelta(seconds=5)).wire()["asked"] == {
+        "more": True
+    }
+    # derived from the voters whatever was stored: a stale or forged copy does not survive
+    forged = {**wire, "asked": {"first": "z"}}
+    assert Proposal.model_validate(forged).wire()["asked"] == wire["asked"]
+
+
+def test_an_agent_of_one_node_watches_the_claims_naming_it_one_of_several_every_claim() -> None:
+    assert claim_watch_fields(["n1"]) == [
+        {"status.proposal.asked.first": "n1"},
+        {"status.proposal.asked.second": "n1"},
+        {"status.proposal.asked.third": "n1"},
+        {"status.proposal.asked.more": "true"},
+    ]
+    assert claim_watch_fields(["n1", "n2"]) == [None]
 
 
 # -- the ledger ---------------------------------------------------------------------------------

@@ -365,11 +365,12 @@ def test_the_operators_client_pool_holds_a_connection_per_worker_thread(tmp_path
 # The agent's loader and client (lightkube)
 
 
-def test_the_agents_pool_keeps_a_connection_per_worker_thread_and_the_watch(
+def test_the_agents_pool_keeps_a_connection_per_worker_thread_and_the_watches(
     tmp_path: Path,
 ) -> None:
+    assert capacity_agent.cluster.CLAIM_WATCHES == 4
     limits = capacity_agent.cluster.connection_limits(64)
-    assert (limits.max_keepalive_connections, limits.max_connections) == (65, 100)
+    assert (limits.max_keepalive_connections, limits.max_connections) == (68, 100)
     defaults = capacity_agent.cluster.connection_limits(8)
     assert (defaults.max_keepalive_connections, defaults.max_connections) == (20, 100)
     path = write_kubeconfig(tmp_path / "kc", "https://127.0.0.1:6443")

@@ -124,3 +124,17 @@ def test_crd_metadata() -> None:
         version = body["spec"]["versions"][0]
         assert version["subresources"] == {"status": {}}
         assert body["spec"]["names"]["categories"] == ["capacity"]
+    # the fields an agent's claims watches select on, each a scalar in the schema
+    selectable = [f["jsonPath"] for f in claim["spec"]["versions"][0]["selectableFields"]]
+    assert selectable == [
+        ".status.proposal.asked.first",
+        ".status.proposal.asked.second",
+        ".status.proposal.asked.third",
+        ".status.proposal.asked.more",
+    ]
+    proposal = claim["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"][
+        "properties"
+    ]["proposal"]
+    types = {k: v["type"] for k, v in proposal["properties"]["asked"]["properties"].items()}
+    assert types == {"first": "string", "second": "string", "third": "string", "more": "boolean"}
+    assert "selectableFields" not in node["spec"]["versions"][0]

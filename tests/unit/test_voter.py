@@ -13,6 +13,8 @@ import pytest
 
 from capacity_agent.backoff import Backoff
 from capacity_agent.voter import (
+    FORGET_DELETED_SECONDS,
+    EpochOrder,
     Reservation,
     Voter,
     VoterNode,
@@ -429,7 +431,7 @@ def test_the_watch_lists_then_watches_and_lists_again_at_once_when_its_version_e
     )
     v = voter(server)
     queue = Queue()
-    v._watch(Loop(), queue)  # type: ignore[arg-type]
+    v._watch(Loop(), queue, None)  # type: ignore[arg-type]
     names = [(item["metadata"]["name"], item.get("_deleted", False)) for item in queue.items]
     assert names == [("c1", False), ("c2", False), ("c3", True)]
     requests = [(r.url.path, dict(r.url.params)) for r in server.requests]
@@ -443,13 +445,56 @@ def test_the_watch_lists_then_watches_and_lists_again_at_once_when_its_version_e
     assert "claims watch failed" not in caplog.text  # a 410 is no failure: no backoff
 
 
+def test_a_watch_with_fields_lists_and_watches_only_what_they_select() -> None:
+    def list_then_stop(request: Any) -> Any:
+        v._stop.set()
+        return httpx2.Response(200, json=claim_list("7", claim_body("c1")))
+
+    server = FakeApiServer(list_then_stop, watch_stream(("MODIFIED", claim_body("c1"))))
+    v = voter(server)
+    queue = Queue()
+    v._watch(Loop(), queue, {"status.proposal.asked.second": "n1"})  # type: ignore[arg-type]
+    assert [item["metadata"]["name"] for item in queue.items] == ["c1", "c1"]
+    selector = "status.proposal.asked.second=n1"
+    assert [dict(r.url.params).get("fieldSelector") for r in server.requests] == [selector] * 2
+
+
+def event(uid: str, epoch: int | None, *, deleted: bool = False) -> dict[str, Any]:
+    status = {} if epoch is None else {"proposal": {"epoch": epoch}}
+    body: dict[str, Any] = {"metadata": {"uid": uid}, "status": status}
+    if deleted:
+        body["_deleted"] = True
+    return body
+
+
+def test_the_events_of_several_watches_of_one_claim_go_in_epoch_order() -> None:
+    # epoch 2 names the node in another field: the new field's watch sends ADDED(2), the old
+    # one's DELETED with epoch 1's content; whichever comes second must not undo the first
+    order = EpochOrder()
+    assert order.admit(event("u", 1), NOW)
+    assert order.admit(event("u", 2), NOW)
+    assert not order.admit(event("u", 1, deleted=True), NOW)  # late: epoch 2 is newer
+    assert order.admit(event("u", 2), NOW)  # the same epoch again (an update) passes
+    # the other way round: the deletion first, then the newer epoch; both pass
+    assert order.admit(event("v", 1), NOW)
+    assert order.admit(event("v", 1, deleted=True), NOW)
+    assert order.admit(event("v", 2), NOW)
+    # a claim deleted at its newest epoch is gone; a stale event of another watch stays out
+    assert order.admit(event("v", 2, deleted=True), NOW)
+    assert not order.admit(event("v", 1), NOW + 1)
+    # ... until the claim has been gone for long enough that no watch can still be behind
+    assert order.admit(event("w", 1), NOW + FORGET_DELETED_SECONDS + 2)
+    assert "v" not in order.newest
+    assert order.newest == {"u": 2, "w": 1}
+
+
 def test_the_watch_backs_off_after_a_failure(caplog: pytest.LogCaptureFixture) -> None:
     def refuse_and_stop(request: Any) -> Any:
         v._stop.set()
         return httpx2.Response(503, json=status_body(503))
 
     v = voter(FakeApiServer(refuse_and_stop))
-    v._watch(Loop(), Queue())  # type: ignore[arg-type]
+    v._watch(Loop(), Queue(), None)  # type: ignore[arg-type]
     assert "claims watch failed (503 ServiceUnavailable); retrying in" in caplog.text
 
 
