@@ -11,6 +11,9 @@ watch) p50/p90/p99, sustained throughput, operator CPU and RSS, and API requests
     BENCH_PROFILE=1 ...        # also a py-spy profile of the operator (root), hot frames printed
     BENCH_APISERVER_PROFILE=1  # also a CPU profile of kube-apiserver (go tool pprof -top -cum);
                                # needs the control plane up with CAPACITY_CP_PROFILING=1
+    BENCH_IDLE_SECONDS=20      # first measure every process with the nodes but no claims
+                               # (default 20 s; 0: skip); the run then reports what the
+                               # claims added beyond that, per claim
     BENCH_AGENT_INTERVAL=0.5 BENCH_PUBLISH_INTERVAL=5 ...
                                # the simulated nodes' sampling and publishing intervals (s);
                                # default: the agent's own defaults, 1 and 10
@@ -178,6 +181,22 @@ class Sampler(threading.Thread):
             last, last_t = now, t
 
 
+def beyond_idle(
+    idle: dict[str, Any] | None, machine: MachineSampler, done: int
+) -> dict[str, float] | None:
+    """Per process, the CPU the claims added (ms per claim): what it used over the run less
+    what it used per second with no claims at all (the idle phase), over the run's length."""
+    if not idle or not done:
+        return None
+    run = machine.figures()
+    seconds = run["interval_s"]
+    out: dict[str, float] = {}
+    for name, entry in run["processes"].items():
+        rate = idle["cpu"]["processes"].get(name, {}).get("cpu_pct_of_core", 0.0) / 100.0
+        out[name] = round(1000.0 * (entry["cpu_s"] - rate * seconds) / done, 2)
+    return out
+
+
 def scenario(
     api: client.ApiClient, kubeconfig: Path, *, nodes: int, claims: int, rate: float, workdir: Path
 ) -> dict[str, Any]:
@@ -224,16 +243,29 @@ def scenario(
         time.sleep(5)  # operator started, caches filled, ledger rebuilt
         watcher = Watcher(api, namespace)
         watcher.start()
+        groups = {
+            **cluster_processes(control_plane_dir()),
+            "operator": [psutil.Process(op.popen.pid if op.popen else 0)],
+            "agents": [psutil.Process(agents.popen.pid if agents.popen else 0)],
+            "benchmark (client)": [psutil.Process()],
+        }
+        idle_seconds = float(os.environ.get("BENCH_IDLE_SECONDS", "20"))
+        if idle_seconds > 0:
+            # the cost of the nodes alone (publishing, Leases, the operator's loops), so that
+            # what a claim adds can be told from what time and nodes cost
+            idle = MachineSampler(groups)
+            idle_before = apiserver_requests(api)
+            idle.start()
+            time.sleep(idle_seconds)
+            idle.stop()
+            idle_requests = sum(apiserver_requests(api).values()) - sum(idle_before.values())
+            result["idle"] = {
+                "cpu": idle.figures(),
+                "api_requests_per_s": round(idle_requests / idle_seconds, 2),
+            }
         sampler = Sampler(op.popen.pid if op.popen else 0)
         sampler.start()
-        machine = MachineSampler(
-            {
-                **cluster_processes(control_plane_dir()),
-                "operator": [psutil.Process(op.popen.pid if op.popen else 0)],
-                "agents": [psutil.Process(agents.popen.pid if agents.popen else 0)],
-                "benchmark (client)": [psutil.Process()],
-            }
-        )
+        machine = MachineSampler(groups)
         machine.start()
         profile: Profile | None = None
         if os.environ.get("BENCH_PROFILE") and op.popen:
@@ -303,6 +335,7 @@ def scenario(
                 "operator_rss_peak_mib": round(max(sampler.rss), 1) if sampler.rss else None,
                 "api_requests_per_claim": round(sum(delta.values()) / max(1, done), 2),
                 "cpu": machine.figures(per=done),
+                "cpu_ms_per_claim_beyond_idle": beyond_idle(result.get("idle"), machine, done),
                 "api_requests_by_verb_per_claim": {
                     k: round(v / max(1, done), 2)
                     for k, v in sorted(delta.items(), key=lambda kv: -kv[1])
