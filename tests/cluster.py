@@ -28,6 +28,14 @@ T = TypeVar("T")
 FINAL_PHASES = frozenset({"Admitted", "Rejected", "Failed"})
 
 
+def decided(claim: dict[str, Any]) -> bool:
+    """The operator is done with the claim for now: a final phase, or Pending until other
+    claims free the room it needs (nothing it can do about that by itself)."""
+    status = claim.get("status") or {}
+    waiting = status.get("phase") == "Pending" and status.get("reason") == "WaitingForCapacity"
+    return waiting or status.get("phase") in FINAL_PHASES
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 

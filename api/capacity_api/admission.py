@@ -215,6 +215,19 @@ class NodeView:
     def allocated(self, substrate: Substrate) -> float:
         return self.committed(substrate) + self.reserved.get(substrate.value, 0.0)
 
+    def with_reserved(self, substrate: Substrate, share: float) -> NodeView:
+        """The same node with ``share`` more of ``substrate`` promised."""
+        reserved = dict(self.reserved)
+        reserved[substrate.value] = reserved.get(substrate.value, 0.0) + share
+        return NodeView(
+            name=self.name,
+            node=self.node,
+            lease_live=self.lease_live,
+            fresh=self.fresh,
+            reserved=reserved,
+            facts=self.facts,
+        )
+
     def headroom(self, substrate: Substrate) -> float:
         """min(1 - a, 1 - p95(u)) from the node's own reading, measured and promised."""
         a = self.allocated(substrate)
@@ -462,11 +475,20 @@ def plan_placement(
         stale = sorted(v.name for v in nodes if not (v.fresh and v.lease_live))
         if stale:
             reasons.append(f"not ready or lease expired: {', '.join(stale)}")
+        # would it fit if the usable nodes held nothing? If not, no claim leaving frees room
+        # for it (its share and theta_iso alone rule it out): final, and said so
+        if_empty = [
+            v.name
+            for v in usable
+            if v.name not in excluded_set
+            and (r := offering.get(v.name)) is not None
+            and 1.0 - r >= min_isolation - EPSILON
+        ]
         return NoPlacement(
             "InsufficientCapacity",
             f"{len(candidates)} of {spec.replicas} placement node(s) available; "
             + "; ".join(reasons),
-            final=False,
+            final=len(if_empty) < spec.replicas,
         )
     headroom = {v.name: v.headroom(substrate) for v in candidates}
     candidates.sort(key=lambda v: (-headroom[v.name], v.name))
@@ -503,6 +525,56 @@ def claim_watch_fields(hosted: Collection[str]) -> list[dict[str, str] | None]:
         *({f"{prefix}.{slot}": node} for slot in ASKED_SLOTS),
         {f"{prefix}.more": "true"},
     ]
+
+
+def no_room(plan: NoPlacement, refusals: Mapping[str, str], others_in_the_way: bool) -> NoPlacement:
+    """What a claim that cannot be placed now does (DESIGN section 5: it waits, and is never
+    retried into a storm). It waits (``WaitingForCapacity``) when the room is taken by other
+    claims: open proposals (``others_in_the_way``: it would fit without them, and they may
+    still abort) or admitted claims (they may be deleted); it is looked at again when room is
+    freed. It is rejected as ``plan`` says when placement nodes refused it by their votes
+    (``refusals``: the nodes' own measurements said no, the design's "retries with another
+    placement up to a bound, then Rejected with the reasons from the votes"), or when
+    ``plan`` is final (no node could ever hold it) or already a wait (no usable node yet)."""
+    if plan.final or plan.wait or (refusals and not others_in_the_way):
+        return plan
+    if others_in_the_way:
+        message = "waiting for open proposals of other claims to commit or abort; " + plan.message
+    else:
+        message = "waiting for room (admitted claims hold it): " + plan.message
+    return NoPlacement(WAITING_FOR_CAPACITY, message, final=False, wait=True)
+
+
+def same_wait(before: str | None, after: str) -> bool:
+    """Whether two messages of a waiting claim say it waits for the same thing (their first
+    clause: open proposals, or room held by admitted claims), so that the claim is not written
+    again for numbers that moved, only when what it waits for changed."""
+
+    def head(message: str) -> str:
+        return message.partition(";")[0].partition(":")[0]
+
+    return before is not None and head(before) == head(after)
+
+
+def room_grew(before: CapacityNode | None, after: CapacityNode) -> bool:
+    """Whether a new version of a CapacityNode may give a waiting claim room it did not have:
+    a new node, a changed capacity or set of substrates, or an allocation that shrank (a share
+    or a ledger that got smaller). Readings and conditions do not count here (placement judges
+    room on promises; a node that became fresh again is found by the periodic look)."""
+    if before is None:
+        return True
+    if (
+        before.spec.capacity != after.spec.capacity
+        or before.spec.substrates != after.spec.substrates
+    ):
+        return True
+    old = (before.status.allocated or {}) if before.status else {}
+    new = (after.status.allocated or {}) if after.status else {}
+    for substrate, alloc in old.items():
+        now = new.get(substrate)
+        if now is None or now.share < alloc.share - EPSILON or now.claims < alloc.claims:
+            return True
+    return False
 
 
 def new_proposal(
@@ -687,6 +759,17 @@ class Step:
     tally: Tally | None = None
 
 
+def waiting_for_room(claim: CapacityClaim) -> bool:
+    """Pending because other claims hold the room it needs (:func:`no_room`)."""
+    status = claim.status
+    return (
+        status is not None
+        and status.phase is Phase.PENDING
+        and status.reason == WAITING_FOR_CAPACITY
+        and claim.metadata.deletion_timestamp is None
+    )
+
+
 def pending(claim: CapacityClaim) -> bool:
     """Not yet proposed (no status, or Pending waiting for nodes or capacity)."""
     status = claim.status
@@ -730,15 +813,25 @@ def _voting_step(claim: CapacityClaim, now: datetime) -> Step:
     return Step(action, result)
 
 
-def wake_at(claim: CapacityClaim, now: datetime, recheck: timedelta) -> datetime | None:
+ROOM_RECHECK = timedelta(seconds=10)
+"""How often a claim waiting for room is looked at again although nothing said room was freed
+(a node that became fresh again, a threshold that moved): the freeing events themselves wake
+the waiting claims at once."""
+
+
+def wake_at(
+    claim: CapacityClaim, now: datetime, recheck: timedelta, room_recheck: timedelta = ROOM_RECHECK
+) -> datetime | None:
     """When the claim needs a look although nothing about it changed: a Voting claim at its
-    deadline, a claim waiting for nodes or capacity and a Recovering one every ``recheck``;
-    None when only a change of the claim can move it on."""
+    deadline, a claim waiting for nodes and a Recovering one every ``recheck``, a claim waiting
+    for room every ``room_recheck``; None when only a change of the claim can move it on."""
     status = claim.status
     if claim.metadata.deletion_timestamp is not None or status is None:
         return None
     if status.phase is Phase.VOTING and status.proposal is not None:
         return status.proposal.deadline
+    if status.phase is Phase.PENDING and status.reason == WAITING_FOR_CAPACITY:
+        return now + room_recheck
     if status.phase is Phase.PENDING and status.reason in WAITING_REASONS:
         return now + recheck
     if status.phase is Phase.RECOVERING:

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -41,12 +41,16 @@ from capacity_api.admission import (
     ledger_full,
     new_proposal,
     next_step,
+    no_room,
     node_staleness,
     pending,
     plan_placement,
     quorum,
     rebuild_allocations,
+    room_grew,
+    same_wait,
     tally,
+    waiting_for_room,
     wake_at,
     with_ballot_votes,
 )
@@ -119,6 +123,18 @@ class Inflight:
     deadline: datetime
 
 
+@dataclass
+class WaitingRoom:
+    """The claims Pending with reason WaitingForCapacity, looked at again when room is freed."""
+
+    claims: set[str] = field(default_factory=set)
+    freed: bool = False
+    """Room may have been freed (a holder or an open proposal gone, a node added or back)
+    since the waiting claims were last looked at."""
+    swept: datetime | None = None
+    """When the waiting claims were last looked at because room was freed."""
+
+
 class Engine:
     """Admission state of one operator process: caches, locks and the protocol steps."""
 
@@ -183,6 +199,7 @@ class Engine:
         """Per node, its view without open proposals (see :meth:`views`)."""
         self._ledger_queue: defaultdict[str, list[_LedgerAdd]] = defaultdict(list)
         """Per node, the holders waiting for the next write of its ledger (group commit)."""
+        self._room = WaitingRoom()
 
     # -- caches --------------------------------------------------------------------------------
 
@@ -203,8 +220,11 @@ class Engine:
         known = self.node_versions.get(name)
         if known is not None and not _rv_newer(version, known):
             return  # an event no newer than what our own write returned
-        self.nodes[name] = parse_node(body)
+        before = self.nodes.get(name)
+        self.nodes[name] = node = parse_node(body)
         self.node_versions[name] = version
+        if self._room.claims and room_grew(before, node):
+            self._free_room()
 
     async def _delete_ballot(self, name: str) -> None:
         try:
@@ -215,8 +235,21 @@ class Engine:
     def observe_lease(self, lease: LeaseInfo, deleted: bool = False) -> None:
         if deleted:
             self.leases.pop(lease.name, None)
-        else:
-            self.leases[lease.name] = lease
+            return
+        before = self.leases.get(lease.name)
+        self.leases[lease.name] = lease
+        now = self.clock()
+        if self._room.claims and lease.live(now) and not (before and before.live(now)):
+            self._free_room()  # a node that was gone renews again
+
+    def _free_room(self) -> None:
+        self._room.freed = True
+        self._wake.set()
+
+    def _end_inflight(self, uid: str) -> None:
+        """An open proposal of this operator ended without a commit: its share is free."""
+        if self.inflight.pop(uid, None) is not None and self._room.claims:
+            self._free_room()
 
     def observe_ballot(self, body: JSON, deleted: bool = False) -> None:
         """A node's ballot changed: keep its votes, and look again at every claim whose vote
@@ -261,6 +294,7 @@ class Engine:
         if deleted:
             self.claims.pop(uid, None)
             self._parsed.pop(uid, None)
+            self._room.claims.discard(uid)
             self._wake_at.pop(uid, None)
             self._queued.pop(uid, None)
             self._due.discard(uid)
@@ -274,6 +308,10 @@ class Engine:
             return  # older than, or the same as, what we have
         self.claims[uid] = body
         self._parsed[uid] = claim = parse_claim(body)
+        if waiting_for_room(claim):
+            self._room.claims.add(uid)
+        else:
+            self._room.claims.discard(uid)
         when = wake_at(claim, self.clock(), timedelta(seconds=RECHECK_SECONDS))
         if when is None:
             self._wake_at.pop(uid, None)
@@ -471,9 +509,15 @@ class Engine:
             for task in list(self._running.values()):
                 task.cancel()
 
+    def _next_room_sweep(self) -> datetime:
+        assert self._room.swept is not None
+        return self._room.swept + timedelta(seconds=RECHECK_SECONDS)
+
     async def _sleep(self) -> None:
         now = self.clock()
         soonest = min(self._wake_at.values(), default=None)
+        if self._room.freed and self._room.swept is not None:
+            soonest = min(soonest or self._next_room_sweep(), self._next_room_sweep())
         timeout = RECHECK_SECONDS if soonest is None else (soonest - now).total_seconds()
         if self._next_gc is not None:
             timeout = min(timeout, (self._next_gc - now).total_seconds())
@@ -489,6 +533,11 @@ class Engine:
             if when <= now:
                 del self._wake_at[uid]
                 self._due.add(uid)
+        if self._room.freed and (self._room.swept is None or now >= self._next_room_sweep()):
+            # at most once a RECHECK_SECONDS however often room is freed
+            self._room.freed = False
+            self._room.swept = now
+            self._due |= self._fitting_now()
         started = 0
         for uid, gone in list(self._deleted.items()):
             if uid not in self._running:
@@ -518,6 +567,38 @@ class Engine:
             self._next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
             started += self._start("ledger-gc", self.collect_garbage())
         return started
+
+    def _fitting_now(self) -> set[str]:
+        """Room was freed: the claims waiting for it, oldest first, against one snapshot of
+        the nodes (as Kueue's scheduler takes its queue in a cycle). Those that fit now get a
+        step, and the room each takes counts for the next; the others stay waiting, not
+        looked at again, so that room freed is taken by the oldest claims it fits, and a
+        thousand waiting claims cost one pass of placement, not a thousand steps."""
+        floor = datetime.min.replace(tzinfo=UTC)
+        waiting = sorted(
+            ((claim.metadata.creation_timestamp or floor, claim_key(claim)), uid)
+            for uid in self._room.claims
+            if (claim := self._parsed.get(uid)) is not None
+        )
+        views = {view.name: view for view in self.views()}
+        iso = self._in_force.theta_iso
+        fitting: set[str] = set()
+        for _, uid in waiting:
+            claim = self._parsed[uid]
+            try:
+                substrate = claim_substrate(claim.spec)
+            except ClaimError:
+                fitting.add(uid)  # its step rejects it
+                continue
+            refused = dict(claim.status.refusals or {}) if claim.status else {}
+            plan = plan_placement(
+                claim.spec, substrate, list(views.values()), refused, min_isolation=iso
+            )
+            if isinstance(plan, PlacementPlan):
+                fitting.add(uid)
+                for name in plan.placement:
+                    views[name] = views[name].with_reserved(substrate, plan.share)
+        return fitting
 
     def _start_queued(self) -> int:
         """Flow control: queued Pending claims propose, oldest first, while fewer than
@@ -706,21 +787,14 @@ class Engine:
             claim.spec, substrate, self.views(exclude_claim=uid), refusals, min_isolation=iso
         )
         if isinstance(plan, NoPlacement) and not plan.final and not plan.wait:
-            # Only open proposals of other claims in the way? They may still abort: wait.
+            # no room now: only open proposals of other claims in the way (they may abort)?
             unreserved = plan_placement(
                 claim.spec, substrate, self.views(ignore_inflight=True), refusals, min_isolation=iso
             )
-            if isinstance(unreserved, PlacementPlan):
-                plan = NoPlacement(
-                    reasons.WAITING_FOR_CAPACITY,
-                    "waiting for open proposals of other claims to commit or abort; "
-                    + plan.message,
-                    final=False,
-                    wait=True,
-                )
+            plan = no_room(plan, refusals, isinstance(unreserved, PlacementPlan))
         if isinstance(plan, NoPlacement):
             if plan.wait:
-                await self._wait(claim, plan)
+                await self._wait(claim, body, plan)
                 return
             message = plan.message
             if refusals:
@@ -781,10 +855,10 @@ class Engine:
                 },
             )
         except BaseException:
-            self.inflight.pop(claim.metadata.uid or "", None)
+            self._end_inflight(claim.metadata.uid or "")
             raise
 
-    async def _wait(self, claim: CapacityClaim, plan: NoPlacement) -> None:
+    async def _wait(self, claim: CapacityClaim, body: JSON, plan: NoPlacement) -> None:
         """Keep the claim Pending (a timer looks again) while the cluster cannot decide yet."""
         reason = (
             plan.reason
@@ -792,17 +866,26 @@ class Engine:
             else (reasons.WAITING_FOR_NODES)
         )
         status = claim.status
-        if status and status.phase is Phase.PENDING and status.reason == reason:
+        message = _clip(plan.message)
+        if (
+            status
+            and status.phase is Phase.PENDING
+            and status.reason == reason
+            and same_wait(status.message, message)
+        ):
             return
         await self._write_claim(
             claim,
             {
                 "phase": Phase.PENDING.value,
                 "reason": reason,
-                "message": plan.message,
+                "message": message,
                 "observedGeneration": claim.metadata.generation,
             },
         )
+        if reason == reasons.WAITING_FOR_CAPACITY and not (status and status.reason == reason):
+            # one Event when it starts waiting; none while it goes on waiting
+            self.emit(body, "Normal", reason, message)
 
     def _track(self, claim: CapacityClaim, proposal: Proposal) -> None:
         uid = claim.metadata.uid or ""
@@ -869,7 +952,7 @@ class Engine:
                 ),
             },
         )
-        self.inflight.pop(holder.uid, None)
+        self.inflight.pop(holder.uid, None)  # committed: no room freed
         log.info("claim %s %s", holder.claim, message)
         self.emit(body, "Normal", reasons.QUORUM_REACHED, message)
 
@@ -978,7 +1061,7 @@ class Engine:
         assert status is not None
         proposal = status.proposal
         uid = claim.metadata.uid or ""
-        self.inflight.pop(uid, None)
+        self._end_inflight(uid)
         if proposal is not None:
             await self._remove_holders(uid, proposal.epoch, proposal.placement)
         refusals = {} if restart else {**(status.refusals or {}), **refused}
@@ -1011,7 +1094,7 @@ class Engine:
         *,
         refusals: dict[str, str] | None = None,
     ) -> None:
-        self.inflight.pop(claim.metadata.uid or "", None)
+        self._end_inflight(claim.metadata.uid or "")
         await self._write_claim(
             claim,
             {
@@ -1041,7 +1124,7 @@ class Engine:
         claim = parse_claim(body)
         uid = claim.metadata.uid or ""
         async with self._claim_locks[uid]:
-            self.inflight.pop(uid, None)
+            self._end_inflight(uid)
             holding = [name for name, node in self.nodes.items() if _holds(node, uid)]
             placed = [p.node for p in (claim.status.placements or [])] if claim.status else []
             await self._remove_holders(uid, None, [*holding, *placed])
@@ -1118,7 +1201,7 @@ class Engine:
         self.emit(body, "Warning", reason, message)
         # a Failed claim holds nothing: its shares on the surviving nodes are freed too
         uid = claim.metadata.uid or ""
-        self.inflight.pop(uid, None)
+        self._end_inflight(uid)
         held = [p.node for p in (claim.status.placements or [])] if claim.status else []
         await self._remove_holders(uid, None, held)
 
@@ -1163,7 +1246,7 @@ class Engine:
                 await self._commit_recovery(claim, body, proposal, lost, result)
             elif result.outcome is Outcome.ABORT:
                 uid = claim.metadata.uid or ""
-                self.inflight.pop(uid, None)
+                self._end_inflight(uid)
                 await self._remove_holders(uid, proposal.epoch, proposal.placement)
                 refused = {n: result.counted[n].reason or "voted NO" for n in result.refused_by}
                 await self._propose_recovery(
@@ -1267,7 +1350,7 @@ class Engine:
             taken = await self._add_holder(node, substrate, holder, replace_older=True)
             if taken is not None:
                 await self._remove_holders(uid, proposal.epoch, proposal.placement)
-                self.inflight.pop(uid, None)
+                self._end_inflight(uid)
                 await self._propose_recovery(
                     claim, body, lost, refused={**(status.refusals or {}), node: taken},
                     note=f"{node}: {taken}",
@@ -1318,7 +1401,7 @@ class Engine:
                 ),
             },
         )
-        self.inflight.pop(uid, None)
+        self.inflight.pop(uid, None)  # committed: no room freed
         log.info("claim %s %s", holder.claim, message)
         self.emit(body, "Normal", reasons.RECOVERED_REASON, message)
         # the failed nodes are fenced: their old shares are released, their pods deleted so

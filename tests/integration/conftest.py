@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from kubernetes import client
@@ -11,8 +12,10 @@ from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
 from tests import kube
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_for
 from tests.nodes import wait_default_service_account
+
+JSON = dict[str, Any]
 
 
 @pytest.fixture(scope="session")
@@ -31,20 +34,26 @@ def namespace(api: client.ApiClient, crds: list[str]) -> Iterator[str]:
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
     wait_default_service_account(core, name)
     yield name
-    # claims left behind carry the operator's finalizer; nothing serves this namespace any more
+    # its claims go first, and are gone before the next test starts: a claim waiting for room
+    # in a namespace still being deleted would be admitted by the next test's cluster-wide
+    # operator onto that test's nodes. Finalizers are not the operator's (it adds none), but a
+    # test may have added one.
     custom = client.CustomObjectsApi(api)
-    for item in custom.list_namespaced_custom_object(GROUP, VERSION, name, "capacityclaims")[
-        "items"
-    ]:
+
+    def remaining() -> list[JSON]:
+        items: list[JSON] = custom.list_namespaced_custom_object(
+            GROUP, VERSION, name, "capacityclaims"
+        )["items"]
+        return items
+
+    for item in remaining():
         if item["metadata"].get("finalizers"):
             custom.patch_namespaced_custom_object(
-                GROUP,
-                VERSION,
-                name,
-                "capacityclaims",
-                item["metadata"]["name"],
+                GROUP, VERSION, name, "capacityclaims", item["metadata"]["name"],
                 {"metadata": {"finalizers": None}},
-            )
+            )  # fmt: skip
+    custom.delete_collection_namespaced_custom_object(GROUP, VERSION, name, "capacityclaims")
+    wait_for(f"the claims of {name} deleted", lambda: not remaining(), timeout=60)
     try:
         core.delete_namespace(name)
     except ApiException as exc:  # already gone is fine

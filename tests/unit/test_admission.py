@@ -29,6 +29,7 @@ from capacity_api.admission import (
     ledger_full,
     new_proposal,
     next_step,
+    no_room,
     node_facts,
     node_share,
     node_staleness,
@@ -36,6 +37,7 @@ from capacity_api.admission import (
     proposal_open,
     quorum,
     rebuild_allocations,
+    room_grew,
     tally,
     wake_at,
     with_ballot_votes,
@@ -194,6 +196,24 @@ def test_full_cluster_is_insufficient_capacity_with_per_node_reasons() -> None:
     assert isinstance(plan, NoPlacement)
     assert plan.reason == "InsufficientCapacity"
     assert "a: allocated 0.95 + request 0.10 exceeds capacity" in plan.message
+    assert not plan.final  # the holder may leave: the claim may wait for it
+
+
+def test_a_claim_that_would_not_fit_even_on_empty_nodes_is_final() -> None:
+    # theta_iso 0.5 leaves room for at most 0.5 of an empty node: 0.6 never fits, whatever
+    # leaves; 0.4 fits once the holder of 0.3 leaves
+    nodes = [view(node("a", holders=[holder("x", 0.3)]))]
+    never = plan_placement(spec(cGeo=0.6), Substrate.HOST, nodes, min_isolation=0.5)
+    assert isinstance(never, NoPlacement)
+    assert (never.reason, never.final) == ("InsufficientCapacity", True)
+    assert "isolation" in never.message
+    later = plan_placement(spec(cGeo=0.4), Substrate.HOST, nodes, min_isolation=0.5)
+    assert isinstance(later, NoPlacement)
+    assert not later.final
+    # two replicas and one usable node: not enough nodes, however empty
+    pair = plan_placement(spec(cGeo=0.1, replicas=2), Substrate.HOST, nodes)
+    assert isinstance(pair, NoPlacement)
+    assert pair.final
 
 
 def test_reserved_shares_of_open_proposals_count() -> None:
@@ -302,6 +322,31 @@ def test_an_agent_of_one_node_watches_the_claims_naming_it_one_of_several_every_
         {"status.proposal.asked.more": "true"},
     ]
     assert claim_watch_fields(["n1", "n2"]) == [None]
+
+
+def test_a_claim_without_room_waits_unless_the_nodes_votes_refused_it() -> None:
+    full = NoPlacement("InsufficientCapacity", "0 of 1 placement node(s) available", final=False)
+    waits = no_room(full, {}, others_in_the_way=False)
+    assert (waits.reason, waits.wait, waits.final) == ("WaitingForCapacity", True, False)
+    assert "admitted claims hold it" in waits.message
+    behind = no_room(full, {"a": "fit_error 0.3"}, others_in_the_way=True)
+    assert behind.wait  # those may still abort
+    assert "open proposals" in behind.message
+    assert no_room(full, {"a": "fit_error 0.3"}, others_in_the_way=False) is full  # rejected
+    never = NoPlacement("ExceedsNodeCapacity", "too big", final=True)
+    assert no_room(never, {}, others_in_the_way=False) is never
+
+
+def test_room_grows_with_a_new_node_a_smaller_ledger_or_a_changed_capacity() -> None:
+    one = Holder(claim="ns/a", uid="u1", epoch=1, share=0.3)
+    two = Holder(claim="ns/b", uid="u2", epoch=1, share=0.3)
+    before = node("a", holders=[one, two])
+    assert room_grew(None, before)
+    assert room_grew(before, node("a", holders=[one]))
+    assert room_grew(before, node("a"))
+    assert room_grew(before, node("a", holders=[one, two], cpu="16"))
+    assert not room_grew(before, node("a", holders=[one, two]))  # a publish: readings only
+    assert not room_grew(node("a", holders=[one]), before)  # a commit takes room
 
 
 # -- the ledger ---------------------------------------------------------------------------------

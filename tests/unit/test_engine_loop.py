@@ -399,7 +399,9 @@ def test_deleted_claims_holders_are_freed_by_the_event_or_by_the_garbage_collect
     run(scenario)
 
 
-def test_a_claim_waiting_for_capacity_is_looked_at_again_without_an_event() -> None:
+def test_a_claim_without_room_waits_unwritten_and_is_admitted_when_the_room_is_freed() -> None:
+    # DESIGN section 5: a claim that cannot be placed now waits; it is never retried into a
+    # storm, nor rejected because other claims hold the room for the moment
     h = Harness(nodes=1)
     h.api.add_claim("first", 0.6)
     h.api.add_claim("second", 0.6)
@@ -408,19 +410,82 @@ def test_a_claim_waiting_for_capacity_is_looked_at_again_without_an_event() -> N
         engine = await h.engine()
         await h.settle(engine)
         assert h.phases() == {"first": "Voting", "second": "Pending"}
-        assert h.api.claim("second")["status"]["reason"] == "WaitingForCapacity"
-        writes = len(h.api.writes)
-        h.now += timedelta(seconds=1.5)
-        engine.cycle()  # still waiting: looked at, nothing written
+        second = h.api.claim("second")["status"]
+        assert second["reason"] == "WaitingForCapacity"
+        assert "open proposals of other claims" in second["message"]
+        h.api.vote_all()
+        await h.settle(engine)  # the first commits: its share is taken for good
+        h.now += timedelta(seconds=11)
+        engine.cycle()  # looked at again (every 10 s): still no room, and still waiting
         await engine.drain()
+        assert h.phases() == {"first": "Admitted", "second": "Pending"}
+        second = h.api.claim("second")["status"]
+        assert second["reason"] == "WaitingForCapacity"
+        assert "admitted claims hold it" in second["message"]  # what it waits for changed
+        writes = len(h.api.writes)
+        for _ in range(5):  # waiting costs no write, however often it is looked at
+            h.now += timedelta(seconds=2)  # (the nodes' readings stay fresh for 30 s here)
+            await h.settle(engine)
         assert len(h.api.writes) == writes
+        waits = [e for e in h.events if e[:2] == ("second", "WaitingForCapacity")]
+        assert len(waits) == 1  # one Event when it started waiting
+        # the first is deleted: its holder goes, and that wakes the waiting claim at once
+        first = h.api.claims.pop(("ns", "first"))
+        engine.observe_claim(first, deleted=True)
+        engine.cycle()  # frees the holder
+        await engine.drain()
+        engine.cycle()  # the freed room wakes the waiting claim, without waiting for 10 s
+        await engine.drain()
+        assert h.phases() == {"second": "Voting"}
         h.api.vote_all()
         await h.settle(engine)
-        h.now += timedelta(seconds=1.5)
-        engine.cycle()  # the first committed: the second is refused for good
+        assert h.phases() == {"second": "Admitted"}
+
+    run(scenario)
+
+
+def test_room_freed_goes_to_the_oldest_waiting_claim_it_fits_the_others_are_not_touched() -> None:
+    h = Harness(nodes=1)
+    h.api.add_claim("holder", 0.6)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        await h.settle(engine)
+        for name in ("older", "younger"):
+            h.api.add_claim(name, 0.6)
+            await h.settle(engine)
+        assert h.phases() == {"holder": "Admitted", "older": "Pending", "younger": "Pending"}
+        writes = len(h.api.writes)
+        holder = h.api.claims.pop(("ns", "holder"))
+        engine.observe_claim(holder, deleted=True)
+        engine.cycle()  # frees the holder
         await engine.drain()
-        assert h.phases() == {"first": "Admitted", "second": "Rejected"}
-        assert h.api.claim("second")["status"]["reason"] == "InsufficientCapacity"
+        engine.cycle()  # one pass over the waiting claims, oldest first
+        await engine.drain()
+        # "older" takes the room; "younger", which the same room would have fitted, is left
+        # waiting, and not written
+        assert h.phases() == {"older": "Voting", "younger": "Pending"}
+        assert h.api.writes[writes:] == [("CapacityNode", "n0"), ("CapacityClaim", "older")]
+
+    run(scenario)
+
+
+def test_a_claim_refused_by_the_votes_of_every_node_is_rejected_not_kept_waiting() -> None:
+    h = Harness(nodes=1)
+    h.api.add_claim("c", 0.3)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all(value="NO")
+        await h.settle(engine)
+        await h.settle(engine)
+        assert h.phases() == {"c": "Rejected"}
+        status = h.api.claim("c")["status"]
+        assert status["reason"] == "InsufficientCapacity"
+        assert "refused by n0: test" in status["message"]
 
     run(scenario)
 
