@@ -498,16 +498,15 @@ class Engine:
         wait, unwritten, for an epoch to end). Steps of different claims run concurrently, one
         at a time per claim."""
         await self.ready.wait()
-        try:
-            while True:
-                if self.paused:  # a peer of higher priority acts; the cache keeps filling
-                    await asyncio.sleep(RECHECK_SECONDS)
-                    continue
-                await self._sleep()
-                self.cycle()
-        finally:
-            for task in list(self._running.values()):
-                task.cancel()
+        # cancelled, the loop stops starting steps; the steps under way are left to finish
+        # their writes (:meth:`drain`, which a graceful stop awaits with a bound, and whose
+        # cancellation cancels them)
+        while True:
+            if self.paused:  # a peer of higher priority acts; the cache keeps filling
+                await asyncio.sleep(RECHECK_SECONDS)
+                continue
+            await self._sleep()
+            self.cycle()
 
     def _next_room_sweep(self) -> datetime:
         assert self._room.swept is not None

@@ -65,9 +65,14 @@ def test_a_graceful_stop_lets_the_steps_under_way_finish_their_writes() -> None:
         written.append("holders freed")
 
     async def scenario() -> None:
+        engine.ready.set()
+        admission = asyncio.create_task(engine.run())  # the admission loop, as started
         engine._start("claim", step())
-        await handlers.cleanup(memo=kopf.Memo(engine=engine))
+        await asyncio.sleep(0)  # both running
+        # cleanup cancels the admission loop first: that must not cancel the steps
+        await handlers.cleanup(memo=kopf.Memo(engine=engine, admission=admission))
         assert written == ["holders freed"]
         assert not engine._running
+        assert admission.cancelled()
 
     asyncio.run(scenario())
