@@ -99,6 +99,10 @@ LIVENESS_TICKS_PER_SECOND = 4
 
 RECHECK_SECONDS = 1.0
 """How often a claim waiting for nodes or capacity, or recovering, is looked at again."""
+ROOM_PASS_CLAIMS = 256
+"""When room is freed, how many of the waiting claims (the oldest) one pass places: a pass
+costs a placement per claim, so a long queue under churn does not cost a core; the younger
+ones are looked at by their own timers (every ``ROOM_RECHECK``)."""
 
 
 def _now() -> datetime:
@@ -572,13 +576,14 @@ class Engine:
         the nodes (as Kueue's scheduler takes its queue in a cycle). Those that fit now get a
         step, and the room each takes counts for the next; the others stay waiting, not
         looked at again, so that room freed is taken by the oldest claims it fits, and a
-        thousand waiting claims cost one pass of placement, not a thousand steps."""
+        thousand waiting claims cost one pass of placement (of the ``ROOM_PASS_CLAIMS``
+        oldest), not a thousand steps."""
         floor = datetime.min.replace(tzinfo=UTC)
         waiting = sorted(
             ((claim.metadata.creation_timestamp or floor, claim_key(claim)), uid)
             for uid in self._room.claims
             if (claim := self._parsed.get(uid)) is not None
-        )
+        )[:ROOM_PASS_CLAIMS]
         views = {view.name: view for view in self.views()}
         iso = self._in_force.theta_iso
         fitting: set[str] = set()

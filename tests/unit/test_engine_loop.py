@@ -21,6 +21,7 @@ import pytest
 
 from capacity_api.lease import LeaseInfo
 from capacity_api.models import MAX_BALLOT_VOTES, Substrate
+from capacity_operator import protocol
 from capacity_operator.kube import ConflictError, NotFoundError
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
@@ -468,6 +469,33 @@ def test_room_freed_goes_to_the_oldest_waiting_claim_it_fits_the_others_are_not_
         # waiting, and not written
         assert h.phases() == {"older": "Voting", "younger": "Pending"}
         assert h.api.writes[writes:] == [("CapacityNode", "n0"), ("CapacityClaim", "older")]
+
+    run(scenario)
+
+
+def test_a_pass_over_the_waiting_claims_places_only_the_oldest(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(protocol, "ROOM_PASS_CLAIMS", 1)
+    h = Harness(nodes=2)
+    h.api.add_claim("a", 0.6)
+    h.api.add_claim("b", 0.6)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        await h.settle(engine)
+        for name in ("older", "younger"):
+            h.api.add_claim(name, 0.6)
+            await h.settle(engine)
+        for name in ("a", "b"):  # room for both waiting claims
+            engine.observe_claim(h.api.claims.pop(("ns", name)), deleted=True)
+        engine.cycle()
+        await engine.drain()
+        engine.cycle()  # the pass takes the oldest waiting claim only
+        await engine.drain()
+        assert h.phases() == {"older": "Voting", "younger": "Pending"}
 
     run(scenario)
 
