@@ -16,7 +16,8 @@ from enum import StrEnum
 from functools import lru_cache
 
 from capacity_api.models import (
-    ASKED_SLOTS,
+    ASKED_FIELDS,
+    ASKED_PATH,
     Allocation,
     CapacityClaim,
     CapacityClaimSpec,
@@ -520,11 +521,7 @@ def claim_watch_fields(hosted: Collection[str]) -> list[dict[str, str] | None]:
     if len(hosted) != 1:
         return [None]
     (node,) = hosted
-    prefix = "status.proposal.asked"
-    return [
-        *({f"{prefix}.{slot}": node} for slot in ASKED_SLOTS),
-        {f"{prefix}.more": "true"},
-    ]
+    return [{f"{ASKED_PATH}.{name}": "true" if name == "more" else node} for name in ASKED_FIELDS]
 
 
 def no_room(plan: NoPlacement, refusals: Mapping[str, str], others_in_the_way: bool) -> NoPlacement:

@@ -22,7 +22,14 @@ import yaml
 from pydantic import BaseModel
 
 from capacity_api import GROUP, VERSION, policy
-from capacity_api.models import ASKED_SLOTS, CapacityBallot, CapacityClaim, CapacityNode, Resource
+from capacity_api.models import (
+    ASKED_FIELDS,
+    ASKED_PATH,
+    CapacityBallot,
+    CapacityClaim,
+    CapacityNode,
+    Resource,
+)
 
 JSONSchema = dict[str, Any]
 
@@ -213,10 +220,7 @@ PRINTER_COLUMNS: dict[str, list[JSONSchema]] = {
 
 SELECTABLE_FIELDS: dict[str, list[JSONSchema]] = {
     # an agent hosting one node watches only the claims whose proposal names it
-    "CapacityClaim": [
-        *({"jsonPath": f".status.proposal.asked.{slot}"} for slot in ASKED_SLOTS),
-        {"jsonPath": ".status.proposal.asked.more"},
-    ],
+    "CapacityClaim": [{"jsonPath": f".{ASKED_PATH}.{name}"} for name in ASKED_FIELDS],
 }
 
 

@@ -228,6 +228,10 @@ class CapacityClaimSpec(Model):
 
 ASKED_SLOTS = ("first", "second", "third")
 """The voters a proposal names one field each in ``status.proposal.asked``."""
+ASKED_PATH = "status.proposal.asked"
+"""Where :class:`Asked` sits in a claim: its fields are the claim's selectable fields."""
+ASKED_FIELDS = (*ASKED_SLOTS, "more")
+"""Every selectable field of :class:`Asked`, one claims watch each for an agent of one node."""
 
 
 class Asked(Model):

@@ -33,7 +33,6 @@ from lightkube.resources.coordination_v1 import Lease
 from lightkube.types import OnErrorAction, OnErrorResult
 
 from capacity_api import GROUP, VERSION
-from capacity_api.admission import claim_watch_fields
 from capacity_api.cluster_access import (
     SERVICE_ACCOUNT_NAMESPACE,
     SERVICE_ACCOUNT_TOKEN,
@@ -46,12 +45,12 @@ from capacity_api.cluster_access import (
     merged_context,
 )
 from capacity_api.lease import LeaseInfo, parse_lease
-from capacity_api.models import CapacityBallot, CapacityClaim, CapacityNode
+from capacity_api.models import ASKED_FIELDS, CapacityBallot, CapacityClaim, CapacityNode
 
 PROBE_TIMEOUT = httpx2.Timeout(10.0, connect=5.0)
-CLAIM_WATCHES = len(claim_watch_fields(["one-node"]))
-"""The most claims watches an agent process keeps open (one per field it watches)."""
 """Seconds to connect to and then to hear from the API server when checking it at start."""
+CLAIM_WATCHES = len(ASKED_FIELDS)
+"""The most claims watches an agent process keeps open (one per selectable field)."""
 
 CapacityNodes = create_global_resource(GROUP, VERSION, CapacityNode.kind, CapacityNode.plural)
 """The CapacityNode resource for lightkube (objects come back as dicts)."""
