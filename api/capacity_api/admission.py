@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from enum import StrEnum
@@ -220,14 +220,7 @@ class NodeView:
         """The same node with ``share`` more of ``substrate`` promised."""
         reserved = dict(self.reserved)
         reserved[substrate.value] = reserved.get(substrate.value, 0.0) + share
-        return NodeView(
-            name=self.name,
-            node=self.node,
-            lease_live=self.lease_live,
-            fresh=self.fresh,
-            reserved=reserved,
-            facts=self.facts,
-        )
+        return replace(self, reserved=reserved)
 
     def headroom(self, substrate: Substrate) -> float:
         """min(1 - a, 1 - p95(u)) from the node's own reading, measured and promised."""

@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -353,14 +353,7 @@ class Engine:
             view = self._base_view(name, node, live, fresh)
             held = reserved.get(name)
             if held:
-                view = NodeView(
-                    name=name,
-                    node=node,
-                    lease_live=live,
-                    fresh=fresh,
-                    reserved=dict(held),
-                    facts=view.facts,
-                )
+                view = replace(view, reserved=dict(held))  # the base view's facts, not again
             views.append(view)
         return views
 
