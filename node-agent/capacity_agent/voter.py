@@ -49,7 +49,12 @@ from capacity_agent.cluster import (
     raise_releasing,
 )
 from capacity_agent.settings import BALLOT_INTERVAL
-from capacity_api.admission import claim_key, claim_watch_fields, node_staleness
+from capacity_api.admission import (
+    allocated_share,
+    claim_key,
+    claim_watch_fields,
+    node_staleness,
+)
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Series, Thresholds, evaluate_fit
 from capacity_api.lease import LeaseInfo
 from capacity_api.models import (
@@ -122,13 +127,6 @@ class PlacementDecision:
 
 def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
-
-
-def _allocated(node: CapacityNode | None, substrate: str) -> float:
-    if node is None or node.status is None:
-        return 0.0
-    alloc = (node.status.allocated or {}).get(substrate)
-    return sum(h.share for h in alloc.holders) if alloc else 0.0
 
 
 def decide_placement(
@@ -396,7 +394,8 @@ class Voter:
             substrate = proposal.substrate or Substrate.HOST
             committed = (proposal.committed or {}).get(node.name)
             if committed is None:  # a proposal of an operator that does not say: read the ledger
-                committed = _allocated(await self._capacity_node(node.name), substrate.value)
+                ledger = await self._capacity_node(node.name)
+                committed = allocated_share(ledger, substrate) if ledger else 0.0
             decision = decide_placement(
                 node=node,
                 claim_uid=claim.metadata.uid or "",
