@@ -8,15 +8,24 @@ and lacks its vote for the current epoch, the node decides:
 
 - as a **placement** node, on fit: its own window of the proposal's substrate, through
   :func:`capacity_api.gates.evaluate_fit`, with the allocation already committed to it plus the
-  shares it has promised to other open proposals (its local reservations) counted as allocated;
+  shares it has promised to other open proposals (its local reservations) counted as allocated.
+  What is committed is the larger of what the proposal says (the operator's ledger) and what
+  the node has seen itself: the admitted claims placed on it, which it hears because their
+  proposal stays in them after the commit;
 - as a **witness**, on whether each placement node looks alive from here: a Lease renewed within
   its duration and a Ready CapacityNode with fresh readings.
 
 The vote goes into the node's CapacityBallot (:mod:`capacity_agent.ballot`): one write carries
 every vote the node cast since its last write, keyed by claim uid with the epoch; the operator
 counts a vote only for the claim's current epoch and copies the counted votes into the claim at
-commit. A YES reserves the share until the deadline, or until the claim leaves that epoch
-(committed, aborted or deleted); the ballot then drops the vote.
+commit. A YES reserves the share until the node sees the claim leave that epoch: committed
+(the share then counts as admitted on the node), aborted, or deleted; the ballot then drops the
+vote. The deadline does not end a reservation, since an operator may commit a quorum reached
+in time after it. So every share committed on the node is always counted here, as a
+reservation or as an admitted claim, whatever the operator's ledger says: two operator copies
+acting at once (a failure of peering) cannot together promise the node past its capacity.
+A claim that disappears while a watch is down sends no event; when that watch lists again, the
+claims it last delivered and no longer lists are forgotten.
 """
 
 from __future__ import annotations
@@ -95,7 +104,6 @@ class Measurements(Protocol):
 class Reservation:
     substrate: str
     share: float
-    deadline: float
 
 
 @dataclass
@@ -108,15 +116,44 @@ class VoterNode:
     """Unix time of this node's last successful Lease renewal (None: never)."""
     lease_duration: float = 40.0
     reservations: dict[tuple[str, int], Reservation] = field(default_factory=dict)
+    """YES promises on open epochs, by (claim uid, epoch)."""
+    admitted: dict[str, Reservation] = field(default_factory=dict)
+    """Shares of the admitted (or recovering) claims placed on this node, by claim uid."""
 
-    def reserved(self, substrate: str, now: float, excluding: tuple[str, int]) -> float:
-        for key in [k for k, r in self.reservations.items() if r.deadline < now]:
-            del self.reservations[key]
+    def reserved(self, substrate: str, excluding: tuple[str, int]) -> float:
         return sum(
             r.share
             for key, r in self.reservations.items()
             if r.substrate == substrate and key != excluding
         )
+
+    def committed_seen(self, substrate: str, excluding: str) -> float:
+        """The shares of the admitted claims this node has seen placed on it."""
+        return sum(
+            r.share
+            for uid, r in self.admitted.items()
+            if r.substrate == substrate and uid != excluding
+        )
+
+    def see(self, uid: str, status: Mapping[str, Any] | None) -> None:
+        """Keep what the claim holds on this node as its status says (nothing when gone)."""
+        held = None
+        if status and status.get("phase") in (Phase.ADMITTED.value, Phase.RECOVERING.value):
+            for placement in status.get("placements") or []:
+                if placement.get("node") == self.name:
+                    held = Reservation(
+                        str(placement.get("substrate", Substrate.HOST.value)),
+                        float(placement.get("share", 0.0)),
+                    )
+        if held is None:
+            self.admitted.pop(uid, None)
+        else:
+            self.admitted[uid] = held
+
+    def forget(self, uid: str) -> None:
+        self.admitted.pop(uid, None)
+        for key in [k for k in self.reservations if k[0] == uid]:
+            del self.reservations[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,7 +173,6 @@ def decide_placement(
     epoch: int,
     substrate: Substrate,
     share: float,
-    deadline: float,
     committed: float,
     thresholds: Thresholds,
     now: float,
@@ -156,7 +192,7 @@ def decide_placement(
     newest = node.measurements.newest_time(substrate)
     age = math.inf if newest is None else now - newest
     key = (claim_uid, epoch)
-    reserved = node.reserved(substrate.value, now, excluding=key)
+    reserved = node.reserved(substrate.value, excluding=key)
     decision = evaluate_fit(
         u=node.measurements.series(substrate),
         allocated=min(1.0, committed + reserved),
@@ -177,7 +213,7 @@ def decide_placement(
         readings=readings,
         time=datetime.fromtimestamp(now, UTC),
     )
-    reserve = Reservation(substrate.value, share, deadline) if decision.yes else None
+    reserve = Reservation(substrate.value, share) if decision.yes else None
     return PlacementDecision(vote, reserve)
 
 
@@ -211,6 +247,11 @@ def decide_witness(
         time=datetime.fromtimestamp(now, UTC),
     )
 
+
+WATCH = "_watch"
+"""Key of the index of the watch that delivered an item (see :meth:`Voter.relisted`)."""
+LISTED = "_listed"
+"""Key of the marker a watch queues after each list: its index, with the uids listed."""
 
 FORGET_DELETED_SECONDS = 600.0
 """How long :class:`EpochOrder` remembers the epoch of a claim that went away from its watches."""
@@ -274,6 +315,8 @@ class Voter:
         self._stop = threading.Event()
         self._lease_lock = asyncio.Lock()
         self._node_locks: dict[str, asyncio.Lock] = {}
+        self.sources: dict[str, int] = {}
+        """Per claim uid, the watch (index in the selectors) that delivered its last event."""
 
     # -- the watch --------------------------------------------------------------------------
 
@@ -287,7 +330,7 @@ class Voter:
         for index, fields in enumerate(selectors):
             threading.Thread(
                 target=self._watch,
-                args=(loop, queue, fields),
+                args=(loop, queue, fields, index),
                 name=f"claims-watch-{index}",
                 daemon=True,
             ).start()
@@ -295,8 +338,16 @@ class Voter:
         try:
             while True:
                 body = await queue.get()
+                if LISTED in body:
+                    self.relisted(body[LISTED], body["uids"])
+                    continue
                 if order is not None and not order.admit(body, self.clock()):
                     continue  # an older epoch's event, from a watch that lagged behind another
+                uid = body.get("metadata", {}).get("uid", "")
+                if body.get("_deleted"):
+                    self.sources.pop(uid, None)
+                else:
+                    self.sources[uid] = int(body.get(WATCH, 0))
                 task = asyncio.create_task(self.handle(body))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -305,16 +356,27 @@ class Voter:
             for task in pending:
                 task.cancel()
 
+    def relisted(self, index: int, uids: Sequence[str]) -> None:
+        """Watch ``index`` listed its claims again: the claims it delivered last and no longer
+        lists went away while it was down (no event told): forget their shares."""
+        listed = set(uids)
+        for uid in [u for u, i in self.sources.items() if i == index and u not in listed]:
+            del self.sources[uid]
+            for hosted in self.nodes.values():
+                hosted.forget(uid)
+
     def _watch(
         self,
         loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue[JSON],
         fields: dict[str, str] | None,
+        index: int = 0,
     ) -> None:
         """List the claims that ``fields`` select (None: every claim), then watch from the list's
         version; list again at once when that version expired (410 Gone), after a backoff on
         any other failure. A claim that stops matching the selector comes as DELETED with its
-        previous content: for this node it is gone."""
+        previous content: for this node it is gone. Every item carries the watch's ``index``;
+        after each list comes a marker with the uids listed (:meth:`relisted`)."""
         backoff = Backoff(initial=0.5, cap=30.0)
         selector: FieldSelector | None = dict(fields) if fields is not None else None
         while not self._stop.is_set():
@@ -324,7 +386,10 @@ class Voter:
                 version = listing.resourceVersion
                 backoff.reset()  # the API server answers again
                 for item in items:
+                    item[WATCH] = index
                     loop.call_soon_threadsafe(queue.put_nowait, item)
+                uids = [item.get("metadata", {}).get("uid", "") for item in items]
+                loop.call_soon_threadsafe(queue.put_nowait, {LISTED: index, "uids": uids})
                 events = self.api.watch(
                     CapacityClaims,
                     namespace=ALL_NS,
@@ -335,6 +400,7 @@ class Voter:
                 )
                 for kind, event in events:
                     obj = dict(event)
+                    obj[WATCH] = index
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
                         if kind == "DELETED":
                             obj["_deleted"] = True
@@ -362,9 +428,13 @@ class Voter:
             body.get("_deleted")
         )
         epoch = int(proposal["epoch"]) if voting and proposal else -1
+        deleted = bool(body.get("_deleted"))
         for hosted in self.nodes.values():
+            # a reservation that ends by a commit counts on as an admitted share: both change
+            # here, before any other vote of this node is decided
             for stale in [k for k in hosted.reservations if k[0] == uid and k[1] != epoch]:
                 del hosted.reservations[stale]
+            hosted.see(uid, None if deleted else status)
         for writer in self.ballots.values():
             writer.forget(uid, epoch)
         if epoch < 0:
@@ -396,14 +466,15 @@ class Voter:
             if committed is None:  # a proposal of an operator that does not say: read the ledger
                 ledger = await self._capacity_node(node.name)
                 committed = allocated_share(ledger, substrate) if ledger else 0.0
+            uid = claim.metadata.uid or ""
+            seen = node.committed_seen(substrate.value, excluding=uid)
             decision = decide_placement(
                 node=node,
-                claim_uid=claim.metadata.uid or "",
+                claim_uid=uid,
                 epoch=proposal.epoch,
                 substrate=substrate,
                 share=proposal.share or 0.0,
-                deadline=proposal.deadline.timestamp(),
-                committed=committed,
+                committed=max(committed, seen),
                 thresholds=await self._current_thresholds(),
                 now=now,
             )

@@ -37,7 +37,7 @@ class Heard:
             self.items.append(item)
 
     def seen(self) -> list[tuple[str, int, bool]]:
-        """(claim, epoch, deleted) of every event so far."""
+        """(claim, epoch, deleted) of every event so far (not the markers after each list)."""
         with self.lock:
             return [
                 (
@@ -46,6 +46,7 @@ class Heard:
                     bool(item.get("_deleted")),
                 )
                 for item in self.items
+                if "metadata" in item
             ]
 
 

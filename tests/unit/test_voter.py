@@ -68,7 +68,6 @@ def place(node: VoterNode, share: float, committed: float = 0.0, uid: str = "c1"
         epoch=3,
         substrate=Substrate.HOST,
         share=share,
-        deadline=NOW + 10,
         committed=committed,
         thresholds=Thresholds(),
         now=NOW,
@@ -79,7 +78,7 @@ def test_yes_reserves_and_the_reservation_counts_for_the_next_proposal() -> None
     node = voter_node(Window(0.2))
     first = place(node, 0.4, uid="a")
     assert first.vote.vote is VoteValue.YES
-    assert first.reserve == Reservation("host", 0.4, NOW + 10)
+    assert first.reserve == Reservation("host", 0.4)
     node.reservations[("a", 3)] = first.reserve
     second = place(node, 0.4, uid="b")  # 0.4 reserved + 0.4 leaves isolation 0.2: still fine
     assert second.vote.vote is VoteValue.YES
@@ -94,11 +93,60 @@ def test_yes_reserves_and_the_reservation_counts_for_the_next_proposal() -> None
     assert third.reserve is None
 
 
-def test_expired_reservations_are_forgotten() -> None:
+def admitted_body(uid: str, node: str, share: float, phase: str = "Admitted") -> dict[str, Any]:
+    return {
+        "metadata": {"name": uid, "namespace": "team", "uid": uid},
+        "status": {"phase": phase, "placements": [
+            {"node": node, "substrate": "host", "share": share, "epoch": 1}]},
+    }  # fmt: skip
+
+
+def test_a_reservation_outlives_its_deadline_and_becomes_an_admitted_share_at_the_commit() -> None:
+    # an operator may commit a quorum reached in time after the deadline: the promise holds
+    # until the node sees the outcome, and a commit turns it into an admitted share
     node = voter_node(Window(0.2))
-    node.reservations[("old", 1)] = Reservation("host", 0.8, NOW - 1)
-    assert place(node, 0.5).vote.vote is VoteValue.YES
-    assert ("old", 1) not in node.reservations
+    node.reservations[("a", 1)] = Reservation("host", 0.5)
+    assert place(node, 0.5).vote.vote is VoteValue.NO  # long after any deadline: still held
+    v = Voter(None, {"n1": node}, "capacity-system", lambda: NOW)  # type: ignore[arg-type]
+    asyncio.run(v.handle(admitted_body("a", "n1", 0.5)))
+    assert node.reservations == {}
+    assert node.committed_seen("host", excluding="other") == pytest.approx(0.5)
+    asyncio.run(v.handle({**admitted_body("a", "n1", 0.5), "_deleted": True}))
+    assert node.committed_seen("host", excluding="other") == 0.0
+
+
+def test_a_placement_node_counts_the_admitted_claims_it_has_seen_when_the_proposal_says_less() -> (
+    None
+):
+    # another operator copy's proposal, whose ledger lacks a claim admitted here meanwhile
+    body = claim_body(placement="n1")
+    body["status"]["proposal"]["committed"] = {"n1": 0.0}
+    server = FakeApiServer(404, ballot_body(), ballot_body())
+    v = voter(server)
+
+    async def run() -> None:
+        await v.handle(admitted_body("seen", "n1", 0.8))
+        await v.handle(admitted_body("elsewhere", "n2", 0.5))  # not this node's
+        await v.handle(body)
+        await asyncio.wait_for(v.ballot("n1").idle(), 5)
+
+    asyncio.run(run())
+    vote = server.sent()[4]["status"]["votes"]["uid-c1"]
+    assert (vote["vote"], vote["gate"]) == ("NO", "isolation")
+    assert vote["readings"]["allocated"] == pytest.approx(0.8)
+
+
+def test_claims_a_watch_no_longer_lists_when_it_lists_again_are_forgotten() -> None:
+    node = voter_node(Window(0.2))
+    v = Voter(None, {"n1": node}, "capacity-system", lambda: NOW)  # type: ignore[arg-type]
+    node.reservations[("gone", 2)] = Reservation("host", 0.3)
+    node.admitted.update(left=Reservation("host", 0.2), kept=Reservation("host", 0.1))
+    v.sources.update(gone=0, left=0, kept=0, other=1)
+    node.admitted["other"] = Reservation("host", 0.1)
+    v.relisted(0, ["kept"])  # "gone" and "left" were deleted while watch 0 was down
+    assert node.reservations == {}
+    assert set(node.admitted) == {"kept", "other"}  # watch 1's claim is not watch 0's to judge
+    assert v.sources == {"kept": 0, "other": 1}
 
 
 @pytest.mark.parametrize(
@@ -432,8 +480,15 @@ def test_the_watch_lists_then_watches_and_lists_again_at_once_when_its_version_e
     v = voter(server)
     queue = Queue()
     v._watch(Loop(), queue, None)  # type: ignore[arg-type]
-    names = [(item["metadata"]["name"], item.get("_deleted", False)) for item in queue.items]
-    assert names == [("c1", False), ("c2", False), ("c3", True)]
+    names = [
+        (item["metadata"]["name"], item.get("_deleted", False))
+        if "metadata" in item
+        else ("listed", item["uids"])
+        for item in queue.items
+    ]
+    assert names == [
+        ("c1", False), ("listed", ["uid-c1"]), ("c2", False), ("listed", []), ("c3", True),
+    ]  # fmt: skip
     requests = [(r.url.path, dict(r.url.params)) for r in server.requests]
     watch = {"watch": "true", "timeoutSeconds": "120"}
     assert requests == [
@@ -453,8 +508,10 @@ def test_a_watch_with_fields_lists_and_watches_only_what_they_select() -> None:
     server = FakeApiServer(list_then_stop, watch_stream(("MODIFIED", claim_body("c1"))))
     v = voter(server)
     queue = Queue()
-    v._watch(Loop(), queue, {"status.proposal.asked.second": "n1"})  # type: ignore[arg-type]
-    assert [item["metadata"]["name"] for item in queue.items] == ["c1", "c1"]
+    v._watch(Loop(), queue, {"status.proposal.asked.second": "n1"}, 2)  # type: ignore[arg-type]
+    assert [item.get("metadata", {}).get("name") for item in queue.items] == ["c1", None, "c1"]
+    assert [item["_watch"] for item in queue.items if "metadata" in item] == [2, 2]
+    assert queue.items[1] == {"_listed": 2, "uids": ["uid-c1"]}
     selector = "status.proposal.asked.second=n1"
     assert [dict(r.url.params).get("fieldSelector") for r in server.requests] == [selector] * 2
 
