@@ -338,6 +338,43 @@ def node_holders(node: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
     return {substrate: list(a.get("holders") or []) for substrate, a in allocated.items()}
 
 
+REPORT_SECONDS = 30.0
+"""How long a test waits for the nodes' ``status.allocated`` to report the operator's ledger (it
+is written at most every 10 s per node, at once after a quiet spell)."""
+
+
+def reported(
+    cluster: Cluster, prefix: str, namespace: str, timeout: float = REPORT_SECONDS
+) -> dict[str, dict[str, Any]]:
+    """Wait until every node ``prefix``-* reports in ``status.allocated`` exactly the holders
+    of the admitted claims of ``namespace`` (claim, epoch and share of each placement there);
+    return the nodes."""
+
+    def agree() -> dict[str, dict[str, Any]] | None:
+        wanted: dict[tuple[str, str], set[tuple[str, int, float]]] = {}
+        for claim in cluster.claims(namespace):
+            status = claim.get("status") or {}
+            if status.get("phase") not in ("Admitted", "Recovering"):
+                continue
+            key = f"{namespace}/{claim['metadata']['name']}"
+            for p in status.get("placements") or []:
+                holder = (key, int(p.get("epoch") or 1), round(float(p["share"]), 6))
+                wanted.setdefault((p["node"], p["substrate"]), set()).add(holder)
+        nodes = cluster.nodes(prefix)
+        shown = {
+            (name, substrate): {
+                (h["claim"], int(h["epoch"]), round(float(h["share"]), 6)) for h in holders
+            }
+            for name, node in nodes.items()
+            for substrate, holders in node_holders(node).items()
+            if holders
+        }
+        wanted = {key: held for key, held in wanted.items() if key[0] in nodes}
+        return nodes if shown == wanted else None
+
+    return wait_for(f"the nodes {prefix}-* to report the ledger of the claims", agree, timeout)
+
+
 def ledger_from_claims(claims: Iterable[dict[str, Any]]) -> dict[tuple[str, str], float]:
     """(node, substrate) -> sum of shares of the admitted claims placed there."""
     ledger: dict[tuple[str, str], float] = {}

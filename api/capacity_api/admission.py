@@ -306,25 +306,6 @@ def claim_key(claim: CapacityClaim) -> str:
     return f"{claim.metadata.namespace}/{claim.metadata.name}"
 
 
-def holder_valid(holder: Holder, node: str, claim: CapacityClaim | None) -> bool:
-    """Whether a holder on ``node`` is backed by its claim's status.
-
-    Valid when the claim (same uid) is Admitted or Recovering with a placement on this node at
-    the holder's epoch, or is Voting or Recovering with a proposal of exactly that epoch naming
-    the node (a commit in flight: its reconcile finishes or aborts it). Everything else, a
-    deleted claim included, is a leak.
-    """
-    if claim is None or claim.metadata.uid != holder.uid or claim.status is None:
-        return False
-    status = claim.status
-    placed = any(p.node == node and p.epoch == holder.epoch for p in status.placements or [])
-    if placed and status.phase in (Phase.ADMITTED, Phase.RECOVERING):
-        return True
-    if status.phase in (Phase.VOTING, Phase.RECOVERING) and status.proposal is not None:
-        return status.proposal.epoch == holder.epoch and node in status.proposal.placement
-    return False
-
-
 def expected_holders(claims: Iterable[CapacityClaim]) -> dict[tuple[str, str], list[Holder]]:
     """The holders every (node, substrate) must carry for the admitted claims: the ledger as a
     pure function of the claims' status."""
@@ -343,31 +324,6 @@ def expected_holders(claims: Iterable[CapacityClaim]) -> dict[tuple[str, str], l
                 )
             )
     return ledger
-
-
-def rebuild_allocations(
-    node: CapacityNode, claims_by_uid: Mapping[str, CapacityClaim]
-) -> dict[str, Allocation]:
-    """The node's ``status.allocated`` recomputed from the claims.
-
-    Keeps in-flight holders (claim Voting at their epoch), drops leaked ones, and adds holders of
-    admitted claims that the node lost (for example when its CapacityNode was re-created).
-    """
-    name = node.metadata.name or node.spec.node_name
-    current = (node.status.allocated or {}) if node.status else {}
-    result: dict[str, list[Holder]] = {}
-    for substrate, alloc in current.items():
-        kept = [h for h in alloc.holders if holder_valid(h, name, claims_by_uid.get(h.uid))]
-        if kept:
-            result[substrate] = kept
-    for (node_name, substrate), holders in expected_holders(claims_by_uid.values()).items():
-        if node_name != name:
-            continue
-        present = {(h.uid, h.epoch) for h in result.get(substrate, [])}
-        result.setdefault(substrate, []).extend(
-            h for h in holders if (h.uid, h.epoch) not in present
-        )
-    return {substrate: allocation(holders) for substrate, holders in result.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -573,8 +529,12 @@ def new_proposal(
     substrate: Substrate,
     now: datetime,
     vote_timeout: timedelta,
+    *,
+    holding: Iterable[str] = (),
 ) -> Proposal:
-    """The next epoch's proposal: epochs only grow, so votes for an older one never count."""
+    """The next epoch's proposal: epochs only grow, so votes for an older one never count.
+    ``holding``: nodes the claim keeps a share of (a recovery's survivors)."""
+    kept = [n for n in dict.fromkeys(holding) if n not in plan.voters]
     return Proposal(
         epoch=(previous.epoch + 1) if previous else 1,
         placement=plan.placement,
@@ -583,6 +543,7 @@ def new_proposal(
         share=plan.share,
         substrate=substrate,
         committed=plan.committed or None,
+        holding=kept or None,
     )
 
 

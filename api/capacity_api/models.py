@@ -277,15 +277,20 @@ class Proposal(Model):
     """The substrate the proposal is judged on."""
     committed: dict[str, Fraction] | None = Field(default=None, max_length=MAX_VOTERS)
     """Per placement node, the share of the substrate committed to admitted claims when the
-    proposal was made (the operator's ledger): the node counts it with its own open promises
-    instead of reading its CapacityNode; the commit's compare-and-swap checks again."""
+    proposal was made (the operator's ledger): the node counts it (or what it has seen admitted
+    on itself, when more) with its own open promises; the commit is checked again against the
+    operator's ledger."""
+    holding: list[NodeName] | None = Field(default=None, max_length=MAX_VOTERS)
+    """Nodes the claim holds a share of that this epoch does not ask to vote (a recovery's
+    surviving placement nodes): named in ``asked`` too, so that their agents keep hearing the
+    claim and keep counting its share."""
     asked: Asked | None = None
-    """The voters again, one field each, so that an agent can watch only the proposals that
-    name its node; always derived from the voters."""
+    """The voters (then the holding nodes) again, one field each, so that an agent can watch
+    only the claims that name its node; always derived from them."""
 
     @model_validator(mode="after")
     def _derive_asked(self) -> Proposal:
-        self.asked = Asked.of(self.voters)
+        self.asked = Asked.of(list(dict.fromkeys([*self.voters, *(self.holding or [])])))
         return self
 
 

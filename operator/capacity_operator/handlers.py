@@ -4,8 +4,9 @@ Claim and ballot events only feed the admission loop's cache (:meth:`Engine.run`
 deadlines and flow control included); truth keeping is one loop over the claims of that cache
 under observation, with kopf indexes of their pods and of the Nodes' kubelet pressure;
 CapacityNodes and node Leases only feed the engine's caches. No handler needs a finalizer or
-kopf's annotations, so kopf writes nothing to a claim: a deletion event frees the claim's
-holders, and what a missed event leaves behind is freed by the loop's ledger garbage collection.
+kopf's annotations, so kopf writes nothing to a claim: a deletion event takes the claim's
+holders out of the ledger, and what a missed event leaves behind is freed by the loop's ledger
+garbage collection.
 """
 
 from __future__ import annotations
@@ -139,9 +140,10 @@ async def startup(
     calibrator = Calibrator(kube, cfg, store, emit, active=lifecycle.active)
     memo["calibration"] = asyncio.create_task(calibrator.run(), name="calibration")
     log.info(
-        "admission engine ready: %d nodes, %d leases cached, ledger rebuilt from claims",
+        "admission engine ready: %d nodes, %d leases cached, ledger built from %d claims",
         len(engine.nodes),
         len(engine.leases),
+        len(engine.ledger.uids()),
     )
 
 
@@ -172,11 +174,10 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
                 await task
     engine: Engine | None = memo.get("engine")
     if engine is not None:
-        # no step starts any more; the ones under way finish their writes (a recovery frees
-        # the failed node's holders after its claim write), so that a graceful stop leaves
-        # nothing half done for the next start to clean up. Bounded: a stuck API server does
-        # not hold the stop, and a step cut short is what a crash leaves, which the ledger
-        # rebuild on start repairs.
+        # no step starts any more; the ones under way finish their writes (a recovery deletes
+        # the failed node's pods after its claim write), so that a graceful stop leaves
+        # nothing half done. Bounded: a stuck API server does not hold the stop, and a step
+        # cut short is what a crash leaves, which the next start picks up from the claims.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(engine.drain(), STOP_DRAIN_SECONDS)
     store: OutcomeStore | None = memo.get("store")

@@ -148,6 +148,15 @@ class Kube:
         )
         return out
 
+    async def patch_node_status(self, name: str, status: JSON) -> JSON:
+        """Merge ``status`` into the node's without a resourceVersion check (the ledger's
+        report: fields no one else writes, derived again from the claims on every change)."""
+        body = {"status": status}
+        out: JSON = await self._call(
+            self.custom.patch_cluster_custom_object_status, GROUP, VERSION, NODES, name, body
+        )
+        return out
+
     # -- leases, config ----------------------------------------------------------------------
 
     async def list_leases(self, namespace: str) -> list[LeaseInfo]:

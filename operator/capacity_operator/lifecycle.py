@@ -371,11 +371,7 @@ class Lifecycle:
     async def _recover_claims(self, now: datetime) -> None:
         keys: set[str] = set()
         for name in self.engine.failed:
-            node = self.engine.nodes.get(name)
-            if node is None or node.status is None:
-                continue
-            for alloc in (node.status.allocated or {}).values():
-                keys.update(h.claim for h in alloc.holders)
+            keys.update(self.engine.ledger.claims_on(name))
         for key in sorted(keys):
             namespace, _, claim_name = key.partition("/")
             try:

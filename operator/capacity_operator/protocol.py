@@ -5,11 +5,15 @@ the one step its phase calls for (propose, commit, abort, reject), writing with 
 A conflict means someone else moved the object: re-read and decide again. Decisions come from the
 pure functions in :mod:`capacity_api.admission`; this module only reads, writes and remembers.
 
-The allocation ledger lives in each CapacityNode's ``status.allocated`` as a list of holders. A
-commit adds the claim's holder to every placement node (compare-and-swap, refusing when the
-holders would exceed capacity) before it marks the claim Admitted, so no node is ever promised
-past its capacity, whatever runs concurrently. The holders are a pure function of the claims'
-status (``rebuild_allocations``), recomputed on start before anything is admitted.
+The allocation ledger is a pure function of the claims' status (``capacity_api.ledger``), kept
+in memory: filled from the claims listed on start before anything is admitted, then from
+every claim event and every write's response. A commit is checked against it and holds its
+shares there before its claim write goes out (no await between the check and the hold), so no
+node is ever promised past its capacity by this operator, however many steps run at once; the
+placement agent, which keeps its YES promises until it sees their outcome, is what keeps two
+copies that act at once from over-promising (docs/admission.md, "The ledger").
+``CapacityNode.status.allocated`` is the ledger's report, written now and then
+(:meth:`Engine.report_ledger`), never read to decide.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ from capacity_api.admission import (
     pending,
     plan_placement,
     quorum,
-    rebuild_allocations,
     room_grew,
     same_wait,
     tally,
@@ -56,6 +59,7 @@ from capacity_api.admission import (
 )
 from capacity_api.gates import CALIBRATION_CONFIGMAP, Thresholds
 from capacity_api.lease import LeaseInfo
+from capacity_api.ledger import Ledger
 from capacity_api.models import (
     Allocation,
     CapacityClaim,
@@ -102,7 +106,7 @@ RECHECK_SECONDS = 1.0
 ROOM_PASS_CLAIMS = 256
 """When room is freed, how many of the waiting claims (the oldest) one pass places: a pass
 costs a placement per claim, so a long queue under churn does not cost a core; the younger
-ones are looked at by their own timers (every ``ROOM_RECHECK``)."""
+ones are looked at by their own timers (every ``ROOM_RECHECK``), each right after a pass."""
 
 
 def _now() -> datetime:
@@ -137,6 +141,10 @@ class WaitingRoom:
     since the waiting claims were last looked at."""
     swept: datetime | None = None
     """When the waiting claims were last looked at because room was freed."""
+    rechecked: set[str] = field(default_factory=set)
+    """Waiting claims whose time to be looked at again came (``ROOM_RECHECK``): looked at
+    right after the next pass, so that room found free goes to the oldest claims it fits
+    first, not to whichever claim's timer came first."""
 
 
 class Engine:
@@ -184,7 +192,6 @@ class Engine:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._wake = asyncio.Event()
         self._slots = asyncio.Semaphore(settings.threads)
-        self._next_gc: datetime | None = None
         self.paused = False
         """Set by the node lifecycle from the peering status: kopf stops delivering events to
         a paused copy, and this stops the loop's own wake-ups (deadlines, waiting claims)."""
@@ -199,10 +206,12 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
         self.ballots: dict[str, dict[str, tuple[JSON, Vote]]] = {}
         """Per node, its ballot's votes by claim uid (as sent, and parsed): the live votes."""
-        self._views: dict[str, NodeView] = {}
-        """Per node, its view without open proposals (see :meth:`views`)."""
-        self._ledger_queue: defaultdict[str, list[_LedgerAdd]] = defaultdict(list)
-        """Per node, the holders waiting for the next write of its ledger (group commit)."""
+        self._views: dict[str, tuple[tuple[CapacityNode, int], NodeView]] = {}
+        """Per node, its view without open proposals (see :meth:`views`), with the
+        CapacityNode and the ledger version it was made of."""
+        self.ledger = Ledger()
+        """What every node has promised: a function of the claims' status."""
+        self._report = _Report()
         self._room = WaitingRoom()
 
     # -- caches --------------------------------------------------------------------------------
@@ -227,6 +236,8 @@ class Engine:
         before = self.nodes.get(name)
         self.nodes[name] = node = parse_node(body)
         self.node_versions[name] = version
+        if before is None or _allocated(before) != _allocated(node):
+            self._report.unreported.add(name)  # a new node, or its report moved: compare again
         if self._room.claims and room_grew(before, node):
             self._free_room()
 
@@ -303,6 +314,7 @@ class Engine:
             self._queued.pop(uid, None)
             self._due.discard(uid)
             self._deleted[uid] = body
+            self._ledger_changed(self.ledger.forget(uid))
             self._wake.set()
             return
         version = body["metadata"].get("resourceVersion", "")
@@ -312,6 +324,7 @@ class Engine:
             return  # older than, or the same as, what we have
         self.claims[uid] = body
         self._parsed[uid] = claim = parse_claim(body)
+        self._ledger_changed(self.ledger.observe(claim))
         if waiting_for_room(claim):
             self._room.claims.add(uid)
         else:
@@ -324,6 +337,13 @@ class Engine:
         if not own:
             self._due.add(uid)
             self._wake.set()
+
+    def _ledger_changed(self, freed: bool) -> None:
+        """The ledger changed: report it, and look at the waiting claims when room was freed."""
+        self._report.unreported.update(self.ledger.dirty)
+        self.ledger.dirty.clear()
+        if freed and self._room.claims:
+            self._free_room()
 
     def parsed(self, body: JSON) -> CapacityClaim:
         """The claim of ``body``: parsed once when it is the newest body seen of its claim."""
@@ -344,7 +364,7 @@ class Engine:
             if ignore_inflight or uid == exclude_claim or flight.deadline < now:
                 continue
             for target in flight.nodes:
-                if not _holds(self.nodes.get(target), uid):  # committed: counted as a holder
+                if not self.ledger.holds(target, uid):  # committed: counted as a holder
                     reserved[target][flight.substrate] += flight.share
         views = []
         for name, node in sorted(self.nodes.items()):
@@ -359,15 +379,30 @@ class Engine:
 
     def _base_view(self, name: str, node: CapacityNode, live: bool, fresh: bool) -> NodeView:
         """The node's view without open proposals, kept while nothing in it changes: its facts
-        are computed once per version of the CapacityNode, not once per proposal."""
-        view = self._views.get(name)
-        same = view is not None and view.node is node
+        are computed once per version of the CapacityNode and of its ledger, not once per
+        proposal."""
+        key = (node, self.ledger.changes.get(name, 0))
+        made_of, view = self._views.get(name, (None, None))
+        same = made_of is not None and made_of[0] is node and made_of[1] == key[1]
         if view is not None and same and (view.lease_live, view.fresh) == (live, fresh):
             return view
         facts = view.facts if view is not None and same else None
-        view = NodeView(name=name, node=node, lease_live=live, fresh=fresh, facts=facts)
-        self._views[name] = view
+        view = NodeView(
+            name=name, node=self.with_ledger(name, node), lease_live=live, fresh=fresh,
+            facts=facts,
+        )  # fmt: skip
+        self._views[name] = (key, view)
         return view
+
+    def with_ledger(self, name: str, node: CapacityNode) -> CapacityNode:
+        """The node with the ledger's holders as its ``status.allocated`` (what placement and
+        the commit check read), whatever its report says now."""
+        status = node.status
+        if status is None:
+            return node
+        allocated = self.ledger.allocations(name) or None
+        status = status.model_copy(update={"allocated": allocated})
+        return node.model_copy(update={"status": status})
 
     def _liveness(self, name: str, node: CapacityNode, now: datetime) -> tuple[bool, bool]:
         """(Lease live, readings fresh) of a node, computed again only when its CapacityNode
@@ -385,7 +420,7 @@ class Engine:
         return live, fresh
 
     def node_lock(self, name: str) -> asyncio.Lock:
-        """The lock every write of this node's status holds (ledger and liveness alike)."""
+        """The lock every compare-and-swap write of this node's status holds."""
         return self._node_locks[name]
 
     async def write_node_status(self, name: str, node: CapacityNode, status: JSON) -> None:
@@ -453,38 +488,25 @@ class Engine:
     # -- start ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load caches and rebuild the ledger from the claims, before anything is admitted."""
+        """Load caches and build the ledger from the claims, before anything is admitted."""
         for body in await self.kube.list_nodes():
             self.observe_node(body)
         for lease in await self.kube.list_leases(self.settings.namespace):
             self.observe_lease(lease)
-        await self.rebuild_ledger()
+        for body in await self._served_claims():
+            self.ledger.observe(parse_claim(body))
+        self._ledger_changed(False)
+        self._report.unreported.update(self.nodes)  # reported once (where the report differs)
         self.ready.set()
 
-    async def rebuild_ledger(self) -> int:
-        """Make every node's holders what the claims' status says; return nodes rewritten."""
-        claims = [parse_claim(b) for b in await self.kube.list_claims()]
-        by_uid = {c.metadata.uid or "": c for c in claims}
-        rewritten = 0
-        for name in sorted(self.nodes):
-            for _ in range(self.settings.commit_retries):
-                node = await self._fresh_node(name)
-                if node is None:
-                    break
-                wanted = rebuild_allocations(node, by_uid)
-                current = (node.status.allocated or {}) if node.status else {}
-                if _same_allocations(current, wanted):
-                    break
-                patch: JSON = {s: a.wire() for s, a in wanted.items()}
-                patch.update({s: None for s in current if s not in wanted})
-                try:
-                    await self._write_node(name, node, {"allocated": patch})
-                except ConflictError:
-                    continue
-                rewritten += 1
-                log.info("ledger of %s rebuilt from claims: %s", name, _summary(wanted))
-                break
-        return rewritten
+    async def _served_claims(self) -> list[JSON]:
+        """Every claim this operator serves (its ``claim_namespaces``, or all)."""
+        served = set(self.settings.claim_namespaces)
+        return [
+            body
+            for body in await self.kube.list_claims()
+            if not served or body["metadata"].get("namespace") in served
+        ]
 
     # -- the admission loop ----------------------------------------------------------------
 
@@ -515,11 +537,16 @@ class Engine:
         if self._room.freed and self._room.swept is not None:
             soonest = min(soonest or self._next_room_sweep(), self._next_room_sweep())
         timeout = RECHECK_SECONDS if soonest is None else (soonest - now).total_seconds()
-        if self._next_gc is not None:
-            timeout = min(timeout, (self._next_gc - now).total_seconds())
+        if self._report.next_gc is not None:
+            timeout = min(timeout, (self._report.next_gc - now).total_seconds())
+        report = self._next_report(now)
+        if report is not None:
+            timeout = min(timeout, (report - now).total_seconds())
         if timeout > 0 and not self._wake.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
+        else:
+            await asyncio.sleep(0)  # the steps and the watches run before the next cycle
         self._wake.clear()
 
     def cycle(self) -> int:
@@ -528,41 +555,110 @@ class Engine:
         for uid, when in list(self._wake_at.items()):
             if when <= now:
                 del self._wake_at[uid]
-                self._due.add(uid)
+                if uid in self._room.claims:  # after a pass (see WaitingRoom.rechecked)
+                    self._room.rechecked.add(uid)
+                    self._room.freed = True
+                else:
+                    self._due.add(uid)
+        rechecked: set[str] = set()
         if self._room.freed and (self._room.swept is None or now >= self._next_room_sweep()):
             # at most once a RECHECK_SECONDS however often room is freed
             self._room.freed = False
             self._room.swept = now
             self._due |= self._fitting_now()
+            rechecked = self._room.rechecked - self._due
+            self._room.rechecked.clear()
         started = 0
         for uid, gone in list(self._deleted.items()):
             if uid not in self._running:
                 del self._deleted[uid]
                 started += self._start(uid, self.release(gone))
         for uid in sorted(self._due):
-            body = self.claims.get(uid)
-            if body is not None and uid in self._running:
-                continue  # after the running step: its end wakes the loop
-            self._due.discard(uid)
-            if body is None:
-                continue
-            claim = self._parsed[uid]
-            if pending(claim):
-                self._queued[uid] = (claim.metadata.creation_timestamp, claim_key(claim))
-            else:
-                started += self._start(uid, self.reconcile(body))
+            started += self._start_due(uid)
+        for uid in sorted(rechecked):  # their steps start after those of the pass
+            self._due.add(uid)
+            started += self._start_due(uid)
         started += self._start_queued()
         log.debug(
             "cycle: %d claims, %d started, %d running, %d queued, %d open, %d timed",
             len(self.claims), started, len(self._running), len(self._queued),
             len(self.inflight), len(self._wake_at),
         )  # fmt: skip
-        if self._next_gc is None:
-            self._next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
-        elif now >= self._next_gc and "ledger-gc" not in self._running:
-            self._next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
+        return started + self._start_ledger_work(now)
+
+    def _start_due(self, uid: str) -> int:
+        body = self.claims.get(uid)
+        if body is not None and uid in self._running:
+            return 0  # after the running step: its end wakes the loop
+        self._due.discard(uid)
+        if body is None:
+            return 0
+        claim = self._parsed[uid]
+        if pending(claim):
+            self._queued[uid] = (claim.metadata.creation_timestamp, claim_key(claim))
+            return 0
+        return self._start(uid, self.reconcile(body))
+
+    def _start_ledger_work(self, now: datetime) -> int:
+        """The ledger's garbage collection and report, when due."""
+        started = 0
+        if self._report.next_gc is None:
+            self._report.next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
+        elif now >= self._report.next_gc and "ledger-gc" not in self._running:
+            self._report.next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
             started += self._start("ledger-gc", self.collect_garbage())
+        if "ledger-report" not in self._running and self._reports_due(now):
+            started += self._start("ledger-report", self.report_ledger())
         return started
+
+    def _reports_due(self, now: datetime) -> list[str]:
+        spacing = timedelta(seconds=self.settings.ledger_report_seconds)
+        return sorted(
+            name
+            for name in self._report.unreported
+            if (last := self._report.at.get(name)) is None or now - last >= spacing
+        )
+
+    def _next_report(self, now: datetime) -> datetime | None:
+        if not self._report.unreported or "ledger-report" in self._running:
+            return None  # a report under way wakes the loop when it ends
+        spacing = timedelta(seconds=self.settings.ledger_report_seconds)
+        return min(
+            (last + spacing if (last := self._report.at.get(name)) else now)
+            for name in self._report.unreported
+        )
+
+    async def report_ledger(self) -> int:
+        """Write the ledger into ``status.allocated`` of the nodes whose report differs from
+        it: at once after a quiet spell, then at most once per ``ledger_report_seconds`` per
+        node, however many commits land there meanwhile (a report, for users, ``capctl`` and
+        the agent's headroom reading; no decision reads it). Returns the nodes written."""
+        now = self.clock()
+        written = 0
+        for name in self._reports_due(now):
+            self._report.unreported.discard(name)
+            node = self.nodes.get(name)
+            if node is None:
+                continue
+            current = _allocated(node)
+            wanted = self._report_of(name, current)
+            if _same_allocations(current, wanted):
+                continue
+            self._report.at[name] = now
+            patch: JSON = {s: a.wire() for s, a in wanted.items()}
+            patch.update({s: None for s in current if s not in wanted})
+            try:
+                body = await self.kube.patch_node_status(name, {"allocated": patch})
+            except NotFoundError:
+                continue
+            except Exception as exc:  # said, and tried again after the spacing
+                log.warning("ledger of %s not reported: %s", name, exc)
+                self._report.unreported.add(name)
+                continue
+            self.observe_node(body)
+            written += 1
+            log.debug("ledger of %s reported: %s", name, _summary(wanted))
+        return written
 
     def _fitting_now(self) -> set[str]:
         """Room was freed: the claims waiting for it, oldest first, against one snapshot of
@@ -644,26 +740,40 @@ class Engine:
         while self._running or self._background:
             await asyncio.gather(*self._running.values(), *self._background, return_exceptions=True)
 
+    def _report_of(self, name: str, current: Mapping[str, Allocation]) -> dict[str, Allocation]:
+        """What the node's ``status.allocated`` should say: the ledger; for an operator that
+        serves some namespaces only, with the holders of other namespaces' claims kept as
+        they are (another operator's to report)."""
+        wanted = self.ledger.allocations(name)
+        served = set(self.settings.claim_namespaces)
+        if not served:
+            return wanted
+        for substrate, alloc in current.items():
+            theirs = [h for h in alloc.holders if h.claim.partition("/")[0] not in served]
+            if theirs:
+                ours = wanted[substrate].holders if substrate in wanted else []
+                wanted[substrate] = allocation([*ours, *theirs])
+        return wanted
+
     async def collect_garbage(self) -> int:
-        """Free holders whose claim no longer exists (a deletion this operator did not see:
-        it was down, or a watch gap). The nodes are read before the claims are listed, so a
-        holder whose uid is missing from the list belongs to a claim deleted since: never to
-        one still being committed. Returns the holders freed."""
-        held = {
-            (h.uid, name)
-            for name, node in list(self.nodes.items())
-            if node.status is not None
-            for alloc in (node.status.allocated or {}).values()
-            for h in alloc.holders
-        }
-        if not held:
+        """Forget claims that no longer exist (a deletion this operator did not see: a watch
+        gap, or a pause): their holders leave the ledger. The claims the ledger knows are
+        taken before the list is asked for, so a uid missing from the list belongs to a claim
+        deleted since, never to one created meanwhile. Returns the claims freed that held
+        something."""
+        known = self.ledger.uids()
+        if not known:
             return 0
-        alive = {b["metadata"].get("uid", "") for b in await self.kube.list_claims()}
-        gone = sorted((uid, name) for uid, name in held if uid not in alive)
-        for uid, name in gone:
-            log.info("ledger of %s: freeing holder of deleted claim %s", name, uid)
-            await self._remove_holders(uid, None, [name])
-        return len(gone)
+        alive = {b["metadata"].get("uid", "") for b in await self._served_claims()}
+        freed = 0
+        for uid in sorted(known - alive):
+            nodes = self.ledger.nodes_of(uid)
+            if nodes:
+                freed += 1
+                log.info("ledger: freeing the holders of deleted claim %s on %s", uid,
+                         ", ".join(sorted(nodes)))  # fmt: skip
+            self._ledger_changed(self.ledger.forget(uid))
+        return freed
 
     # -- reconcile -----------------------------------------------------------------------------
 
@@ -822,7 +932,11 @@ class Engine:
         )
 
     def _next_proposal(
-        self, previous: Proposal | None, plan: PlacementPlan, substrate: Substrate
+        self,
+        previous: Proposal | None,
+        plan: PlacementPlan,
+        substrate: Substrate,
+        holding: Iterable[str] = (),
     ) -> Proposal:
         return new_proposal(
             previous,
@@ -830,6 +944,7 @@ class Engine:
             substrate,
             self.clock(),
             timedelta(seconds=self.settings.vote_timeout_seconds),
+            holding=holding,
         )
 
     async def _write_proposal(
@@ -907,18 +1022,18 @@ class Engine:
         holder = Holder(
             claim=claim_key(claim), uid=claim.metadata.uid or "", epoch=proposal.epoch, share=share
         )
-        for node in sorted(proposal.placement):
-            taken = await self._add_holder(node, substrate, holder)
-            if taken is not None:
-                await self._remove_holders(holder.uid, proposal.epoch, proposal.placement)
-                await self._abort(
-                    claim,
-                    body,
-                    reasons.CAPACITY_TAKEN,
-                    f"{node}: {taken}",
-                    refused={**(status.refusals or {}), node: taken},
-                )
-                return
+        iso = (await self.thresholds()).theta_iso
+        taken = self._hold(claim, substrate, holder, proposal.placement, iso)
+        if taken is not None:
+            node, why = taken
+            await self._abort(
+                claim,
+                body,
+                reasons.CAPACITY_TAKEN,
+                f"{node}: {why}",
+                refused={**(status.refusals or {}), node: why},
+            )
+            return
         placements = [
             Placement(node=n, substrate=substrate, share=share, epoch=proposal.epoch)
             for n in proposal.placement
@@ -927,7 +1042,7 @@ class Engine:
             f"admitted on {', '.join(proposal.placement)} with {result.yes}/{result.needed} YES "
             f"votes (epoch {proposal.epoch})"
         )
-        await self._write_claim(
+        await self._write_holding(
             claim,
             {
                 "phase": Phase.ADMITTED.value,
@@ -953,94 +1068,52 @@ class Engine:
         log.info("claim %s %s", holder.claim, message)
         self.emit(body, "Normal", reasons.QUORUM_REACHED, message)
 
-    async def _add_holder(
-        self, node: str, substrate: Substrate, holder: Holder, *, replace_older: bool = False
-    ) -> str | None:
-        """Add the holder to the node's ledger; None on success, else why it cannot: beyond
-        capacity, or leaving less promised slack than theta_iso (the isolation gate is a
-        function of promises only, so this compare-and-swap write is where it holds whatever
-        the votes saw). With ``replace_older``, the claim's holders of older epochs there go in
-        the same write.
+    def _hold(
+        self,
+        claim: CapacityClaim,
+        substrate: Substrate,
+        holder: Holder,
+        placement: Iterable[str],
+        iso: float,
+        *,
+        replace_older: bool = False,
+    ) -> tuple[str, str] | None:
+        """Check the commit against the ledger on every placement node and, when it fits
+        everywhere, hold its shares there until its claim write is seen. None when held, else
+        (node, why not): beyond capacity, leaving less promised slack than theta_iso (the
+        isolation gate is a function of promises only, so the commit is where it holds
+        whatever the votes saw), or a ledger too large for its CapacityNode. With
+        ``replace_older``, the claim's holders of older epochs on those nodes are replaced.
 
-        A group commit: the holders queued for a node while a write of its ledger is under way
-        go out together in the next write, each checked in turn against the ledger and the ones
-        before it (commits on one node in one cycle cost one write, not one each)."""
-        add = _LedgerAdd(
-            substrate, holder, replace_older, asyncio.get_running_loop().create_future()
-        )
-        self._ledger_queue[node].append(add)
-        async with self._node_locks[node]:
-            if not add.result.done():
-                batch = self._ledger_queue.pop(node, [])
-                try:
-                    await self._write_holders(node, batch)
-                except BaseException as exc:
-                    # the others' commits fail as this one does (as a conflict when it was
-                    # cancelled: they look at their claims again)
-                    failed = exc if isinstance(exc, Exception) else ConflictError(str(exc))
-                    for other in batch:
-                        if other is not add and not other.result.done():
-                            other.result.set_exception(failed)
-                    raise
-        return await add.result
-
-    async def _write_holders(self, node: str, batch: list[_LedgerAdd]) -> None:
-        """One compare-and-swap write of the node's ledger with every holder of ``batch`` that
-        fits (see :meth:`_add_holder`); sets each one's result."""
-        iso = (await self.thresholds()).theta_iso
-        # first try on the cached object: a stale one fails the resourceVersion check
-        cn = self.nodes.get(node)
-        for _ in range(self.settings.commit_retries):
-            if cn is None:
-                for add in batch:
-                    add.result.set_result("its CapacityNode is gone")
-                return
-            ledgers: dict[Substrate, list[Holder]] = {}
-            outcome = [_admit_holder(cn, ledgers, add, iso) for add in batch]
-            changed = sorted(
-                {add.substrate for add, (added, _) in zip(batch, outcome, strict=True) if added}
+        Synchronous: no other step runs between the check and the hold."""
+        nodes = sorted(set(placement))
+        for name in nodes:
+            node = self.nodes.get(name)
+            if node is None:
+                return name, "its CapacityNode is gone"
+            why = _admit_holder(
+                self.with_ledger(name, node), substrate, holder, iso, replace_older=replace_older
             )
-            if changed:
-                patch = {s.value: allocation(ledgers[s]).wire() for s in changed}
-                try:
-                    await self._write_node(node, cn, {"allocated": patch})
-                except ConflictError:
-                    cn = await self._fresh_node(node)
-                    continue
-            for add, (_, why) in zip(batch, outcome, strict=True):
-                add.result.set_result(why)
-            return
-        raise ConflictError(f"node {node} kept changing")
+            if why is not None:
+                return name, why
+        self.ledger.hold(
+            holder.uid,
+            {(name, substrate.value): holder for name in nodes},
+            claim.metadata.resource_version or "",
+        )
+        self._ledger_changed(False)
+        return None
 
-    async def _remove_holders(self, uid: str, epoch: int | None, nodes: Iterable[str]) -> None:
-        """Drop the claim's holders (of one epoch, or all) from the given nodes' ledgers."""
-        for node in sorted(set(nodes)):
-            cached = self.nodes.get(node)
-            if cached is not None and not _holds(cached, uid):
-                # holders are only added by commits, which keep this cache current; a copy
-                # that died mid-commit leaves leaks that the rebuild on start removes
-                continue
-            async with self._node_locks[node]:
-                for _ in range(self.settings.commit_retries):
-                    cn = await self._fresh_node(node)
-                    if cn is None or cn.status is None:
-                        break
-                    patch: JSON = {}
-                    for substrate, alloc in (cn.status.allocated or {}).items():
-                        kept = [
-                            h
-                            for h in alloc.holders
-                            if not (h.uid == uid and (epoch is None or h.epoch == epoch))
-                        ]
-                        if len(kept) != len(alloc.holders):
-                            patch[substrate] = allocation(kept).wire() if kept else None
-                    if not patch:
-                        break
-                    try:
-                        await self._write_node(node, cn, {"allocated": patch})
-                    except ConflictError:
-                        continue
-                    break
+    async def _write_holding(self, claim: CapacityClaim, status: JSON) -> JSON:
+        """Write the status of a commit that :meth:`_hold` holds. When the write surely failed
+        (a conflict: the claim moved on), the hold goes at once; when its outcome is unknown
+        (a timeout, an API server error), it stays until the claim is seen again, so that a
+        commit that did land is never missing from the ledger."""
+        try:
+            return await self._write_claim(claim, status)
+        except (ConflictError, NotFoundError):
+            self._ledger_changed(self.ledger.unhold(claim.metadata.uid or ""))
+            raise
 
     # -- abort, reject, release ----------------------------------------------------------------
 
@@ -1056,11 +1129,7 @@ class Engine:
     ) -> None:
         status = claim.status
         assert status is not None
-        proposal = status.proposal
-        uid = claim.metadata.uid or ""
-        self._end_inflight(uid)
-        if proposal is not None:
-            await self._remove_holders(uid, proposal.epoch, proposal.placement)
+        self._end_inflight(claim.metadata.uid or "")
         refusals = {} if restart else {**(status.refusals or {}), **refused}
         attempts = 0 if restart else (status.attempts or 0)
         self.emit(body, "Warning" if refused else "Normal", reason, _clip(message))
@@ -1115,17 +1184,16 @@ class Engine:
         self.emit(body, "Warning", reason, _clip(message))
 
     async def release(self, body: JSON) -> None:
-        """The claim was deleted: free its holders everywhere. There is no finalizer (every
-        write of one would cost two requests per claim): a deletion this operator does not see
-        is caught by :meth:`collect_garbage`, and by the ledger rebuild on start."""
+        """The claim was deleted: its holders left the ledger with the deletion event (there is
+        no finalizer: every write of one would cost two requests per claim; a deletion this
+        operator does not see is caught by :meth:`collect_garbage`, and by the ledger built on
+        start). Its open proposal ends, and an Event says what was freed."""
         claim = parse_claim(body)
         uid = claim.metadata.uid or ""
         async with self._claim_locks[uid]:
             self._end_inflight(uid)
-            holding = [name for name, node in self.nodes.items() if _holds(node, uid)]
             placed = [p.node for p in (claim.status.placements or [])] if claim.status else []
-            await self._remove_holders(uid, None, [*holding, *placed])
-            if holding or placed:
+            if placed:
                 self.emit(body, "Normal", reasons.RELEASED, "deleted; its allocation is freed")
         self._claim_locks.pop(uid, None)
 
@@ -1196,11 +1264,9 @@ class Engine:
         )
         log.warning("claim %s failed: %s", claim_key(claim), message)
         self.emit(body, "Warning", reason, message)
-        # a Failed claim holds nothing: its shares on the surviving nodes are freed too
-        uid = claim.metadata.uid or ""
-        self._end_inflight(uid)
-        held = [p.node for p in (claim.status.placements or [])] if claim.status else []
-        await self._remove_holders(uid, None, held)
+        # a Failed claim holds nothing: its shares on the surviving nodes leave the ledger
+        # with this write
+        self._end_inflight(claim.metadata.uid or "")
 
     def _lost(self, claim: CapacityClaim) -> list[str]:
         """The failed nodes whose share the claim is moving (open entries of its recoveries)."""
@@ -1242,9 +1308,7 @@ class Engine:
             if result.outcome is Outcome.COMMIT:
                 await self._commit_recovery(claim, body, proposal, lost, result)
             elif result.outcome is Outcome.ABORT:
-                uid = claim.metadata.uid or ""
-                self._end_inflight(uid)
-                await self._remove_holders(uid, proposal.epoch, proposal.placement)
+                self._end_inflight(claim.metadata.uid or "")
                 refused = {n: result.counted[n].reason or "voted NO" for n in result.refused_by}
                 await self._propose_recovery(
                     claim, body, lost, refused={**(status.refusals or {}), **refused},
@@ -1306,7 +1370,9 @@ class Engine:
                 },
             )
             return
-        proposal = self._next_proposal(status.proposal, plan, substrate)
+        # the surviving placement nodes are named too, so their agents keep hearing the claim
+        holding = [p.node for p in survivors(claim, lost)]
+        proposal = self._next_proposal(status.proposal, plan, substrate, holding)
         message = (
             f"epoch {proposal.epoch}: asking {', '.join(plan.voters)} to vote on taking over "
             f"{plan.share:.3f} of {substrate.value} from {', '.join(lost)} on "
@@ -1341,18 +1407,18 @@ class Engine:
         share = proposal.share or 0.0
         uid = claim.metadata.uid or ""
         holder = Holder(claim=claim_key(claim), uid=uid, epoch=proposal.epoch, share=share)
-        for node in sorted(proposal.placement):
-            # a lost node trusted again that takes its share back: the new holder replaces the
-            # old one in the same compare-and-swap write, so the share is never counted twice
-            taken = await self._add_holder(node, substrate, holder, replace_older=True)
-            if taken is not None:
-                await self._remove_holders(uid, proposal.epoch, proposal.placement)
-                self._end_inflight(uid)
-                await self._propose_recovery(
-                    claim, body, lost, refused={**(status.refusals or {}), node: taken},
-                    note=f"{node}: {taken}",
-                )  # fmt: skip
-                return
+        iso = (await self.thresholds()).theta_iso
+        # a lost node trusted again that takes its share back: the new holder replaces the old
+        # one, so the share is never counted twice
+        taken = self._hold(claim, substrate, holder, proposal.placement, iso, replace_older=True)
+        if taken is not None:
+            node, why = taken
+            self._end_inflight(uid)
+            await self._propose_recovery(
+                claim, body, lost, refused={**(status.refusals or {}), node: why},
+                note=f"{node}: {why}",
+            )  # fmt: skip
+            return
         now = self.clock()
         moves = recovery_moves(lost, proposal.placement)
         gone = [n for n in lost if n not in proposal.placement]
@@ -1375,7 +1441,7 @@ class Engine:
             + ", ".join(f"{a} -> {b}" for a, b in moves.items())
             + f" with {result.yes}/{result.needed} YES votes (epoch {proposal.epoch})"
         )
-        await self._write_claim(
+        await self._write_holding(
             claim,
             {
                 "phase": Phase.ADMITTED.value,
@@ -1401,9 +1467,9 @@ class Engine:
         self.inflight.pop(uid, None)  # committed: no room freed
         log.info("claim %s %s", holder.claim, message)
         self.emit(body, "Normal", reasons.RECOVERED_REASON, message)
-        # the failed nodes are fenced: their old shares are released, their pods deleted so
-        # that their controllers recreate them, bound to the new placement by the webhook
-        await self._remove_holders(uid, None, gone)
+        # the failed nodes are fenced: their old shares left the ledger with the write, their
+        # pods are deleted so that their controllers recreate them, bound to the new placement
+        # by the webhook
         namespace = claim.metadata.namespace or ""
         selector = f"{CLAIM_LABEL}={claim.metadata.name}"
         for pod in await self.kube.list_pods(namespace, selector) if gone else []:
@@ -1459,59 +1525,50 @@ class Engine:
 # helpers
 
 
-@dataclass(frozen=True, slots=True)
-class _LedgerAdd:
-    """A holder waiting for the next write of its node's ledger (:meth:`Engine._add_holder`)."""
+@dataclass
+class _Report:
+    """What the ledger's report (:meth:`Engine.report_ledger`) still has to write."""
 
-    substrate: Substrate
-    holder: Holder
-    replace_older: bool
-    result: asyncio.Future[str | None]
-    """None once written (or already there), else why it cannot be."""
+    unreported: set[str] = field(default_factory=set)
+    """Nodes whose ``status.allocated`` may differ from the ledger."""
+    at: dict[str, datetime] = field(default_factory=dict)
+    """Per node, when its ledger was last written."""
+    next_gc: datetime | None = None
+    """When the ledger's garbage collection runs next."""
 
 
 def _admit_holder(
-    node: CapacityNode, ledgers: dict[Substrate, list[Holder]], add: _LedgerAdd, iso: float
-) -> tuple[bool, str | None]:
-    """Take ``add``'s holder into ``ledgers`` (per substrate, the node's holders as the write
-    under way will leave them) when it fits: (whether the ledger changed, why it cannot be)."""
-    holder = add.holder
-    current = ledgers.setdefault(add.substrate, _holders(node, add.substrate))
+    node: CapacityNode, substrate: Substrate, holder: Holder, iso: float, *, replace_older: bool
+) -> str | None:
+    """Why the holder cannot join the node's ledger (``status.allocated`` as the ledger has
+    it), or None when it fits (or is there already)."""
+    current = _holders(node, substrate)
     if any(h.uid == holder.uid and h.epoch == holder.epoch for h in current):
-        return False, None
-    kept = current
-    if add.replace_older:
-        kept = [h for h in current if not (h.uid == holder.uid and h.epoch < holder.epoch)]
+        return None
+    kept = [h for h in current if h.uid != holder.uid] if replace_older else current
     held = sum(h.share for h in kept)
     if held + holder.share > 1.0 + EPSILON:
-        return False, (
+        return (
             f"allocated {held:.3f} + request {holder.share:.3f} exceeds capacity "
             "(taken by claims committed meanwhile)"
         )
     if 1.0 - held - holder.share < iso - EPSILON:
-        return False, (
+        return (
             f"isolation {max(0.0, 1.0 - held - holder.share):.2f} < theta_iso "
             f"{iso:.2f} (allocated {held:.3f} + request {holder.share:.3f}, taken by "
             "claims committed meanwhile)"
         )
-    pending = {s.value: holders for s, holders in ledgers.items()}
-    full = ledger_full(node, add.substrate, holder, pending)
-    if full is not None:
-        return False, full
-    ledgers[add.substrate] = [*kept, holder]
-    return True, None
-
-
-def _holds(node: CapacityNode | None, uid: str) -> bool:
-    if node is None or node.status is None:
-        return False
-    return any(h.uid == uid for a in (node.status.allocated or {}).values() for h in a.holders)
+    return ledger_full(node, substrate, holder, {substrate.value: kept})
 
 
 def _holders(node: CapacityNode, substrate: Substrate) -> list[Holder]:
     status = node.status
     alloc = (status.allocated or {}).get(substrate.value) if status else None
     return list(alloc.holders) if alloc else []
+
+
+def _allocated(node: CapacityNode) -> dict[str, Allocation]:
+    return dict((node.status.allocated or {}) if node.status else {})
 
 
 def _same_allocations(a: dict[str, Allocation], b: dict[str, Allocation]) -> bool:

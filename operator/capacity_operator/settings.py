@@ -28,7 +28,11 @@ class OperatorSettings(BaseSettings):
     half of what a ballot holds: a witness votes on every open epoch, and keeps a vote until
     its claim's next event."""
     ledger_gc_seconds: float = Field(default=60.0, gt=0)
-    """How often holders of deleted claims that no deletion event freed are looked for."""
+    """How often the ledger looks for claims deleted without an event reaching the operator
+    (one list of the claims)."""
+    ledger_report_seconds: float = Field(default=10.0, gt=0)
+    """The ledger's report in a node's ``status.allocated`` is written at once after a quiet
+    spell, then at most this often per node however many commits land there."""
     peering: str = "capacity-platform"
     """kopf peering name; a second operator copy with the same name stays idle."""
     standalone: bool = False

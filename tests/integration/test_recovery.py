@@ -25,12 +25,14 @@ from kubernetes.client.rest import ApiException
 from capacity_api import GROUP, VERSION
 from capacity_api.webhook import CLAIM_LABEL
 from tests.cluster import (
+    REPORT_SECONDS,
     Cluster,
     Proc,
     agents_proc,
     ledger_from_claims,
     node_holders,
     operator_proc,
+    reported,
     show,
     unique,
     wait_events,
@@ -220,10 +222,12 @@ def test_a_killed_agents_claim_and_pods_move_to_another_node(
         assert _condition(cn, "Ready") == ("Unknown", "NodeFailed")
         assert _condition(cn, "Fenced") == ("True", "NodeFenced")
         assert FAILED_TAINT in taints(core, dead)
-        holders = [
-            h["claim"] for a in (cn["status"].get("allocated") or {}).values() for h in a["holders"]
-        ]
-        assert f"{ns}/web" not in holders
+
+        def dead_released() -> bool:
+            cn = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", dead)
+            return not any(h["claim"] == f"{ns}/web" for h in node_holders(cn).get("host", []))
+
+        wait_for(f"{dead}'s ledger report to release web", dead_released, timeout=REPORT_SECONDS)
 
         # recovery policy None: the spanning claim fails with the reason, nothing is moved
         fragile = claim_status(cluster, ns, "fragile")
@@ -241,7 +245,9 @@ def test_a_killed_agents_claim_and_pods_move_to_another_node(
                 ).get("host", [])
             )
 
-        wait_for("the Failed claim's shares freed on every node", fragile_freed, timeout=10)
+        wait_for(
+            "the Failed claim's shares freed on every node", fragile_freed, timeout=REPORT_SECONDS
+        )
 
         # the node comes back: not used until it renewed and filled its window, then unfenced
         agents[dead] = stack.enter_context(
@@ -541,7 +547,7 @@ def test_two_claims_recovering_onto_room_for_one_exactly_one_gets_it(env: Env, p
         states = wait_for("one recovered, one waiting", settled, timeout=LEASE + GRACE + 30)
         (winner,) = [c for c, s in states.items() if s["phase"] == "Admitted"]
         assert placement_nodes(states[winner]) == [room], show(op)
-        node = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", room)
+        node = reported(cluster, prefix, ns)[room]
         held = sorted(h["claim"] for h in node["status"]["allocated"]["host"]["holders"])
         assert held == sorted([f"{ns}/c3", f"{ns}/{winner}"])
         assert node["status"]["allocated"]["host"]["share"] == pytest.approx(0.8)
@@ -560,9 +566,9 @@ def test_two_claims_recovering_onto_room_for_one_exactly_one_gets_it(env: Env, p
         last = status["recoveries"][-1]
         assert (last["from"], last["to"]) == (home, home)
         assert status["placements"][0]["epoch"] == last["epoch"]
-        cn = env.custom.get_cluster_custom_object(GROUP, VERSION, "capacitynodes", home)
+        cn = reported(cluster, prefix, ns)[home]
         holders = node_holders(cn)["host"]
-        # exactly one holder, the new epoch's: the old share was replaced in the same write
+        # exactly one holder, the new epoch's: the old share was replaced, never counted twice
         assert [(h["claim"], h["epoch"]) for h in holders] == [(f"{ns}/{loser}", last["epoch"])]
         assert cn["status"]["allocated"]["host"]["share"] == pytest.approx(0.4)
         assert ledger_from_claims(cluster.claims(ns)) == {
@@ -620,6 +626,7 @@ def test_operator_killed_during_recoveries_leaves_one_placement_per_claim(
                         agent(env.kubeconfig, env.platform, env.logs, victim.removesuffix("-0"))
                     )
                 )
+            reported(cluster, prefix, ns)  # the last operator's report of its ledger
         finally:
             op.stop()
         bodies = cluster.claims(ns)

@@ -36,7 +36,6 @@ from capacity_api.admission import (
     plan_placement,
     proposal_open,
     quorum,
-    rebuild_allocations,
     room_grew,
     tally,
     wake_at,
@@ -312,6 +311,14 @@ def test_a_proposal_names_its_voters_one_field_each_for_the_agents_field_selecto
     # derived from the voters whatever was stored: a stale or forged copy does not survive
     forged = {**wire, "asked": {"first": "z"}}
     assert Proposal.model_validate(forged).wire()["asked"] == wire["asked"]
+    # a recovery names the nodes the claim still holds after its voters: their agents keep
+    # hearing it (and counting its share); a voter is not named twice
+    small = PlacementPlan(placement=["a"], witnesses=["b"], share=0.1)
+    recovery = new_proposal(
+        None, small, Substrate.HOST, NOW, timedelta(seconds=5), holding=["s", "a"]
+    )
+    assert recovery.holding == ["s"]
+    assert recovery.wire()["asked"] == {"first": "a", "second": "b", "third": "s"}
 
 
 def test_an_agent_of_one_node_watches_the_claims_naming_it_one_of_several_every_claim() -> None:
@@ -382,31 +389,6 @@ def claim(
             "status": status,
         }
     )
-
-
-def test_rebuild_keeps_backed_holders_drops_leaks_and_restores_lost_ones() -> None:
-    claims = {
-        "admitted": claim("admitted", "Admitted", epoch=2, name="admitted"),
-        "inflight": claim("inflight", "Voting", epoch=4, name="inflight"),
-        "aborted": claim("aborted", "Voting", epoch=5, name="aborted"),
-        "rejected": claim("rejected", "Rejected", name="rejected"),
-        "lost": claim("lost", "Admitted", epoch=1, share=0.3, name="lost"),
-    }
-    n = node(
-        "a",
-        holders=[
-            holder("admitted", 0.2, epoch=2, claim="ns/admitted"),
-            holder("inflight", 0.2, epoch=4, claim="ns/inflight"),
-            holder("aborted", 0.2, epoch=4, claim="ns/aborted"),  # an older epoch's leftover
-            holder("rejected", 0.2, epoch=1, claim="ns/rejected"),
-            holder("deleted", 0.1, epoch=1, claim="ns/deleted"),
-        ],
-    )
-    rebuilt = rebuild_allocations(n, claims)
-    kept = sorted((h.uid, h.epoch) for h in rebuilt["host"].holders)
-    assert kept == [("admitted", 2), ("inflight", 4), ("lost", 1)]
-    assert rebuilt["host"].share == pytest.approx(0.7)
-    assert rebuilt["host"].claims == 3
 
 
 def test_expected_holders_is_a_function_of_admitted_claims() -> None:

@@ -61,6 +61,8 @@ class FakeApi:
         self.writes: list[tuple[str, str]] = []
         self.reads = 0
         self.configmap: dict[str, str] = {}
+        self.lose_response: set[str] = set()
+        """Claims whose next status write lands but whose response is lost (a timeout)."""
 
     def _stamp(self, body: JSON) -> JSON:
         body["metadata"]["resourceVersion"] = str(next(self.versions))
@@ -139,6 +141,7 @@ class FakeApi:
     async def patch_claim_status_guarded(self, namespace: str, name: str, ops: list[JSON]) -> JSON:
         """A JSON patch: a failed ``test`` (or a ``remove`` of what is missing) is refused with
         422, which the real client turns into a conflict."""
+        await asyncio.sleep(0)  # a request takes time: other steps run meanwhile
         body = self.claims.get((namespace, name))
         if body is None:
             raise NotFoundError(name)
@@ -153,7 +156,11 @@ class FakeApi:
         body.clear()
         body.update(patched)
         self.writes.append((body["kind"], name))
-        return self._stamp(body)
+        stamped = self._stamp(body)
+        if name in self.lose_response:
+            self.lose_response.discard(name)
+            raise TimeoutError(f"{name}: no response")
+        return stamped
 
     async def get_node(self, name: str) -> JSON:
         self.reads += 1
@@ -173,6 +180,16 @@ class FakeApi:
             raise NotFoundError(name)
         await asyncio.sleep(0)  # a request takes time: other steps run meanwhile
         return self._cas(name, self.nodes[name], resource_version, status)
+
+    async def patch_node_status(self, name: str, status: JSON) -> JSON:
+        """The ledger's report: a merge patch without a resourceVersion check."""
+        if name not in self.nodes:
+            raise NotFoundError(name)
+        await asyncio.sleep(0)
+        body = self.nodes[name]
+        body["status"] = merge(body.get("status") or {}, status)
+        self.writes.append((body["kind"], name))
+        return self._stamp(body)
 
     async def list_leases(self, namespace: str) -> list[LeaseInfo]:
         return list(self.leases)
@@ -283,7 +300,7 @@ def test_flow_control_opens_at_most_max_open_proposals_oldest_first() -> None:
     run(scenario)
 
 
-def test_one_admission_costs_three_claim_writes_and_one_node_write() -> None:
+def test_one_admission_costs_two_claim_writes_and_the_ledger_report_follows() -> None:
     h = Harness(nodes=3)
     h.api.add_claim("only", 0.2)
 
@@ -293,12 +310,17 @@ def test_one_admission_costs_three_claim_writes_and_one_node_write() -> None:
         h.api.vote_all()
         await h.settle(engine)
         assert h.phases() == {"only": "Admitted"}
-        # the proposal, the holder on the placement node, the commit; no re-reads, no retries
-        kinds = [k for k, _ in h.api.writes]
-        assert kinds == ["CapacityClaim", "CapacityNode", "CapacityClaim"]
-        # a watch event of our own write is not news: another cycle writes nothing
+        # the proposal and the commit; no ledger write on the way, no re-reads, no retries
+        assert [k for k, _ in h.api.writes] == ["CapacityClaim", "CapacityClaim"]
+        placed = h.api.claim("only")["status"]["placements"][0]["node"]
+        assert engine.ledger.allocations(placed)["host"].share == pytest.approx(0.2)
+        # the next cycle reports the ledger in the node's status.allocated (a quiet node: at
+        # once); a watch event of our own write is not news, and the report is not repeated
         await h.settle(engine)
-        assert len(h.api.writes) == 3
+        await h.settle(engine)
+        assert h.api.writes[2:] == [("CapacityNode", placed)]
+        holders = h.api.nodes[placed]["status"]["allocated"]["host"]["holders"]
+        assert [(x["claim"], x["share"]) for x in holders] == [("ns/only", 0.2)]
 
     run(scenario)
 
@@ -329,7 +351,8 @@ def test_capacity_taken_between_the_votes_and_the_commit_aborts_and_proposes_els
         await h.settle(engine)
         first = h.api.claim("c")["status"]["proposal"]["placement"][0]
         h.api.vote_all()
-        # another operator's commit fills the node before ours (the engine's cache is stale)
+        # another operator's commit fills the node; its claim event reaches this engine
+        # between the votes and the commit
         h.api.admit_elsewhere(first, 0.9)
         await h.settle(engine)
         status = h.api.claim("c")["status"]
@@ -338,8 +361,7 @@ def test_capacity_taken_between_the_votes_and_the_commit_aborts_and_proposes_els
         assert status["proposal"]["placement"] != [first]
         assert first in status["refusals"]
         assert "CapacityTaken" in [r for _, r, _ in h.events]
-        held = sum(x["share"] for x in h.api.nodes[first]["status"]["allocated"]["host"]["holders"])
-        assert held == pytest.approx(0.9)  # our holder was never added there
+        assert engine.ledger.allocations(first)["host"].share == pytest.approx(0.9)  # not ours
 
     run(scenario)
 
@@ -372,7 +394,10 @@ def test_deleted_claims_holders_are_freed_by_the_event_or_by_the_garbage_collect
     h.api.add_claim("seen", 0.3)
     h.api.add_claim("missed", 0.3)
 
-    def held() -> float:
+    def held(engine: Engine) -> float:
+        return sum(a.share for n in h.api.nodes for a in engine.ledger.allocations(n).values())
+
+    def reported() -> float:
         return sum(
             x["share"]
             for n in h.api.nodes.values()
@@ -385,17 +410,20 @@ def test_deleted_claims_holders_are_freed_by_the_event_or_by_the_garbage_collect
         await h.settle(engine)
         h.api.vote_all()
         await h.settle(engine)
-        assert held() == pytest.approx(0.6)
+        await h.settle(engine)
+        assert held(engine) == pytest.approx(0.6)
+        assert reported() == pytest.approx(0.6)
         seen = h.api.claims.pop(("ns", "seen"))
         engine.observe_claim(seen, deleted=True)  # the watch saw this deletion
         h.api.claims.pop(("ns", "missed"))  # and missed this one
-        engine.cycle()
-        await engine.drain()
-        assert held() == pytest.approx(0.3)
+        assert held(engine) == pytest.approx(0.3)  # freed with the event
         h.now += timedelta(seconds=31)
         engine.cycle()  # garbage collection is due
         await engine.drain()
-        assert held() == pytest.approx(0.0)
+        assert held(engine) == pytest.approx(0.0)
+        engine.cycle()  # the report follows (each node written at most every 10 s)
+        await engine.drain()
+        assert reported() == pytest.approx(0.0)
 
     run(scenario)
 
@@ -432,10 +460,11 @@ def test_a_claim_without_room_waits_unwritten_and_is_admitted_when_the_room_is_f
         assert len(waits) == 1  # one Event when it started waiting
         # the first is deleted: its holder goes, and that wakes the waiting claim at once
         first = h.api.claims.pop(("ns", "first"))
-        engine.observe_claim(first, deleted=True)
-        engine.cycle()  # frees the holder
-        await engine.drain()
-        engine.cycle()  # the freed room wakes the waiting claim, without waiting for 10 s
+        engine.observe_claim(first, deleted=True)  # frees the holder
+        # the freed room wakes the waiting claim within a second (a pass over the waiting
+        # claims runs at most once a second), without waiting for its 10 s
+        h.now += timedelta(seconds=1)
+        engine.cycle()
         await engine.drain()
         assert h.phases() == {"second": "Voting"}
         h.api.vote_all()
@@ -468,7 +497,7 @@ def test_room_freed_goes_to_the_oldest_waiting_claim_it_fits_the_others_are_not_
         # "older" takes the room; "younger", which the same room would have fitted, is left
         # waiting, and not written
         assert h.phases() == {"older": "Voting", "younger": "Pending"}
-        assert h.api.writes[writes:] == [("CapacityNode", "n0"), ("CapacityClaim", "older")]
+        assert h.api.writes[writes:] == [("CapacityClaim", "older")]
 
     run(scenario)
 
@@ -535,7 +564,7 @@ def test_a_vote_landing_after_the_quorum_does_not_make_the_commit_conflict() -> 
         await engine.drain()
         assert h.phases() == {"c": "Admitted"}
         assert h.api.reads == reads  # no conflict, no re-read
-        assert [k for k, _ in h.api.writes] == ["CapacityClaim", "CapacityNode", "CapacityClaim"]
+        assert [k for k, _ in h.api.writes] == ["CapacityClaim", "CapacityClaim"]
 
     run(scenario)
 
@@ -653,9 +682,10 @@ def test_a_removed_nodes_ballot_is_deleted_with_it() -> None:
     run(scenario)
 
 
-def test_placement_sees_every_new_version_of_a_node_and_the_open_proposals() -> None:
-    # the views are kept per node between proposals: a new CapacityNode version (a ledger
-    # written by another operator copy, new readings) must reach the next placement at once
+def test_placement_sees_every_new_version_of_a_node_and_of_its_ledger() -> None:
+    # the views are kept per node between proposals: new readings of a node, and a claim
+    # admitted there (by another operator copy), must reach the next placement at once; what
+    # the node's status.allocated says is a report, not what placement counts
     h = Harness(nodes=2)
 
     async def scenario() -> None:
@@ -664,10 +694,14 @@ def test_placement_sees_every_new_version_of_a_node_and_the_open_proposals() -> 
         assert before == {"n0": 0.0, "n1": 0.0}
         assert engine.views()[0] is engine.views()[0]  # nothing changed: the same view
         body = copy.deepcopy(h.api.nodes["n0"])
-        body["status"]["allocated"] = {"host": {"share": 0.6, "claims": 1, "holders": [
-            {"claim": "ns/other", "uid": "u-other", "epoch": 1, "share": 0.6}]}}  # fmt: skip
+        body["status"]["allocated"] = {"host": {"share": 0.9, "claims": 1, "holders": [
+            {"claim": "ns/gone", "uid": "u-gone", "epoch": 1, "share": 0.9}]}}  # fmt: skip
         body["status"]["readings"]["host"]["load"]["p95"] = 0.3
         engine.observe_node(h.api._stamp(body))
+        views = {v.name: v for v in engine.views()}
+        assert views["n0"].allocated(Substrate.HOST) == 0.0  # a stale report: not counted
+        h.api.admit_elsewhere("n0", 0.6)
+        engine.observe_claim(h.api.claim("other"))
         views = {v.name: v for v in engine.views()}
         assert views["n0"].allocated(Substrate.HOST) == pytest.approx(0.6)
         assert views["n0"].headroom(Substrate.HOST) == pytest.approx(0.4)
@@ -684,7 +718,7 @@ def test_placement_sees_every_new_version_of_a_node_and_the_open_proposals() -> 
     run(scenario)
 
 
-def test_commits_on_one_node_share_its_ledger_writes_and_are_each_checked() -> None:
+def test_commits_on_one_node_in_one_cycle_are_each_checked_against_the_ledger() -> None:
     # one node, no witnesses: every claim is placed there and committed in the same cycle
     h = Harness(nodes=1)
     for name in ("a", "b", "c", "d"):
@@ -695,19 +729,181 @@ def test_commits_on_one_node_share_its_ledger_writes_and_are_each_checked() -> N
         await h.settle(engine)
         assert set(h.phases().values()) == {"Voting"}
         h.api.vote_all()
-        # meanwhile someone else's holder takes 0.25 of the node: three of the four still fit
-        # (theta_iso 0.15 leaves room for 0.85)
+        # meanwhile another copy's claim, seen by the watch, takes 0.25 of the node: three of
+        # the four still fit (theta_iso 0.15 leaves room for 0.85)
         h.api.admit_elsewhere("n0", 0.25)
         before = len(h.api.writes)
         await h.settle(engine)
         phases = h.phases()
         assert sorted(phases.values()) == ["Admitted"] * 4 + ["Rejected"]  # "other", 3 of ours
+        ledger = engine.ledger.allocations("n0")["host"]
+        assert ledger.share == pytest.approx(0.85)
+        assert len(ledger.holders) == 4
+        assert "CapacityTaken" in [r for _, r, _ in h.events]
+        # no ledger write per commit: the node's report is written once, after the commits
+        await h.settle(engine)
+        node_writes = [k for k, _ in h.api.writes[before:] if k == "CapacityNode"]
+        assert len(node_writes) == 1
         holders = h.api.nodes["n0"]["status"]["allocated"]["host"]["holders"]
         assert sum(x["share"] for x in holders) == pytest.approx(0.85)
-        assert len(holders) == 4
-        # fewer ledger writes than commits: the ones queued behind a write share the next one
-        node_writes = [k for k, _ in h.api.writes[before:] if k == "CapacityNode"]
-        assert 1 <= len(node_writes) < 3
-        assert "CapacityTaken" in [r for _, r, _ in h.events]
 
+    run(scenario)
+
+
+def test_the_ledger_is_built_from_the_claims_on_start_not_from_the_nodes_reports() -> None:
+    h = Harness(nodes=1)
+    h.api.admit_elsewhere("n0", 0.6)  # admitted before this operator started
+    h.api.nodes["n0"]["status"].pop("allocated")  # and its node's report lost
+    h.api.add_claim("new", 0.6)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        assert engine.ledger.allocations("n0")["host"].share == pytest.approx(0.6)
+        engine.observe_claim(h.api.claim("new"))  # kopf's first events (not "other" yet)
+        engine.cycle()
+        await engine.drain()
+        status = h.api.claim("new")["status"]
+        assert (status["phase"], status["reason"]) == ("Pending", "WaitingForCapacity")
+        assert h.api.nodes["n0"]["status"]["allocated"]["host"]["share"] == pytest.approx(0.6)
+
+    run(scenario)
+
+
+def test_a_commit_whose_write_outcome_is_unknown_keeps_its_share_until_its_claim_is_seen() -> None:
+    h = Harness(nodes=1)
+    h.api.add_claim("a", 0.5)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        h.api.lose_response.add("a")  # the commit lands, its response never comes
+        await h.settle(engine)
+        assert h.phases() == {"a": "Admitted"}
+        assert engine.ledger.allocations("n0")["host"].share == pytest.approx(0.5)
+        # before the watch brings the admitted claim, another one must not get its room
+        h.api.add_claim("b", 0.5)
+        engine.observe_claim(h.api.claim("b"))
+        engine.cycle()
+        await engine.drain()
+        assert h.phases() == {"a": "Admitted", "b": "Pending"}
+        await h.settle(engine)  # the watch catches up: the status says what the hold said
+        assert engine.ledger.allocations("n0")["host"].share == pytest.approx(0.5)
+        assert h.phases() == {"a": "Admitted", "b": "Pending"}
+
+    run(scenario)
+
+
+def test_the_ledger_report_of_a_busy_node_is_written_at_most_once_per_spacing() -> None:
+    h = Harness(nodes=1, ledger_report_seconds=10)
+    for name in ("a", "b", "c"):
+        h.api.add_claim(name, 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        await h.settle(engine)
+        await h.settle(engine)
+
+        def reports() -> int:
+            return sum(1 for kind, _ in h.api.writes if kind == "CapacityNode")
+
+        assert reports() == 1  # the three commits, reported once
+        engine.observe_claim(h.api.claims.pop(("ns", "a")), deleted=True)
+        h.now += timedelta(seconds=5)
+        await h.settle(engine)
+        assert reports() == 1  # within the spacing: not yet
+        h.now += timedelta(seconds=5)
+        await h.settle(engine)
+        assert reports() == 2
+        held = h.api.nodes["n0"]["status"]["allocated"]["host"]
+        assert sorted(x["claim"] for x in held["holders"]) == ["ns/b", "ns/c"]
+
+    run(scenario)
+
+
+def test_the_loop_admits_with_nodes_to_report_and_never_spins_without_yielding() -> None:
+    # every node is to be reported on start: the loop must let the report (and the steps) run
+    h = Harness(nodes=2)
+    h.api.add_claim("c", 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        loop = asyncio.create_task(engine.run())
+
+        async def phase(wanted: str) -> None:
+            while (h.api.claim("c").get("status") or {}).get("phase") != wanted:
+                await h.deliver(engine)
+                await asyncio.sleep(0.01)
+
+        try:
+            await asyncio.wait_for(phase("Voting"), 5)
+            h.api.vote_all()
+            await asyncio.wait_for(phase("Admitted"), 5)
+        finally:
+            loop.cancel()
+            await engine.drain()
+
+    run(scenario)
+
+
+def test_an_operator_serving_some_namespaces_reports_its_claims_and_keeps_the_others() -> None:
+    h = Harness(nodes=1, claim_namespaces=["ns"])
+    theirs = {"claim": "elsewhere/x", "uid": "u-x", "epoch": 1, "share": 0.3}
+    h.api.nodes["n0"]["status"]["allocated"] = {
+        "host": {"share": 0.3, "claims": 1, "holders": [theirs]}
+    }
+    h.api.add_claim("c", 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        await h.settle(engine)
+        await h.settle(engine)
+        holders = h.api.nodes["n0"]["status"]["allocated"]["host"]["holders"]
+        assert sorted(x["claim"] for x in holders) == ["elsewhere/x", "ns/c"]
+
+    run(scenario)
+
+
+def test_a_waiting_claims_own_timer_never_takes_room_that_an_older_waiting_claim_fits() -> None:
+    # room freed between two passes (at most one a second) goes to the oldest claims it fits,
+    # not to a younger claim whose 10 s timer happens to come first
+    h = Harness(nodes=1)
+    for name in ("h1", "h2"):
+        h.api.add_claim(name, 0.4)
+
+    async def step(*names: str, deleted: bool = False) -> None:
+        for name in names:
+            body = h.api.claims.pop(("ns", name)) if deleted else h.api.claim(name)
+            engine.observe_claim(body, deleted=deleted)
+        engine.cycle()
+        await engine.drain()
+
+    async def at(seconds: float, *names: str, deleted: bool = False) -> None:
+        h.now = START + timedelta(seconds=seconds)
+        await step(*names, deleted=deleted)
+
+    async def scenario() -> None:
+        nonlocal engine
+        engine = await h.engine()
+        await h.settle(engine)
+        h.api.vote_all()
+        await h.settle(engine)  # h1 and h2 hold 0.8 of the node
+        h.api.add_claim("older1", 0.4)
+        h.api.add_claim("older2", 0.4)
+        h.now = START + timedelta(seconds=1)
+        h.api.add_claim("young", 0.4)
+        await at(2, "young")  # waits; looked at again at 12 s
+        await at(5, "older1", "older2")  # wait; looked at again at 15 s
+        assert set(h.phases().values()) == {"Admitted", "Pending"}
+        await at(11.5, "h1", deleted=True)  # a pass: the room goes to older1
+        await at(11.6, "h2", deleted=True)  # room again, the next pass not before 12.5 s
+        await at(12.1)  # young's timer
+        await at(12.6)  # the pass
+        assert h.phases() == {"older1": "Voting", "older2": "Voting", "young": "Pending"}
+
+    engine: Engine
     run(scenario)

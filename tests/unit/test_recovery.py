@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from capacity_api.admission import NoPlacement, PlacementPlan, holder_valid
+from capacity_api.admission import NoPlacement, PlacementPlan
 from capacity_api.lease import LeaseInfo
-from capacity_api.models import CapacityClaim, Holder, Substrate
+from capacity_api.models import CapacityClaim, Substrate
 from capacity_api.recovery import (
     Decision,
     Liveness,
@@ -152,18 +152,6 @@ def test_recovery_moves_pair_lost_nodes_with_new_ones_and_a_returned_node_with_i
     assert recovery_moves(["x"], ["y"]) == {"x": "y"}
     assert recovery_moves(["x", "y"], ["z", "x"]) == {"x": "x", "y": "z"}
     assert recovery_moves(["y", "x"], ["z", "w"]) == {"x": "z", "y": "w"}
-
-
-def test_an_in_flight_recovery_holder_is_not_a_leak() -> None:
-    body = admitted(("a", "b"), phase="Recovering").model_dump(by_alias=True, mode="json")
-    body["status"]["proposal"] = {
-        "epoch": 2, "placement": ["c"], "voters": ["c", "d"], "deadline": NOW.isoformat(),
-        "share": 0.2, "substrate": "host",
-    }  # fmt: skip
-    claim = CapacityClaim.model_validate(body)
-    assert holder_valid(Holder(claim="ns/c", uid="u1", epoch=2, share=0.2), "c", claim)
-    assert holder_valid(Holder(claim="ns/c", uid="u1", epoch=1, share=0.2), "b", claim)
-    assert not holder_valid(Holder(claim="ns/c", uid="u1", epoch=2, share=0.2), "d", claim)
 
 
 def test_token_bucket_allows_a_burst_then_the_rate() -> None:
