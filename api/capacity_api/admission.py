@@ -365,6 +365,8 @@ def plan_placement(
     nodes: Sequence[NodeView],
     excluded: Iterable[str] = (),
     min_isolation: float = 0.0,
+    *,
+    pack: Collection[str] = (),
 ) -> PlacementPlan | NoPlacement:
     """Rank nodes by headroom and choose placement nodes and witnesses for one epoch.
 
@@ -372,6 +374,11 @@ def plan_placement(
     keeps the hard rule a + r <= 1, and leaves at least ``min_isolation`` promised slack
     (1 - a - r, the isolation gate: a function of promises only, so the operator knows it as well
     as the voter does and need not ask a node that must refuse).
+
+    ``pack``: nodes to fill first while they are candidates (by headroom among them), before
+    any other: the operator passes the nodes its open proposals ask while claims queue behind
+    them, so that a node answers several proposals in one ballot write (docs/admission.md,
+    "Packing under a backlog").
     """
     excluded_set = set(excluded)
     resources = requested_resources(spec)
@@ -441,7 +448,8 @@ def plan_placement(
             final=len(if_empty) < spec.replicas,
         )
     headroom = {v.name: v.headroom(substrate) for v in candidates}
-    candidates.sort(key=lambda v: (-headroom[v.name], v.name))
+    packed = set(pack)
+    candidates.sort(key=lambda v: (v.name not in packed, -headroom[v.name], v.name))
     placement = [v.name for v in candidates[: spec.replicas]]
     wanted = spec.witnesses if spec.witnesses is not None else default_witnesses(spec.replicas)
     # witnesses judge liveness, not room: the same few live nodes (by name) witness every

@@ -159,6 +159,18 @@ def test_placement_ranks_by_headroom_and_adds_witnesses() -> None:
     assert plan.share == pytest.approx(0.2)
 
 
+def test_placement_fills_the_nodes_of_open_proposals_first_while_they_have_room() -> None:
+    nodes = [view(node("a", p95=0.5)), view(node("b", p95=0.1)), view(node("c", p95=0.3))]
+    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, nodes, pack={"a", "c"})
+    assert isinstance(plan, PlacementPlan)
+    assert plan.placement == ["c"]  # asked already, and the more headroom of the two
+    # a packed node without room for it is passed over: headroom decides among the others
+    full = [view(node("a", holders=[holder("x", 0.7)])), view(node("b")), view(node("c"))]
+    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, full, pack={"a"}, min_isolation=0.15)
+    assert isinstance(plan, PlacementPlan)
+    assert plan.placement == ["b"]
+
+
 def test_placement_counts_holders_and_skips_stale_and_refusing_nodes() -> None:
     full = node("full", p95=0.0, holders=[holder("x", 0.9)])
     stale = node("stale", p95=0.0)

@@ -907,3 +907,24 @@ def test_a_waiting_claims_own_timer_never_takes_room_that_an_older_waiting_claim
 
     engine: Engine
     run(scenario)
+
+
+def test_claims_whose_epochs_overlap_are_packed_onto_the_node_already_asked() -> None:
+    # one ballot write of that node answers both; placement spreads claims whose epochs do not
+    # overlap
+    h = Harness(nodes=3)
+    for name in ("a", "b"):
+        h.api.add_claim(name, 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        placed = {n: h.api.claim(n)["status"]["proposal"]["placement"] for n in ("a", "b")}
+        assert placed["a"] == placed["b"]
+        h.api.vote_all()
+        await h.settle(engine)
+        h.api.add_claim("c", 0.2)  # after both committed: the emptiest node
+        await h.settle(engine)
+        assert h.api.claim("c")["status"]["proposal"]["placement"] != placed["a"]
+
+    run(scenario)
