@@ -306,13 +306,18 @@ def claim_key(claim: CapacityClaim) -> str:
     return f"{claim.metadata.namespace}/{claim.metadata.name}"
 
 
+HOLDING_PHASES = frozenset({Phase.ADMITTED, Phase.RECOVERING})
+"""The phases in which a claim holds a share of each node it is placed on (a Recovering claim
+keeps its failed node's share until the recovery commits)."""
+
+
 def expected_holders(claims: Iterable[CapacityClaim]) -> dict[tuple[str, str], list[Holder]]:
     """The holders every (node, substrate) must carry for the admitted claims: the ledger as a
     pure function of the claims' status."""
     ledger: dict[tuple[str, str], list[Holder]] = {}
     for claim in claims:
         status = claim.status
-        if status is None or status.phase not in (Phase.ADMITTED, Phase.RECOVERING):
+        if status is None or status.phase not in HOLDING_PHASES:
             continue
         for placement in status.placements or []:
             ledger.setdefault((placement.node, placement.substrate.value), []).append(

@@ -39,7 +39,7 @@ from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx2
 from lightkube import ALL_NS, Client
@@ -59,6 +59,7 @@ from capacity_agent.cluster import (
 )
 from capacity_agent.settings import BALLOT_INTERVAL
 from capacity_api.admission import (
+    HOLDING_PHASES,
     allocated_share,
     claim_key,
     claim_watch_fields,
@@ -121,24 +122,17 @@ class VoterNode:
     """Shares of the admitted (or recovering) claims placed on this node, by claim uid."""
 
     def reserved(self, substrate: str, excluding: tuple[str, int]) -> float:
-        return sum(
-            r.share
-            for key, r in self.reservations.items()
-            if r.substrate == substrate and key != excluding
-        )
+        """The shares promised to open epochs on the substrate, but ``excluding``'s."""
+        return _shares(self.reservations, substrate, excluding)
 
     def committed_seen(self, substrate: str, excluding: str) -> float:
         """The shares of the admitted claims this node has seen placed on it."""
-        return sum(
-            r.share
-            for uid, r in self.admitted.items()
-            if r.substrate == substrate and uid != excluding
-        )
+        return _shares(self.admitted, substrate, excluding)
 
     def see(self, uid: str, status: Mapping[str, Any] | None) -> None:
         """Keep what the claim holds on this node as its status says (nothing when gone)."""
         held = None
-        if status and status.get("phase") in (Phase.ADMITTED.value, Phase.RECOVERING.value):
+        if status and status.get("phase") in HOLDING_PHASES:
             for placement in status.get("placements") or []:
                 if placement.get("node") == self.name:
                     held = Reservation(
@@ -154,6 +148,15 @@ class VoterNode:
         self.admitted.pop(uid, None)
         for key in [k for k in self.reservations if k[0] == uid]:
             del self.reservations[key]
+
+
+K = TypeVar("K")
+
+
+def _shares(entries: Mapping[K, Reservation], substrate: str, excluding: K) -> float:
+    return sum(
+        r.share for key, r in entries.items() if r.substrate == substrate and key != excluding
+    )
 
 
 @dataclass(frozen=True, slots=True)

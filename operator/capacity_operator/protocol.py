@@ -211,7 +211,7 @@ class Engine:
         CapacityNode and the ledger version it was made of."""
         self.ledger = Ledger()
         """What every node has promised: a function of the claims' status."""
-        self._report = _Report()
+        self._upkeep = _LedgerUpkeep()
         self._room = WaitingRoom()
 
     # -- caches --------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ class Engine:
         self.nodes[name] = node = parse_node(body)
         self.node_versions[name] = version
         if before is None or _allocated(before) != _allocated(node):
-            self._report.unreported.add(name)  # a new node, or its report moved: compare again
+            self._upkeep.unreported.add(name)  # a new node, or its report moved: compare again
         if self._room.claims and room_grew(before, node):
             self._free_room()
 
@@ -340,7 +340,7 @@ class Engine:
 
     def _ledger_changed(self, freed: bool) -> None:
         """The ledger changed: report it, and look at the waiting claims when room was freed."""
-        self._report.unreported.update(self.ledger.dirty)
+        self._upkeep.unreported.update(self.ledger.dirty)
         self.ledger.dirty.clear()
         if freed and self._room.claims:
             self._free_room()
@@ -496,7 +496,7 @@ class Engine:
         for body in await self._served_claims():
             self.ledger.observe(parse_claim(body))
         self._ledger_changed(False)
-        self._report.unreported.update(self.nodes)  # reported once (where the report differs)
+        self._upkeep.unreported.update(self.nodes)  # reported once (where the report differs)
         self.ready.set()
 
     async def _served_claims(self) -> list[JSON]:
@@ -537,8 +537,8 @@ class Engine:
         if self._room.freed and self._room.swept is not None:
             soonest = min(soonest or self._next_room_sweep(), self._next_room_sweep())
         timeout = RECHECK_SECONDS if soonest is None else (soonest - now).total_seconds()
-        if self._report.next_gc is not None:
-            timeout = min(timeout, (self._report.next_gc - now).total_seconds())
+        if self._upkeep.next_gc is not None:
+            timeout = min(timeout, (self._upkeep.next_gc - now).total_seconds())
         report = self._next_report(now)
         if report is not None:
             timeout = min(timeout, (report - now).total_seconds())
@@ -602,10 +602,10 @@ class Engine:
     def _start_ledger_work(self, now: datetime) -> int:
         """The ledger's garbage collection and report, when due."""
         started = 0
-        if self._report.next_gc is None:
-            self._report.next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
-        elif now >= self._report.next_gc and "ledger-gc" not in self._running:
-            self._report.next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
+        if self._upkeep.next_gc is None:
+            self._upkeep.next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
+        elif now >= self._upkeep.next_gc and "ledger-gc" not in self._running:
+            self._upkeep.next_gc = now + timedelta(seconds=self.settings.ledger_gc_seconds)
             started += self._start("ledger-gc", self.collect_garbage())
         if "ledger-report" not in self._running and self._reports_due(now):
             started += self._start("ledger-report", self.report_ledger())
@@ -615,17 +615,17 @@ class Engine:
         spacing = timedelta(seconds=self.settings.ledger_report_seconds)
         return sorted(
             name
-            for name in self._report.unreported
-            if (last := self._report.at.get(name)) is None or now - last >= spacing
+            for name in self._upkeep.unreported
+            if (last := self._upkeep.at.get(name)) is None or now - last >= spacing
         )
 
     def _next_report(self, now: datetime) -> datetime | None:
-        if not self._report.unreported or "ledger-report" in self._running:
+        if not self._upkeep.unreported or "ledger-report" in self._running:
             return None  # a report under way wakes the loop when it ends
         spacing = timedelta(seconds=self.settings.ledger_report_seconds)
         return min(
-            (last + spacing if (last := self._report.at.get(name)) else now)
-            for name in self._report.unreported
+            (last + spacing if (last := self._upkeep.at.get(name)) else now)
+            for name in self._upkeep.unreported
         )
 
     async def report_ledger(self) -> int:
@@ -636,7 +636,7 @@ class Engine:
         now = self.clock()
         written = 0
         for name in self._reports_due(now):
-            self._report.unreported.discard(name)
+            self._upkeep.unreported.discard(name)
             node = self.nodes.get(name)
             if node is None:
                 continue
@@ -644,7 +644,7 @@ class Engine:
             wanted = self._report_of(name, current)
             if _same_allocations(current, wanted):
                 continue
-            self._report.at[name] = now
+            self._upkeep.at[name] = now
             patch: JSON = {s: a.wire() for s, a in wanted.items()}
             patch.update({s: None for s in current if s not in wanted})
             try:
@@ -653,7 +653,7 @@ class Engine:
                 continue
             except Exception as exc:  # said, and tried again after the spacing
                 log.warning("ledger of %s not reported: %s", name, exc)
-                self._report.unreported.add(name)
+                self._upkeep.unreported.add(name)
                 continue
             self.observe_node(body)
             written += 1
@@ -1536,8 +1536,9 @@ class Engine:
 
 
 @dataclass
-class _Report:
-    """What the ledger's report (:meth:`Engine.report_ledger`) still has to write."""
+class _LedgerUpkeep:
+    """What the ledger's report (:meth:`Engine.report_ledger`) still has to write, and when
+    its garbage collection (:meth:`Engine.collect_garbage`) runs next."""
 
     unreported: set[str] = field(default_factory=set)
     """Nodes whose ``status.allocated`` may differ from the ledger."""

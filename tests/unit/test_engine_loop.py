@@ -267,6 +267,12 @@ class Harness:
         engine.cycle()
         await engine.drain()
 
+    async def admit(self, engine: Engine) -> None:
+        """One cycle proposes, every voter says YES, the next cycle commits."""
+        await self.settle(engine)
+        self.api.vote_all()
+        await self.settle(engine)
+
     def phases(self) -> dict[str, str | None]:
         return {n: (b.get("status") or {}).get("phase") for (_, n), b in self.api.claims.items()}
 
@@ -306,9 +312,7 @@ def test_one_admission_costs_two_claim_writes_and_the_ledger_report_follows() ->
 
     async def scenario() -> None:
         engine = await h.engine()
-        await h.settle(engine)
-        h.api.vote_all()
-        await h.settle(engine)
+        await h.admit(engine)
         assert h.phases() == {"only": "Admitted"}
         # the proposal and the commit; no ledger write on the way, no re-reads, no retries
         assert [k for k, _ in h.api.writes] == ["CapacityClaim", "CapacityClaim"]
@@ -407,9 +411,7 @@ def test_deleted_claims_holders_are_freed_by_the_event_or_by_the_garbage_collect
 
     async def scenario() -> None:
         engine = await h.engine()
-        await h.settle(engine)
-        h.api.vote_all()
-        await h.settle(engine)
+        await h.admit(engine)
         await h.settle(engine)
         assert held(engine) == pytest.approx(0.6)
         assert reported() == pytest.approx(0.6)
@@ -480,9 +482,7 @@ def test_room_freed_goes_to_the_oldest_waiting_claim_it_fits_the_others_are_not_
 
     async def scenario() -> None:
         engine = await h.engine()
-        await h.settle(engine)
-        h.api.vote_all()
-        await h.settle(engine)
+        await h.admit(engine)
         for name in ("older", "younger"):
             h.api.add_claim(name, 0.6)
             await h.settle(engine)
@@ -512,9 +512,7 @@ def test_a_pass_over_the_waiting_claims_places_only_the_oldest(
 
     async def scenario() -> None:
         engine = await h.engine()
-        await h.settle(engine)
-        h.api.vote_all()
-        await h.settle(engine)
+        await h.admit(engine)
         for name in ("older", "younger"):
             h.api.add_claim(name, 0.6)
             await h.settle(engine)
@@ -669,9 +667,7 @@ def test_a_removed_nodes_ballot_is_deleted_with_it() -> None:
 
     async def scenario() -> None:
         engine = await h.engine()
-        await h.settle(engine)
-        h.api.vote_all()
-        await h.settle(engine)
+        await h.admit(engine)
         assert set(h.api.ballots) == {"n0", "n1", "n2"}
         gone = h.api.nodes.pop("n2")
         engine.observe_node(gone, deleted=True)  # the watch sees the CapacityNode deleted
@@ -801,9 +797,7 @@ def test_the_ledger_report_of_a_busy_node_is_written_at_most_once_per_spacing() 
 
     async def scenario() -> None:
         engine = await h.engine()
-        await h.settle(engine)
-        h.api.vote_all()
-        await h.settle(engine)
+        await h.admit(engine)
         await h.settle(engine)
 
         def reports() -> int:
@@ -858,9 +852,7 @@ def test_an_operator_serving_some_namespaces_reports_its_claims_and_keeps_the_ot
 
     async def scenario() -> None:
         engine = await h.engine()
-        await h.settle(engine)
-        h.api.vote_all()
-        await h.settle(engine)
+        await h.admit(engine)
         await h.settle(engine)
         holders = h.api.nodes["n0"]["status"]["allocated"]["host"]["holders"]
         assert sorted(x["claim"] for x in holders) == ["elsewhere/x", "ns/c"]
