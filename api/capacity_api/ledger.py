@@ -17,7 +17,7 @@ again, so a commit that did land is never missing from the ledger.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from capacity_api.admission import allocation, expected_holders
@@ -164,6 +164,3 @@ class Ledger:
     def uids(self) -> set[str]:
         """Every claim that holds something or was seen with a version."""
         return set(self._versions) | set(self._held) | set(self._holds)
-
-    def nodes(self) -> Iterable[str]:
-        return list(self._nodes)
