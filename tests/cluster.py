@@ -351,16 +351,12 @@ def reported(
     return the nodes."""
 
     def agree() -> dict[str, dict[str, Any]] | None:
-        wanted: dict[tuple[str, str], set[tuple[str, int, float]]] = {}
-        for claim in cluster.claims(namespace):
-            status = claim.get("status") or {}
-            if status.get("phase") not in ("Admitted", "Recovering"):
-                continue
-            key = f"{namespace}/{claim['metadata']['name']}"
-            for p in status.get("placements") or []:
-                holder = (key, int(p.get("epoch") or 1), round(float(p["share"]), 6))
-                wanted.setdefault((p["node"], p["substrate"]), set()).add(holder)
         nodes = cluster.nodes(prefix)
+        wanted = {
+            key: {(claim, epoch, round(share, 6)) for claim, epoch, share in held}
+            for key, held in holders_from_claims(cluster.claims(namespace)).items()
+            if key[0] in nodes
+        }
         shown = {
             (name, substrate): {
                 (h["claim"], int(h["epoch"]), round(float(h["share"]), 6)) for h in holders
@@ -369,20 +365,30 @@ def reported(
             for substrate, holders in node_holders(node).items()
             if holders
         }
-        wanted = {key: held for key, held in wanted.items() if key[0] in nodes}
         return nodes if shown == wanted else None
 
     return wait_for(f"the nodes {prefix}-* to report the ledger of the claims", agree, timeout)
 
 
-def ledger_from_claims(claims: Iterable[dict[str, Any]]) -> dict[tuple[str, str], float]:
-    """(node, substrate) -> sum of shares of the admitted claims placed there."""
-    ledger: dict[tuple[str, str], float] = {}
+def holders_from_claims(
+    claims: Iterable[dict[str, Any]],
+) -> dict[tuple[str, str], list[tuple[str, int, float]]]:
+    """(node, substrate) -> (namespace/name, epoch, share) of each admitted (or recovering)
+    claim placed there: the ledger as the claims say it."""
+    ledger: dict[tuple[str, str], list[tuple[str, int, float]]] = {}
     for claim in claims:
         status = claim.get("status") or {}
         if status.get("phase") not in ("Admitted", "Recovering"):
             continue
+        key = f"{claim['metadata']['namespace']}/{claim['metadata']['name']}"
         for placement in status.get("placements") or []:
-            key = (placement["node"], placement["substrate"])
-            ledger[key] = ledger.get(key, 0.0) + float(placement["share"])
+            holder = (key, int(placement.get("epoch") or 1), float(placement["share"]))
+            ledger.setdefault((placement["node"], placement["substrate"]), []).append(holder)
     return ledger
+
+
+def ledger_from_claims(claims: Iterable[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """(node, substrate) -> sum of shares of the admitted claims placed there."""
+    return {
+        key: sum(share for _, _, share in held) for key, held in holders_from_claims(claims).items()
+    }
