@@ -381,9 +381,8 @@ def plan_placement(
     as the voter does and need not ask a node that must refuse).
 
     ``pack``: nodes to fill first while they are candidates (by headroom among them), before
-    any other: the operator passes the nodes its open proposals ask while claims queue behind
-    them, so that a node answers several proposals in one ballot write (docs/admission.md,
-    "Packing under a backlog").
+    any other: the operator passes the nodes its other open proposals ask, so that a node
+    answers several proposals in one ballot write (docs/admission.md, "Packing").
     """
     excluded_set = set(excluded)
     resources = requested_resources(spec)
