@@ -31,6 +31,7 @@ from capacity_agent.collectors.procfs import PrimingError, parse_net_dev, read_t
 from capacity_agent.collectors.storage import StorageCollector
 from capacity_agent.collectors.thermal import ThermalCollector
 from capacity_api.models import Substrate
+from tests.cluster import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -161,11 +162,15 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
         ["losetup", "--find", "--show", str(backing)],
         capture_output=True, text=True, check=True, timeout=30,
     )  # fmt: skip
-    device = out.stdout.strip()
+    # util-linux prints ``/dev/loopN``, or only ``loopN`` when the kernel has just created the
+    # device and devtmpfs has not made its node yet; ``losetup --detach loopN`` then fails
+    name = Path(out.stdout.strip()).name
+    device = Path("/dev") / name
     try:
-        yield Path(device).name
+        wait_for(f"{device} to appear", device.exists, timeout=10)
+        yield name
     finally:
-        subprocess.run(["losetup", "--detach", device], check=True, timeout=30)
+        subprocess.run(["losetup", "--detach", str(device)], check=True, timeout=30)
 
 
 def test_storage_sees_writes_to_a_block_device(loop_device: str) -> None:
