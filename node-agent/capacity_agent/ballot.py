@@ -9,6 +9,10 @@ last write wait for the rest of it and go out together. A witness votes on every
 the cluster, so under load it answers several per write instead of one each (at 30 claims a
 second, about three), for at most the spacing of delay; at rest a vote costs one write, at once.
 
+When the API server is slow to answer, the spacing stretches to four times the last write's
+duration, up to five times ``spacing`` (:attr:`BallotWriter.gap`): a loaded server gets fewer,
+larger writes instead of more of them.
+
 The write is a JSON merge patch of ``status.votes`` keyed by claim uid, without a precondition:
 only this node's agent writes this ballot (node restriction), and a merge patch of a key
 replaces that key only. A vote for an old epoch never counts, because the operator counts only
@@ -45,6 +49,11 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 FORGET_BATCH = 32
 """Removals alone start a write once this many are queued (otherwise they go with a vote)."""
+SPACING_PER_WRITE_TIME = 4.0
+"""The spacing follows the API server: at least this many times the last write's duration, so
+that a ballot has a write in flight at most a quarter of the time."""
+MAX_SPACING_FACTOR = 5.0
+"""... but never more than this many times the configured spacing (0.5 s at 0.1 s)."""
 
 
 class BallotWriter:
@@ -64,6 +73,8 @@ class BallotWriter:
         """Seconds at least between the starts of two writes (see the module docstring)."""
         self._last_write: float | None = None
         """When the last write started (the event loop's clock)."""
+        self._last_took = 0.0
+        """How long the last successful write took, in seconds."""
         self.pending: dict[str, JSON | None] = {}
         """Claim uid -> the vote to write, or None to remove the claim's vote."""
         self.held: dict[str, int] = {}
@@ -91,6 +102,17 @@ class BallotWriter:
                 self._kick()
 
     @property
+    def gap(self) -> float:
+        """Seconds between the starts of two writes now: the configured spacing, or four times
+        what the last write took when the API server answers slower than that (up to five times
+        the spacing). A loaded API server then gets fewer, larger ballot writes, which is load it
+        no longer has to carry, while an idle one still gets a vote within the spacing."""
+        return min(
+            max(self.spacing, SPACING_PER_WRITE_TIME * self._last_took),
+            MAX_SPACING_FACTOR * self.spacing,
+        )
+
+    @property
     def busy(self) -> bool:
         return self._task is not None and not self._task.done()
 
@@ -115,9 +137,9 @@ class BallotWriter:
             if self._last_write is not None:
                 # within the spacing of the last write: wait for the rest of it, and take every
                 # vote that comes meanwhile along
-                await asyncio.sleep(max(0.0, self._last_write + self.spacing - loop.time()))
+                await asyncio.sleep(max(0.0, self._last_write + self.gap - loop.time()))
             batch, self.pending = self.pending, {}
-            self._last_write = loop.time()
+            self._last_write = started = loop.time()
             try:
                 await asyncio.to_thread(self._write, batch)
             except Exception as exc:  # any failure: keep the votes, write them again later
@@ -140,6 +162,7 @@ class BallotWriter:
                 await asyncio.sleep(delay)
                 continue
             self.backoff.reset()
+            self._last_took = loop.time() - started
             for uid, vote in batch.items():
                 if vote is None:
                     self.held.pop(uid, None)

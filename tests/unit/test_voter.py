@@ -4,6 +4,7 @@ liveness; its votes and its claims watch through the Kubernetes client."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -587,6 +588,50 @@ def test_votes_within_the_spacing_of_the_last_write_wait_and_go_together() -> No
     assert len(statuses) == 2  # c1 alone, then c2, c3 and c4 together
     assert set(server.sent()[4]["status"]["votes"]) == {"uid-c2", "uid-c3", "uid-c4"}
     assert v.votes_cast == 4
+
+
+def test_a_slow_api_server_stretches_the_spacing_between_ballot_writes() -> None:
+    # each write takes 0.15 s: the next one starts four times that after the last began, bounded
+    # by five times the spacing (0.25 s, not the configured 0.05 s), so the votes meanwhile
+    # share one write; a fast answer brings the spacing back
+    def slow(request: httpx2.Request) -> httpx2.Response:
+        time.sleep(0.15)
+        return httpx2.Response(200, json=ballot_body())
+
+    server = FakeApiServer(ballot_body(), slow, slow, ballot_body(), ballot_body())
+    v = voter(server)
+    writer = v.ballot("n1")
+    writer.spacing = 0.05
+    starts: list[float] = []
+
+    async def cast(name: str) -> None:
+        await v._cast(CapacityClaim.model_validate(claim_body(name)), "n1", a_vote())
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        writer.open()
+        await asyncio.wait_for(writer.idle(), 5)
+        assert writer.gap == pytest.approx(0.05)  # answered at once: the configured spacing
+        await asyncio.sleep(0.1)
+        await cast("c1")  # after a quiet spell: at once
+        starts.append(loop.time())
+        await asyncio.sleep(0.01)
+        for name in ("c2", "c3", "c4"):  # while c1's write is still in flight
+            await cast(name)
+            await asyncio.sleep(0.03)
+        await asyncio.wait_for(writer.idle(), 5)
+        starts.append(loop.time())
+        assert writer.gap == pytest.approx(0.25)  # 4 x 0.15 = 0.6, bounded by 5 x 0.05
+        await cast("c5")
+        await asyncio.wait_for(writer.idle(), 5)
+        assert writer.gap == pytest.approx(0.05)  # the fast answer: the spacing again
+
+    asyncio.run(run())
+    statuses = [r for r in server.requests if r.url.path == BALLOT_STATUS]
+    assert len(statuses) == 3  # c1; then c2, c3 and c4 together; then c5
+    assert set(server.sent(2)[4]["status"]["votes"]) == {"uid-c2", "uid-c3", "uid-c4"}
+    # c2-c4's write began a stretched gap after c1's, which took 0.15 s: not at its end
+    assert starts[1] - starts[0] >= 0.25 + 0.15
 
 
 def test_a_ballot_opened_at_start_is_created_and_cleared_before_any_vote() -> None:
