@@ -30,7 +30,7 @@ from capacity_api.truth import kubelet_pressure as truth_pressure
 from capacity_api.webhook import CLAIM_LABEL
 from capacity_operator import cluster
 from capacity_operator.calibration import Calibrator
-from capacity_operator.kube import JSON, Kube
+from capacity_operator.kube import COMPONENT, JSON, Kube
 from capacity_operator.lifecycle import Lifecycle
 from capacity_operator.protocol import Engine
 from capacity_operator.settings import OperatorSettings
@@ -104,7 +104,7 @@ async def startup(
     settings.posting.level = logging.WARNING  # our Events are posted explicitly
     # who posted an Event: this program, and which copy of it (the pod, or host and process)
     instance = f"{socket.gethostname()}-{os.getpid()}"
-    settings.posting.reporting_component = "capacity-operator"
+    settings.posting.reporting_component = COMPONENT
     settings.posting.reporting_instance = instance
     settings.execution.max_workers = cfg.threads
     settings.watching.server_timeout = 300

@@ -25,6 +25,8 @@ from capacity_api.models import CapacityClaim, CapacityNode
 
 log = logging.getLogger(__name__)
 
+COMPONENT = "capacity-operator"
+"""Who posts the operator's Events (their source and reporting component)."""
 CLAIMS = "capacityclaims"
 NODES = "capacitynodes"
 BALLOTS = "capacityballots"
@@ -241,25 +243,8 @@ class Kube:
         them), in the background; a failure is logged, never raised."""
         meta = body.get("metadata") or {}
         namespace = meta.get("namespace") or "default"
-        now = datetime.now(UTC)
-        event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta.get('name', 'object')}."),
-            involved_object=client.V1ObjectReference(
-                api_version=body.get("apiVersion"),
-                kind=body.get("kind"),
-                name=meta.get("name"),
-                namespace=meta.get("namespace"),
-                uid=meta.get("uid"),
-            ),
-            type=type_,
-            reason=reason,
-            message=message[:1024],
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-            source=client.V1EventSource(component="capacity-operator"),
-            reporting_component="capacity-operator",
-            reporting_instance=self.instance,
+        event = event_body(
+            body, type_, reason, message, instance=self.instance, now=datetime.now(UTC)
         )
 
         async def post() -> None:
@@ -272,9 +257,10 @@ class Kube:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _create_event(self, namespace: str, event: client.CoreV1Event) -> None:
-        """Create the Event without parsing the answer into models (the most costly part of
-        the call, once per decision): read to its end, so its connection returns to the pool."""
+    def _create_event(self, namespace: str, event: JSON) -> None:
+        """Create the Event from its JSON and without parsing the answer into models (building
+        and parsing the client's models was most of the call's CPU, once per decision): read
+        the answer to its end, so its connection returns to the pool."""
         answer = self.core.create_namespaced_event(namespace, event, _preload_content=False)
         answer.read()
         answer.release_conn()
@@ -320,6 +306,36 @@ class Kube:
         except ApiException as exc:
             _raise_for(exc)
             raise  # pragma: no cover - _raise_for always raises
+
+
+def event_body(
+    body: JSON, type_: str, reason: str, message: str, *, instance: str | None, now: datetime
+) -> JSON:
+    """A core/v1 Event about the object ``body``, posted by this operator copy (``instance``),
+    as the JSON the API server takes; the message cut at 1024 characters."""
+    meta = body.get("metadata") or {}
+    stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"generateName": f"{meta.get('name', 'object')}."},
+        "involvedObject": {
+            "apiVersion": body.get("apiVersion"),
+            "kind": body.get("kind"),
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+        },
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": instance,
+    }
 
 
 def parse_claim(body: JSON) -> CapacityClaim:
