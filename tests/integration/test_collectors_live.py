@@ -162,8 +162,8 @@ def loop_device(tmp_path: Path) -> Iterator[str]:
         ["losetup", "--find", "--show", str(backing)],
         capture_output=True, text=True, check=True, timeout=30,
     )  # fmt: skip
-    # util-linux prints ``/dev/loopN``, or only ``loopN`` when the kernel has just created the
-    # device and devtmpfs has not made its node yet; ``losetup --detach loopN`` then fails
+    # util-linux prints ``/dev/loopN``; one CI run got a bare ``loopN`` for a device the kernel
+    # had just created, and ``losetup --detach loopN`` fails: the node's path is what is used
     name = Path(out.stdout.strip()).name
     device = Path("/dev") / name
     try:
