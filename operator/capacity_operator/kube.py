@@ -145,15 +145,14 @@ class Kube:
 
     async def patch_node_status_cas(self, name: str, resource_version: str, status: JSON) -> JSON:
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
-        out: JSON = await self._call(
-            self.custom.patch_cluster_custom_object_status, GROUP, VERSION, NODES, name, body
-        )
-        return out
+        return await self._patch_node_status(name, body)
 
     async def patch_node_status(self, name: str, status: JSON) -> JSON:
         """Merge ``status`` into the node's without a resourceVersion check (the ledger's
         report: fields no one else writes, derived again from the claims on every change)."""
-        body = {"status": status}
+        return await self._patch_node_status(name, {"status": status})
+
+    async def _patch_node_status(self, name: str, body: JSON) -> JSON:
         out: JSON = await self._call(
             self.custom.patch_cluster_custom_object_status, GROUP, VERSION, NODES, name, body
         )
