@@ -17,12 +17,9 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import kopf
-from kubernetes import client
-from kubernetes.client.rest import ApiException
 
 from capacity_api import GROUP, VERSION
 from capacity_api.lease import parse_lease
@@ -114,16 +111,12 @@ async def startup(
     settings.peering.mandatory = not cfg.standalone
     settings.peering.standalone = cfg.standalone
     settings.peering.clusterwide = True
-    asyncio.get_running_loop().set_default_executor(
-        ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="kube")
-    )
-    api = cluster.api_client(cluster.load(cfg.kubeconfig), pool=cfg.threads)
+    kube = Kube(cluster.load(cfg.kubeconfig), pool=cfg.threads, instance=instance)
+    memo["kube"] = kube
     if not cfg.standalone:
-        await asyncio.to_thread(_ensure_peering_object, api, cfg.peering)
-    kube = Kube(api, instance=instance)
+        await kube.ensure_peering_object(cfg.peering)
     emit = _emitter(kube)
     engine = Engine(kube, cfg, emit)
-    memo["api"] = api
     memo["engine"] = engine
     store = OutcomeStore(database_url(cfg.store_path, cfg.store_dsn))
     store.start()
@@ -145,19 +138,6 @@ async def startup(
         len(engine.leases),
         len(engine.ledger.uids()),
     )
-
-
-def _ensure_peering_object(api: client.ApiClient, name: str) -> None:
-    """kopf reads peers from a ClusterKopfPeering object it does not create itself; without it,
-    copies cannot see each other and would all act."""
-    body = {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": name}}
-    try:
-        client.CustomObjectsApi(api).create_cluster_custom_object(
-            "kopf.dev", "v1", "clusterkopfpeerings", body
-        )
-    except ApiException as exc:
-        if exc.status != 409:
-            raise
 
 
 STOP_DRAIN_SECONDS = 10.0
@@ -183,9 +163,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     store: OutcomeStore | None = memo.get("store")
     if store is not None:
         await asyncio.to_thread(store.stop)  # flushes what is pending (bounded wait)
-    api = memo.get("api")
-    if api is not None:
-        api.close()
+    kube: Kube | None = memo.get("kube")
+    if kube is not None:
+        await kube.close()
 
 
 @kopf.on.login()

@@ -1,9 +1,14 @@
 """The operator's Kubernetes I/O: reads, and writes guarded by compare-and-swap.
 
 kopf's own handler patches carry no resourceVersion precondition, so every protocol write goes
-through :meth:`Kube.patch_status_cas`: a merge patch that includes ``metadata.resourceVersion``,
-which the API server turns into an optimistic-concurrency check (409 Conflict when the object
-moved on). A conflict raises :class:`ConflictError`; callers re-read and re-decide.
+through :class:`Kube`: a merge patch that includes ``metadata.resourceVersion``, which the API
+server turns into an optimistic-concurrency check (409 Conflict when the object moved on), or a
+JSON patch whose leading ``test`` operations are the guard. A conflict raises
+:class:`ConflictError`; callers re-read and re-decide.
+
+The requests go out on the event loop through aiohttp (:func:`capacity_operator.cluster.
+http_session`), with the JSON the API server takes and gives: no worker threads, no client
+models (docs/admission.md, "The engine's requests").
 """
 
 from __future__ import annotations
@@ -12,16 +17,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import urllib.request
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
+from urllib.parse import urlsplit
 
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+import aiohttp
 
 from capacity_api import GROUP, VERSION
 from capacity_api.lease import LeaseInfo, parse_lease
 from capacity_api.models import CapacityClaim, CapacityNode
+from capacity_operator.cluster import ClusterAccess, authorization, http_session
 
 log = logging.getLogger(__name__)
 
@@ -32,116 +39,180 @@ NODES = "capacitynodes"
 BALLOTS = "capacityballots"
 JSON = dict[str, Any]
 
+MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
-class ConflictError(RuntimeError):
+_CUSTOM = f"/apis/{GROUP}/{VERSION}"
+_LEASES = "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"
+
+
+class ApiError(RuntimeError):
+    """The API server answered with an error status."""
+
+    def __init__(self, status: int, reason: str, body: str) -> None:
+        self.status = status
+        self.reason = reason
+        self.body = body
+        super().__init__(f"({status}) {reason}: {_message(body)}")
+
+
+class ConflictError(ApiError):
     """The object changed since it was read (HTTP 409)."""
 
+    def __init__(self, reason: str = "Conflict", body: str = "") -> None:
+        super().__init__(409, reason, body)
 
-class NotFoundError(RuntimeError):
+
+class NotFoundError(ApiError):
     """The object does not exist (HTTP 404)."""
 
-
-def _raise_for(exc: ApiException) -> None:
-    if exc.status == 409:
-        raise ConflictError(str(exc.reason)) from exc
-    if exc.status == 404:
-        raise NotFoundError(str(exc.reason)) from exc
-    raise exc
+    def __init__(self, reason: str = "Not Found", body: str = "") -> None:
+        super().__init__(404, reason, body)
 
 
-def _patch_not_applicable(exc: ApiException) -> bool:
+def api_error(status: int, reason: str, body: str) -> ApiError:
+    """The error for an answer of ``status``: 409 and 404 get their own types."""
+    if status == 409:
+        return ConflictError(reason, body)
+    if status == 404:
+        return NotFoundError(reason, body)
+    return ApiError(status, reason, body)
+
+
+def _message(body: str) -> str:
+    """The message of a ``Status`` answer, else the body itself (cut)."""
+    try:
+        message = json.loads(body).get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return str(message) if message else body[:512]
+
+
+def patch_not_applicable(body: str) -> bool:
     """A 422 from a JSON patch that could not be applied (a failed ``test``, a ``remove`` of
     what is not there): the API server names no field, unlike a validation failure."""
     try:
-        details = json.loads(exc.body or "{}").get("details") or {}
+        details = json.loads(body or "{}").get("details") or {}
     except (ValueError, AttributeError):
         return False
     return not details.get("causes") and not details.get("name")
 
 
 class Kube:
-    """Blocking Kubernetes client calls, run in worker threads so the event loop never waits."""
+    """The operator's Kubernetes requests, made on the event loop (one aiohttp session of at
+    most ``pool`` connections, opened on the first request; :meth:`close` closes it)."""
 
-    def __init__(self, api: client.ApiClient, instance: str | None = None) -> None:
-        self.api = api
+    def __init__(self, access: ClusterAccess, *, pool: int, instance: str | None = None) -> None:
+        self.access = access
+        self.pool = pool
         self.instance = instance
         """reportingInstance of the Events this copy posts."""
-        self.custom = client.CustomObjectsApi(api)
-        self.coordination = client.CoordinationV1Api(api)
-        self.core = client.CoreV1Api(api)
+        c = access.configuration
+        self.host = str(c.host).rstrip("/")
+        self.server_hostname: str | None = c.tls_server_name or None
+        # the proxy the Kubernetes client would use: the kubeconfig's proxy-url or
+        # $HTTPS_PROXY, unless $NO_PROXY names the API server (the check is the stdlib's; its
+        # stub leaves it out)
+        hostname = urlsplit(self.host).hostname or ""
+        bypass = urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
+            hostname, {"no": c.no_proxy or ""}
+        )
+        self.proxy: str | None = c.proxy if c.proxy and not bypass else None
+        self._session: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task[None]] = set()
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: JSON | list[JSON] | None = None,
+        content_type: str = "application/json",
+        params: Mapping[str, str] | None = None,
+    ) -> JSON:
+        """One request; the answer's JSON, or :class:`ApiError` (404 and 409 as
+        :class:`NotFoundError` and :class:`ConflictError`)."""
+        if self._session is None:
+            self._session = http_session(self.access, pool=self.pool)
+        headers = {"Accept": "application/json"}
+        if (auth := authorization(self.access)) is not None:
+            headers["Authorization"] = auth
+        data = None
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":"))
+            headers["Content-Type"] = content_type
+        async with self._session.request(
+            method,
+            self.host + path,
+            data=data,
+            headers=headers,
+            params=params,
+            proxy=self.proxy,
+            server_hostname=self.server_hostname,
+        ) as answer:
+            raw = await answer.read()
+            if answer.status >= 400:
+                raise api_error(answer.status, answer.reason or "", raw.decode(errors="replace"))
+        out: JSON = json.loads(raw)
+        return out
 
     # -- claims ------------------------------------------------------------------------------
 
     async def get_claim(self, namespace: str, name: str) -> JSON:
-        out: JSON = await self._call(
-            self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, CLAIMS, name
-        )
-        return out
+        return await self.request("GET", f"{_CUSTOM}/namespaces/{namespace}/{CLAIMS}/{name}")
 
     async def list_claims(self) -> list[JSON]:
-        out = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, CLAIMS)
+        out = await self.request("GET", f"{_CUSTOM}/{CLAIMS}")
         return list(out.get("items", []))
 
     async def patch_claim_status_cas(
         self, namespace: str, name: str, resource_version: str, status: JSON
     ) -> JSON:
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
-        out: JSON = await self._call(
-            self.custom.patch_namespaced_custom_object_status,
-            GROUP,
-            VERSION,
-            namespace,
-            CLAIMS,
-            name,
-            body,
+        return await self.request(
+            "PATCH",
+            f"{_CUSTOM}/namespaces/{namespace}/{CLAIMS}/{name}/status",
+            body=body,
+            content_type=MERGE_PATCH,
         )
-        return out
 
     async def patch_claim_status_guarded(self, namespace: str, name: str, ops: list[JSON]) -> JSON:
         """A JSON patch of the claim's status whose leading ``test`` operations are the guard:
         when one fails (the guarded fields moved on), :class:`ConflictError`. Unlike the
         resourceVersion check, an agent's vote landing meanwhile does not fail it."""
-        path = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{CLAIMS}/{name}/status"
         try:
-            out: JSON = await asyncio.to_thread(
-                self.api.call_api,
-                path,
+            return await self.request(
                 "PATCH",
-                header_params={
-                    "Content-Type": "application/json-patch+json",
-                    "Accept": "application/json",
-                },
+                f"{_CUSTOM}/namespaces/{namespace}/{CLAIMS}/{name}/status",
                 body=ops,
-                response_type="object",
-                auth_settings=["BearerToken"],
-                _return_http_data_only=True,
+                content_type=JSON_PATCH,
             )
-        except ApiException as exc:
-            if exc.status == 422 and _patch_not_applicable(exc):
-                raise ConflictError(f"{namespace}/{name}: guarded status moved on") from exc
-            _raise_for(exc)
-            raise  # pragma: no cover - _raise_for always raises
-        return out
+        except ApiError as exc:
+            if exc.status == 422 and patch_not_applicable(exc.body):
+                raise ConflictError(
+                    f"{namespace}/{name}: guarded status moved on", exc.body
+                ) from exc
+            raise
 
     # -- nodes -------------------------------------------------------------------------------
 
     async def get_node(self, name: str) -> JSON:
-        out: JSON = await self._call(
-            self.custom.get_cluster_custom_object, GROUP, VERSION, NODES, name
-        )
-        return out
+        return await self.request("GET", f"{_CUSTOM}/{NODES}/{name}")
 
     async def list_nodes(self) -> list[JSON]:
-        out = await self._call(self.custom.list_cluster_custom_object, GROUP, VERSION, NODES)
+        out = await self.request("GET", f"{_CUSTOM}/{NODES}")
         return list(out.get("items", []))
 
     async def delete_ballot(self, name: str) -> None:
         """Delete a node's CapacityBallot (its CapacityNode is gone); a missing one is fine."""
         with contextlib.suppress(NotFoundError):
-            await self._call(
-                self.custom.delete_cluster_custom_object, GROUP, VERSION, BALLOTS, name
-            )
+            await self.request("DELETE", f"{_CUSTOM}/{BALLOTS}/{name}")
 
     async def patch_node_status_cas(self, name: str, resource_version: str, status: JSON) -> JSON:
         body = {"metadata": {"resourceVersion": resource_version}, "status": status}
@@ -153,30 +224,23 @@ class Kube:
         return await self._patch_node_status(name, {"status": status})
 
     async def _patch_node_status(self, name: str, body: JSON) -> JSON:
-        out: JSON = await self._call(
-            self.custom.patch_cluster_custom_object_status, GROUP, VERSION, NODES, name, body
+        return await self.request(
+            "PATCH", f"{_CUSTOM}/{NODES}/{name}/status", body=body, content_type=MERGE_PATCH
         )
-        return out
 
     # -- leases, config ----------------------------------------------------------------------
 
     async def list_leases(self, namespace: str) -> list[LeaseInfo]:
-        out = await self._call(
-            partial(self.coordination.list_namespaced_lease, _preload_content=False), namespace
-        )
-        return [parse_lease(item) for item in json.loads(out.data).get("items", [])]
+        out = await self.request("GET", _LEASES.format(namespace=namespace))
+        return [parse_lease(item) for item in out.get("items", [])]
 
     async def get_lease(self, namespace: str, name: str) -> LeaseInfo | None:
         """A live read of one Lease (never the watch cache): expiry is confirmed with it."""
         try:
-            out = await self._call(
-                partial(self.coordination.read_namespaced_lease, _preload_content=False),
-                name,
-                namespace,
-            )
+            out = await self.request("GET", f"{_LEASES.format(namespace=namespace)}/{name}")
         except NotFoundError:
             return None
-        return parse_lease(json.loads(out.data))
+        return parse_lease(out)
 
     # -- fencing: the Kubernetes Node and the claim's pods -------------------------------------
 
@@ -184,58 +248,63 @@ class Kube:
         """The Kubernetes Node's resourceVersion and taints (one read), None when there is no
         such Node."""
         try:
-            out = await self._call(partial(self.core.read_node, _preload_content=False), name)
+            body = await self.request("GET", f"/api/v1/nodes/{name}")
         except NotFoundError:
             return None
-        body = json.loads(out.data)
         taints = list((body.get("spec") or {}).get("taints") or [])
         return str(body["metadata"]["resourceVersion"]), taints
 
     async def nodes_tainted(self, key: str) -> list[str]:
         """Names of the Kubernetes Nodes carrying a taint with this key (one list)."""
-        out = await self._call(partial(self.core.list_node, _preload_content=False))
+        out = await self.request("GET", "/api/v1/nodes")
         return [
             item["metadata"]["name"]
-            for item in json.loads(out.data).get("items", [])
+            for item in out.get("items", [])
             if any(t.get("key") == key for t in (item.get("spec") or {}).get("taints") or [])
         ]
 
     async def set_node_taints(self, name: str, taints: list[JSON], resource_version: str) -> None:
         body = {"metadata": {"resourceVersion": resource_version}, "spec": {"taints": taints}}
-        await self._call(self.core.patch_node, name, body)
+        await self.request(
+            "PATCH", f"/api/v1/nodes/{name}", body=body, content_type=STRATEGIC_MERGE_PATCH
+        )
 
     async def list_pods(self, namespace: str, label_selector: str) -> list[JSON]:
-        out = await self._call(
-            partial(
-                self.core.list_namespaced_pod,
-                label_selector=label_selector,
-                _preload_content=False,
-            ),
-            namespace,
+        out = await self.request(
+            "GET", f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": label_selector}
         )
-        return list(json.loads(out.data).get("items", []))
+        return list(out.get("items", []))
 
     async def force_delete_pod(self, namespace: str, name: str) -> None:
         """Delete at once (grace 0): the node is fenced, its kubelet will never confirm."""
-        try:
-            await self._call(
-                partial(self.core.delete_namespaced_pod, grace_period_seconds=0), name, namespace
+        with contextlib.suppress(NotFoundError):
+            await self.request(
+                "DELETE",
+                f"/api/v1/namespaces/{namespace}/pods/{name}",
+                params={"gracePeriodSeconds": "0"},
             )
-        except NotFoundError:
-            return
+
+    # -- kopf's peering ----------------------------------------------------------------------
+
+    async def ensure_peering_object(self, name: str) -> None:
+        """kopf reads peers from a ClusterKopfPeering object it does not create itself;
+        without it, copies cannot see each other and would all act."""
+        body = {
+            "apiVersion": "kopf.dev/v1",
+            "kind": "ClusterKopfPeering",
+            "metadata": {"name": name},
+        }
+        with contextlib.suppress(ConflictError):  # it exists
+            await self.request("POST", "/apis/kopf.dev/v1/clusterkopfpeerings", body=body)
 
     async def peering_status(self, name: str) -> JSON | None:
         try:
-            out: JSON = await self._call(
-                self.custom.get_cluster_custom_object,
-                "kopf.dev",
-                "v1",
-                "clusterkopfpeerings",
-                name,
-            )
+            out = await self.request("GET", f"/apis/kopf.dev/v1/clusterkopfpeerings/{name}")
         except NotFoundError:
             return None
         return dict(out.get("status") or {})
+
+    # -- Events ------------------------------------------------------------------------------
 
     def post_event_soon(self, body: JSON, type_: str, reason: str, message: str) -> None:
         """Post an Event about ``body`` from outside kopf's handlers (kopf.event works only in
@@ -248,7 +317,7 @@ class Kube:
 
         async def post() -> None:
             try:
-                await self._call(self._create_event, namespace, event)
+                await self.request("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
             except Exception as exc:
                 log.warning("could not post Event %s on %s: %s", reason, meta.get("name"), exc)
 
@@ -256,28 +325,19 @@ class Kube:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _create_event(self, namespace: str, event: JSON) -> None:
-        """Create the Event from its JSON and without parsing the answer into models (building
-        and parsing the client's models was most of the call's CPU, once per decision): read
-        the answer to its end, so its connection returns to the pool."""
-        answer = self.core.create_namespaced_event(namespace, event, _preload_content=False)
-        answer.read()
-        answer.release_conn()
+    # -- ConfigMaps --------------------------------------------------------------------------
 
     async def get_configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        try:
-            cm = await self._call(self.core.read_namespaced_config_map, name, namespace)
-        except NotFoundError:
-            return None
-        return dict(cm.data or {})
+        found = await self.get_configmap(namespace, name)
+        return None if found is None else found[1]
 
     async def get_configmap(self, namespace: str, name: str) -> tuple[str, dict[str, str]] | None:
         """(resourceVersion, data) of a ConfigMap, or None when there is none."""
         try:
-            cm = await self._call(self.core.read_namespaced_config_map, name, namespace)
+            cm = await self.request("GET", f"/api/v1/namespaces/{namespace}/configmaps/{name}")
         except NotFoundError:
             return None
-        return str(cm.metadata.resource_version), dict(cm.data or {})
+        return str(cm["metadata"]["resourceVersion"]), dict(cm.get("data") or {})
 
     async def write_configmap(
         self,
@@ -289,22 +349,22 @@ class Kube:
     ) -> None:
         """Compare-and-swap write of a ConfigMap's data: a patch at ``resource_version`` (its
         labels and annotations stay; keys of ``previous`` not in ``data`` are removed), or a
-        create when ``resource_version`` is None. ConflictError when it moved meanwhile."""
+        create when ``resource_version`` is None. ConflictError when it moved meanwhile (or,
+        for a create, when another copy created it first)."""
+        path = f"/api/v1/namespaces/{namespace}/configmaps"
         if resource_version is None:
-            body = client.V1ConfigMap(metadata=client.V1ObjectMeta(name=name), data=data)
-            await self._call(self.core.create_namespaced_config_map, namespace, body)
+            body: JSON = {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": name},
+                "data": data,
+            }
+            await self.request("POST", path, body=body)
             return
         changes: dict[str, str | None] = {k: None for k in previous or {} if k not in data}
         changes.update(data)
         patch = {"metadata": {"resourceVersion": resource_version}, "data": changes}
-        await self._call(self.core.patch_namespaced_config_map, name, namespace, patch)
-
-    async def _call(self, fn: Any, *args: Any) -> Any:
-        try:
-            return await asyncio.to_thread(fn, *args)
-        except ApiException as exc:
-            _raise_for(exc)
-            raise  # pragma: no cover - _raise_for always raises
+        await self.request("PATCH", f"{path}/{name}", body=patch, content_type=MERGE_PATCH)
 
 
 def event_body(
@@ -345,4 +405,14 @@ def parse_node(body: JSON) -> CapacityNode:
     return CapacityNode.model_validate(body)
 
 
-__all__ = ["ConflictError", "Kube", "LeaseInfo", "NotFoundError", "parse_claim", "parse_node"]
+__all__ = [
+    "ApiError",
+    "ConflictError",
+    "Kube",
+    "LeaseInfo",
+    "NotFoundError",
+    "api_error",
+    "parse_claim",
+    "parse_node",
+    "patch_not_applicable",
+]

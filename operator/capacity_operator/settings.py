@@ -45,7 +45,8 @@ class OperatorSettings(BaseSettings):
     claim_namespaces: list[str] = Field(default_factory=list)
     """Serve claims of these namespaces only (empty: every namespace)."""
     threads: int = Field(default=16, ge=1, le=256)
-    """Worker threads for blocking Kubernetes client calls."""
+    """Admission steps run at once, the connections the operator keeps to the API server for
+    their requests, and kopf's worker threads."""
     commit_retries: int = Field(default=20, ge=1)
     """Compare-and-swap retries on a conflicting write before giving up for this event."""
     health_port: int = Field(default=0, ge=0, le=65535)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -233,6 +234,10 @@ def test_operator_gives_kopf_the_same_credentials(
     assert info.insecure is True
     assert info.default_namespace == "team-a"
     assert info.trust_env is True
+    # the admission engine's own connection (aiohttp): the same token and the same TLS choice
+    access = capacity_operator.cluster.load(str(flag))
+    assert capacity_operator.cluster.authorization(access) == "Bearer token-k"
+    assert capacity_operator.cluster.ssl_context(access).verify_mode == ssl.CERT_NONE
 
     service_account(tmp_path, monkeypatch)
     info = capacity_operator.cluster.connection_info(capacity_operator.cluster.load(None))
@@ -311,6 +316,11 @@ def test_operator_gives_kopf_client_certificates(tmp_path: Path) -> None:
     assert info.ca_path
     assert not info.insecure
     info.as_ssl_context()  # loads the CA and the client certificate and key
+    access = capacity_operator.cluster.load(str(path))
+    assert capacity_operator.cluster.authorization(access) is None
+    context = capacity_operator.cluster.ssl_context(access)  # the engine's: the same files
+    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert len(context.get_ca_certs()) == 1
 
 
 @pytest.mark.parametrize(
