@@ -120,9 +120,12 @@ class Kube:
         )
         self.proxy: str | None = c.proxy if c.proxy and not bypass else None
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self) -> None:
+        """Close the connections; a request after this (a late background Event) fails."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -139,6 +142,8 @@ class Kube:
         """One request; the answer's JSON, or :class:`ApiError` (404 and 409 as
         :class:`NotFoundError` and :class:`ConflictError`)."""
         if self._session is None:
+            if self._closed:
+                raise RuntimeError("the operator's API connection is closed")
             self._session = http_session(self.access, pool=self.pool)
         headers = {"Accept": "application/json"}
         if (auth := authorization(self.access)) is not None:
