@@ -188,6 +188,17 @@ class Sampler(threading.Thread):
             last, last_t = now, t
 
 
+def requests_beyond_idle(
+    idle: dict[str, Any] | None, requests: float, seconds: float, done: int
+) -> float | None:
+    """API requests per claim beyond what the nodes cost with no claims at all (their Lease
+    renewals and publishing, the idle phase's requests per second) over the run's
+    ``seconds``: what the claims add, as the CPU figures beyond idle."""
+    if not idle or not done:
+        return None
+    return round((requests - float(idle["api_requests_per_s"]) * seconds) / done, 2)
+
+
 def beyond_idle(
     idle: dict[str, Any] | None, machine: MachineSampler, done: int
 ) -> dict[str, float] | None:
@@ -296,6 +307,7 @@ def scenario(
         while len(watcher.done) + len(watcher.waiting) < claims and time.time() < deadline:
             time.sleep(0.5)
         after = apiserver_requests(api)
+        window = time.time() - start
         machine.stop()
         if profile is not None:
             profile.__exit__()
@@ -343,6 +355,9 @@ def scenario(
                 "operator_cpu_p90_pct": round(percentile(sampler.cpu, 90), 1),
                 "operator_rss_peak_mib": round(max(sampler.rss), 1) if sampler.rss else None,
                 "api_requests_per_claim": round(sum(delta.values()) / max(1, done), 2),
+                "api_requests_per_claim_beyond_idle": requests_beyond_idle(
+                    result.get("idle"), sum(delta.values()), window, done
+                ),
                 "cpu": machine.figures(per=done),
                 "cpu_ms_per_claim_beyond_idle": beyond_idle(result.get("idle"), machine, done),
                 "api_requests_by_verb_per_claim": {
@@ -414,7 +429,7 @@ def main() -> int:
         results.append(outcome)
     header = (
         f"{'nodes':>5} {'claims':>6} {'rate':>5} {'p50 s':>7} {'p99 s':>7} {'thru/s':>7} "
-        f"{'op cpu%':>7} {'op MiB':>7} {'req/claim':>9}"
+        f"{'op cpu%':>7} {'op MiB':>7} {'req/claim':>9} {'beyond idle':>11}"
     )
     print(header)
     for r in results:
@@ -422,7 +437,8 @@ def main() -> int:
             f"{r['nodes']:>5} {r['claims']:>6} {r['offered_rate']:>5} {r['latency_p50_s']:>7} "
             f"{r['latency_p99_s']:>7} {r['throughput_per_s']:>7} "
             f"{r['operator_cpu_median_pct']!s:>7} {r['operator_rss_peak_mib']!s:>7} "
-            f"{r['api_requests_per_claim']:>9}"
+            f"{r['api_requests_per_claim']:>9} "
+            f"{r.get('api_requests_per_claim_beyond_idle')!s:>11}"
         )
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = os.environ.get("BENCH_OUTPUT", "admission.json")
