@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,21 @@ from tests.nodes import control_plane_dir  # noqa: E402
 
 RESULTS = REPO / "tests" / "bench" / "results"
 FINAL = {"Admitted", "Rejected"}
+
+
+def latency_parts(created: dict[str, float], watcher: Watcher) -> dict[str, float]:
+    """Where a claim's latency goes, medians over the claims admitted by votes: created to its
+    proposal seen (the operator's part), proposal seen to the quorum's last vote cast (the
+    voters'), that vote to the decision seen (the ballot write, the operator's commit)."""
+    parts: dict[str, list[float]] = {"proposal": [], "votes": [], "commit": []}
+    for name, cast in watcher.quorum_at.items():
+        if name not in created or name not in watcher.proposed or name not in watcher.done:
+            continue
+        proposed, final = watcher.proposed[name], watcher.done[name][0]
+        parts["proposal"].append(proposed - created[name])
+        parts["votes"].append(cast - proposed)
+        parts["commit"].append(final - cast)
+    return {k: round(percentile(v, 50), 3) for k, v in parts.items()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -111,6 +127,27 @@ def claim_final(obj: dict[str, Any]) -> str | None:
     return phase if phase in FINAL else None
 
 
+def quorum_cast_at(status: dict[str, Any]) -> float | None:
+    """When the vote that completed the quorum of the claim's last proposal was cast (DESIGN
+    section 5: every placement node YES and YES from a majority of the voters), from the votes
+    copied into its status at commit; None without such votes."""
+    proposal = status.get("proposal") or {}
+    voters = list(proposal.get("voters") or [])
+    placement = set(proposal.get("placement") or [])
+    yes = sorted(
+        (datetime.fromisoformat(v["time"]).timestamp(), node)
+        for node, v in (status.get("votes") or {}).items()
+        if v.get("epoch") == proposal.get("epoch") and v.get("vote") == "YES" and v.get("time")
+    )
+    needed = len(voters) // 2 + 1
+    seen: set[str] = set()
+    for at, node in yes:
+        seen.add(node)
+        if placement <= seen and len(seen) >= needed:
+            return at
+    return None
+
+
 class Watcher(threading.Thread):
     """Records when each object of one namespaced custom resource is first seen final (``final``
     gives its final state, or None), from a watch resumed at the last resourceVersion."""
@@ -131,6 +168,11 @@ class Watcher(threading.Thread):
         self.resource = (group, version, plural)
         self.final = final
         self.done: dict[str, tuple[float, str]] = {}
+        self.proposed: dict[str, float] = {}
+        """When each object was first seen with a proposal in its status."""
+        self.quorum_at: dict[str, float] = {}
+        """For each claim seen final with votes: when the vote that completed its quorum was
+        cast (the voter's clock; this machine's)."""
         self.waiting: set[str] = set()
         """Claims Pending now because other claims hold the room they need."""
         self.stop_flag = threading.Event()
@@ -151,9 +193,13 @@ class Watcher(threading.Thread):
                 version = obj["metadata"]["resourceVersion"]
                 name = obj["metadata"]["name"]
                 state = self.final(obj)
+                status = obj.get("status") or {}
+                if status.get("proposal") and name not in self.proposed:
+                    self.proposed[name] = time.time()
                 if state is not None and name not in self.done:
                     self.done[name] = (time.time(), state)
-                status = obj.get("status") or {}
+                    if (cast := quorum_cast_at(status)) is not None:
+                        self.quorum_at[name] = cast
                 if (status.get("phase"), status.get("reason")) == ("Pending", "WaitingForCapacity"):
                     self.waiting.add(name)
                 else:
@@ -347,6 +393,7 @@ def scenario(
                 "latency_p90_s": round(percentile(latencies, 90), 3),
                 "latency_p99_s": round(percentile(latencies, 99), 3),
                 "latency_by_tenth_p50_s": [round(percentile(x, 50), 3) for x in by_tenth],
+                "latency_parts_p50_s": latency_parts(created, watcher),
                 "latency_by_tenth_max_s": [round(max(x), 3) for x in by_tenth],
                 "throughput_per_s": round(done / max(1e-9, finish - start), 2),
                 "operator_cpu_median_pct": round(statistics.median(sampler.cpu), 1)
