@@ -319,7 +319,8 @@ def test_operator_gives_kopf_client_certificates(tmp_path: Path) -> None:
     access = capacity_operator.cluster.load(str(path))
     assert capacity_operator.cluster.authorization(access) is None
     context = capacity_operator.cluster.ssl_context(access)  # the engine's: the same files
-    assert context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.check_hostname
     assert len(context.get_ca_certs()) == 1
 
 

@@ -71,7 +71,17 @@ def api_server(fake: FakeServer) -> Iterator[str]:
             self.end_headers()
             self.wfile.write(data)
 
-        do_GET = do_PATCH = do_POST = do_DELETE = _answer
+        def do_GET(self) -> None:
+            self._answer()
+
+        def do_PATCH(self) -> None:
+            self._answer()
+
+        def do_POST(self) -> None:
+            self._answer()
+
+        def do_DELETE(self) -> None:
+            self._answer()
 
         def log_message(self, *_: Any) -> None:
             pass
@@ -191,10 +201,12 @@ def test_answers_become_errors_a_caller_can_tell_apart(tmp_path: Path) -> None:
     assert isinstance(missing, NotFoundError)
     assert 'capacitynodes "n9" not found' in str(missing)
     assert isinstance(moved_on, ConflictError)  # a failed test operation: the guard moved on
-    assert type(rejected) is ApiError and rejected.status == 422  # a real validation error
+    assert type(rejected) is ApiError  # a real validation error
+    assert rejected.status == 422
     assert "status.phase: Unsupported value" in str(rejected)
     assert deleted is None
-    assert type(forbidden) is ApiError and forbidden.status == 403
+    assert type(forbidden) is ApiError
+    assert forbidden.status == 403
     assert str(forbidden).startswith("(403) Forbidden: leases is forbidden")
     assert fake.seen[4].path == "/api/v1/namespaces/team/pods/p?gracePeriodSeconds=0"
 
@@ -210,7 +222,8 @@ def test_a_configmap_is_created_or_patched_at_its_version(tmp_path: Path) -> Non
     (read,) = run(fake, tmp_path, calls)
     create, patch, _ = fake.seen
     assert (create.method, create.path) == ("POST", "/api/v1/namespaces/ns/configmaps")
-    assert create.body["metadata"] == {"name": "cal"} and create.body["data"] == {"a": "1"}
+    assert create.body["metadata"] == {"name": "cal"}
+    assert create.body["data"] == {"a": "1"}
     assert patch.path == "/api/v1/namespaces/ns/configmaps/cal"
     assert patch.body == {"metadata": {"resourceVersion": "4"}, "data": {"a": None, "b": "2"}}
     assert read == ("5", {})
