@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from capacity_api import GROUP, VERSION
+from capacity_api import GROUP, VERSION, __version__
 from capacity_api.lease import LeaseInfo, parse_lease
 from capacity_api.models import CapacityClaim, CapacityNode
 from capacity_operator.cluster import ClusterAccess, authorization, http_session
@@ -39,6 +39,9 @@ NODES = "capacitynodes"
 BALLOTS = "capacityballots"
 JSON = dict[str, Any]
 
+USER_AGENT = f"{COMPONENT}/{__version__}"
+"""Who the API server's audit log and metrics name; ``fieldManager`` of every write too, so
+that ``managedFields`` name this operator as the owner of what it writes."""
 MERGE_PATCH = "application/merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
@@ -145,7 +148,9 @@ class Kube:
             if self._closed:
                 raise RuntimeError("the operator's API connection is closed")
             self._session = http_session(self.access, pool=self.pool)
-        headers = {"Accept": "application/json"}
+        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
+        if method in ("POST", "PUT", "PATCH"):
+            params = {**(params or {}), "fieldManager": COMPONENT}
         if (auth := authorization(self.access)) is not None:
             headers["Authorization"] = auth
         data = None

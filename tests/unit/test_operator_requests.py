@@ -151,14 +151,18 @@ def test_status_writes_carry_the_token_the_patch_type_and_the_resource_version(
     cas, guarded, report = fake.seen
     assert (cas.method, cas.path) == (
         "PATCH",
-        "/apis/capacity.platform.dev/v1alpha1/namespaces/team/capacityclaims/web/status",
+        "/apis/capacity.platform.dev/v1alpha1/namespaces/team/capacityclaims/web/status"
+        "?fieldManager=capacity-operator",  # managedFields name the operator
     )
+    assert cas.headers["user-agent"].startswith("capacity-operator/")
     assert cas.headers["authorization"] == "Bearer secret-token"
     assert cas.headers["content-type"] == "application/merge-patch+json"
     assert cas.body == {"metadata": {"resourceVersion": "7"}, "status": {"phase": "Proposed"}}
     assert guarded.headers["content-type"] == "application/json-patch+json"
     assert guarded.body == [{"op": "test", "path": "/status/epoch", "value": 3}]
-    assert report.path == "/apis/capacity.platform.dev/v1alpha1/capacitynodes/n1/status"
+    assert report.path == (
+        "/apis/capacity.platform.dev/v1alpha1/capacitynodes/n1/status?fieldManager=capacity-operator"
+    )
     assert report.body == {"status": {"allocated": {"cpu": None}}}  # null removes the key
 
 
@@ -221,10 +225,13 @@ def test_a_configmap_is_created_or_patched_at_its_version(tmp_path: Path) -> Non
 
     (read,) = run(fake, tmp_path, calls)
     create, patch, _ = fake.seen
-    assert (create.method, create.path) == ("POST", "/api/v1/namespaces/ns/configmaps")
+    assert (create.method, create.path) == (
+        "POST",
+        "/api/v1/namespaces/ns/configmaps?fieldManager=capacity-operator",
+    )
     assert create.body["metadata"] == {"name": "cal"}
     assert create.body["data"] == {"a": "1"}
-    assert patch.path == "/api/v1/namespaces/ns/configmaps/cal"
+    assert patch.path == "/api/v1/namespaces/ns/configmaps/cal?fieldManager=capacity-operator"
     assert patch.body == {"metadata": {"resourceVersion": "4"}, "data": {"a": None, "b": "2"}}
     assert read == ("5", {})
 
