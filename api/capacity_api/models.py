@@ -23,6 +23,11 @@ NodeName = Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTE
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 MAX_VOTERS = 32
 """Upper bound on replicas + witnesses of one claim (voters of one proposal)."""
+ATOMIC_MAP: dict[str, Any] = {"x-kubernetes-map-type": "atomic"}
+ATOMIC_LIST: dict[str, Any] = {"x-kubernetes-list-type": "atomic"}
+"""Schema markers of a field one writer replaces as a whole (see :class:`CapacityClaimStatus`):
+the API server tracks it in ``managedFields`` as one field, not one per key and member, which
+makes each write of it cheaper (docs/admission.md, "Atomic status fields")."""
 
 
 class Model(BaseModel):
@@ -393,7 +398,9 @@ class Truth(Model):
 
 
 class CapacityClaimStatus(Model):
-    """Observed state of a claim, written by the operator and by voting agents."""
+    """Observed state of a claim, written by the operator only (the agents vote in their
+    ballots). Its structured fields are atomic for server-side apply: one writer, and each
+    write replaces them whole, so ``managedFields`` need not track their keys."""
 
     phase: Phase | None = None
     """Pending, Voting, Admitted, Rejected, Recovering, Failed or Released."""
@@ -403,24 +410,30 @@ class CapacityClaimStatus(Model):
     """Why the claim is in its phase, in one sentence."""
     observed_generation: int | None = Field(default=None, ge=0)
     """The metadata.generation the status reflects."""
-    proposal: Proposal | None = None
+    proposal: Proposal | None = Field(default=None, json_schema_extra=ATOMIC_MAP)
     """The open (or last) proposal."""
-    votes: dict[str, Vote] | None = None
+    votes: dict[str, Vote] | None = Field(default=None, json_schema_extra=ATOMIC_MAP)
     """Votes of the current epoch, keyed by node name."""
-    placements: list[Placement] | None = Field(default=None, max_length=MAX_VOTERS)
+    placements: list[Placement] | None = Field(
+        default=None, max_length=MAX_VOTERS, json_schema_extra=ATOMIC_LIST
+    )
     """Committed placements; the allocation ledger is derived from these."""
-    recoveries: list[Recovery] | None = Field(default=None, max_length=100)
+    recoveries: list[Recovery] | None = Field(
+        default=None, max_length=100, json_schema_extra=ATOMIC_LIST
+    )
     """Every recovery of this claim."""
     attempts: int | None = Field(default=None, ge=0)
     """Proposals tried for the current admission."""
-    refusals: dict[str, Annotated[str, Field(max_length=512)]] | None = None
+    refusals: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(
+        default=None, json_schema_extra=ATOMIC_MAP
+    )
     """Nodes that refused the claim in an earlier epoch of this admission, with their reasons;
     they are not proposed again."""
     nodes: str | None = Field(default=None, max_length=4096)
     """Placement nodes, comma-separated (for kubectl get)."""
     vote_count: str | None = Field(default=None, max_length=16)
     """YES votes over votes needed, e.g. 2/3 (for kubectl get)."""
-    truth: Truth | None = None
+    truth: Truth | None = Field(default=None, json_schema_extra=ATOMIC_MAP)
     """The decision checked against what happened (admitted and rejected claims)."""
     conditions: list[Condition] | None = None
     """Admitted, Recovered and Falsified."""
@@ -633,13 +646,14 @@ class WitnessStatus(Model):
 
 
 class CapacityNodeStatus(Model):
-    """Measured state of a node (agent) and its allocation (operator)."""
+    """Measured state of a node (agent) and its allocation (operator). The readings, the gates
+    and the allocation each have one writer and are atomic for server-side apply."""
 
-    readings: dict[str, SubstrateReading] | None = None
+    readings: dict[str, SubstrateReading] | None = Field(default=None, json_schema_extra=ATOMIC_MAP)
     """Latest window summary per substrate."""
-    gates: dict[str, GateReading] | None = None
+    gates: dict[str, GateReading] | None = Field(default=None, json_schema_extra=ATOMIC_MAP)
     """Current gate readings per substrate."""
-    allocated: dict[str, Allocation] | None = None
+    allocated: dict[str, Allocation] | None = Field(default=None, json_schema_extra=ATOMIC_MAP)
     """Allocation per substrate, owned by the operator and derived from claim status."""
     conditions: list[Condition] | None = None
     """Ready, MemoryPressure, CPUPressure, IOPressure and Stale."""
@@ -689,9 +703,12 @@ class CapacityBallotSpec(Model):
 class CapacityBallotStatus(Model):
     """The votes of one node, written by its agent only (node restriction)."""
 
-    votes: dict[str, BallotVote] | None = Field(default=None, max_length=MAX_BALLOT_VOTES)
+    votes: dict[str, BallotVote] | None = Field(
+        default=None, max_length=MAX_BALLOT_VOTES, json_schema_extra=ATOMIC_MAP
+    )
     """The node's votes on open proposals, keyed by claim uid; the operator counts the one whose
-    epoch is the claim's proposal epoch."""
+    epoch is the claim's proposal epoch. Atomic for server-side apply: the agent's merge patches
+    add and remove keys, and ``managedFields`` track the map as one field of the agent's."""
 
 
 class CapacityBallot(Resource):
