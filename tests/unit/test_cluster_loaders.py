@@ -14,11 +14,10 @@ import os
 import ssl
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ import capacity_agent.cluster
 import capacity_cli.cluster
 import capacity_operator.cluster
 from capacity_cli.errors import CapctlError
+from tests.loopback import http_server
 
 
 @dataclass(frozen=True)
@@ -471,15 +471,8 @@ class Answer(BaseHTTPRequestHandler):
 @contextmanager
 def api_server(status: int) -> Iterator[str]:
     """A plain-HTTP API server on loopback; yields its URL."""
-    handler = type("Handler", (Answer,), {"status": status})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with http_server(type("Handler", (Answer,), {"status": status})) as url:
+        yield url
 
 
 def test_the_agent_checks_the_api_server_once_at_start(tmp_path: Path) -> None:
