@@ -36,7 +36,6 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +46,8 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from capacity_api import GROUP, VERSION  # noqa: E402
+from capacity_api.admission import Outcome, tally  # noqa: E402
+from capacity_api.models import CapacityClaimStatus, Vote  # noqa: E402
 from tests import kube  # noqa: E402
 from tests.bench.machine import MachineSampler, cluster_processes, table  # noqa: E402
 from tests.bench.profile import ApiServerProfile, Profile, apiserver_hot, hot_frames  # noqa: E402
@@ -128,23 +129,19 @@ def claim_final(obj: dict[str, Any]) -> str | None:
 
 
 def quorum_cast_at(status: dict[str, Any]) -> float | None:
-    """When the vote that completed the quorum of the claim's last proposal was cast (DESIGN
-    section 5: every placement node YES and YES from a majority of the voters), from the votes
-    copied into its status at commit; None without such votes."""
-    proposal = status.get("proposal") or {}
-    voters = list(proposal.get("voters") or [])
-    placement = set(proposal.get("placement") or [])
-    yes = sorted(
-        (datetime.fromisoformat(v["time"]).timestamp(), node)
-        for node, v in (status.get("votes") or {}).items()
-        if v.get("epoch") == proposal.get("epoch") and v.get("vote") == "YES" and v.get("time")
-    )
-    needed = len(voters) // 2 + 1
-    seen: set[str] = set()
-    for at, node in yes:
-        seen.add(node)
-        if placement <= seen and len(seen) >= needed:
-            return at
+    """When the vote that completed the quorum of the claim's last proposal was cast, from the
+    votes copied into its status at commit: the first cast time at which the protocol's own
+    rule (:func:`capacity_api.admission.tally`) commits on the votes cast until then. None
+    without such votes."""
+    parsed = CapacityClaimStatus.model_validate(status)
+    if parsed.proposal is None or not parsed.votes:
+        return None
+    cast = sorted((v.time, node) for node, v in parsed.votes.items() if v.time is not None)
+    so_far: dict[str, Vote] = {}
+    for at, node in cast:
+        so_far[node] = parsed.votes[node]
+        if tally(parsed.proposal, so_far, at).outcome is Outcome.COMMIT:
+            return at.timestamp()
     return None
 
 
@@ -382,6 +379,7 @@ def scenario(
             resource = key.split(":")[0]
             by_resource[resource] = by_resource.get(resource, 0.0) + value
         done = len(watcher.done)
+        requests = sum(delta.values())
         result.update(
             {
                 "completed": done,
@@ -401,9 +399,9 @@ def scenario(
                 else None,
                 "operator_cpu_p90_pct": round(percentile(sampler.cpu, 90), 1),
                 "operator_rss_peak_mib": round(max(sampler.rss), 1) if sampler.rss else None,
-                "api_requests_per_claim": round(sum(delta.values()) / max(1, done), 2),
+                "api_requests_per_claim": round(requests / max(1, done), 2),
                 "api_requests_per_claim_beyond_idle": requests_beyond_idle(
-                    result.get("idle"), sum(delta.values()), window, done
+                    result.get("idle"), requests, window, done
                 ),
                 "cpu": machine.figures(per=done),
                 "cpu_ms_per_claim_beyond_idle": beyond_idle(result.get("idle"), machine, done),
