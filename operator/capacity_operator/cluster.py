@@ -130,15 +130,21 @@ def check_reachable(access: ClusterAccess) -> None:
             ) from exc
 
 
-def authorization(access: ClusterAccess) -> str | None:
-    """The ``Authorization`` header of ``access``, read anew on every call: it calls the
-    configuration's refresh hook, so a rotated service account token or an exec plugin's new
-    token is what the next request sends. None without a token (client certificates)."""
-    c = access.configuration
+def _token_header(c: Any) -> str | None:
+    """The configuration's token as an ``Authorization`` value ("Bearer ..."), read anew: it
+    calls the refresh hook, so a rotated service account token or an exec plugin's new token
+    is what is read."""
     header: str | None = c.get_api_key_with_prefix("BearerToken") or c.get_api_key_with_prefix(
         "authorization"
     )
-    if header:
+    return header or None
+
+
+def authorization(access: ClusterAccess) -> str | None:
+    """The ``Authorization`` header of ``access``, read anew on every call (see
+    :func:`_token_header`), or basic credentials; None with neither (client certificates)."""
+    c = access.configuration
+    if header := _token_header(c):
         return header
     if c.username or c.password:
         basic: str = c.get_basic_auth_token()
@@ -178,9 +184,7 @@ def connection_info(access: ClusterAccess, *, trust_env: bool = False) -> kopf.C
     """kopf's credentials from the client configuration (what ``kopf.login_via_client`` does
     with the client's global default configuration, here with ours)."""
     c = access.configuration
-    header = c.get_api_key_with_prefix("BearerToken") or c.get_api_key_with_prefix(
-        "authorization"
-    )  # calls the refresh hook, as authorization() does
+    header = _token_header(c)
     parts = header.split(" ", 1) if header else []
     scheme, token = (None, None) if not parts else (None, parts[0]) if len(parts) == 1 else parts
     return kopf.ConnectionInfo(
