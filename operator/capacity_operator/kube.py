@@ -172,14 +172,18 @@ class Kube:
         out: JSON = json.loads(raw)
         return out
 
+    async def _items(self, path: str, params: Mapping[str, str] | None = None) -> list[JSON]:
+        """The items of one list request."""
+        out = await self.request("GET", path, params=params)
+        return list(out.get("items", []))
+
     # -- claims ------------------------------------------------------------------------------
 
     async def get_claim(self, namespace: str, name: str) -> JSON:
         return await self.request("GET", f"{_CUSTOM}/namespaces/{namespace}/{CLAIMS}/{name}")
 
     async def list_claims(self) -> list[JSON]:
-        out = await self.request("GET", f"{_CUSTOM}/{CLAIMS}")
-        return list(out.get("items", []))
+        return await self._items(f"{_CUSTOM}/{CLAIMS}")
 
     async def patch_claim_status_cas(
         self, namespace: str, name: str, resource_version: str, status: JSON
@@ -216,8 +220,7 @@ class Kube:
         return await self.request("GET", f"{_CUSTOM}/{NODES}/{name}")
 
     async def list_nodes(self) -> list[JSON]:
-        out = await self.request("GET", f"{_CUSTOM}/{NODES}")
-        return list(out.get("items", []))
+        return await self._items(f"{_CUSTOM}/{NODES}")
 
     async def delete_ballot(self, name: str) -> None:
         """Delete a node's CapacityBallot (its CapacityNode is gone); a missing one is fine."""
@@ -241,8 +244,9 @@ class Kube:
     # -- leases, config ----------------------------------------------------------------------
 
     async def list_leases(self, namespace: str) -> list[LeaseInfo]:
-        out = await self.request("GET", _LEASES.format(namespace=namespace))
-        return [parse_lease(item) for item in out.get("items", [])]
+        return [
+            parse_lease(item) for item in await self._items(_LEASES.format(namespace=namespace))
+        ]
 
     async def get_lease(self, namespace: str, name: str) -> LeaseInfo | None:
         """A live read of one Lease (never the watch cache): expiry is confirmed with it."""
@@ -266,10 +270,9 @@ class Kube:
 
     async def nodes_tainted(self, key: str) -> list[str]:
         """Names of the Kubernetes Nodes carrying a taint with this key (one list)."""
-        out = await self.request("GET", "/api/v1/nodes")
         return [
             item["metadata"]["name"]
-            for item in out.get("items", [])
+            for item in await self._items("/api/v1/nodes")
             if any(t.get("key") == key for t in (item.get("spec") or {}).get("taints") or [])
         ]
 
@@ -280,10 +283,9 @@ class Kube:
         )
 
     async def list_pods(self, namespace: str, label_selector: str) -> list[JSON]:
-        out = await self.request(
-            "GET", f"/api/v1/namespaces/{namespace}/pods", params={"labelSelector": label_selector}
+        return await self._items(
+            f"/api/v1/namespaces/{namespace}/pods", {"labelSelector": label_selector}
         )
-        return list(out.get("items", []))
 
     async def force_delete_pod(self, namespace: str, name: str) -> None:
         """Delete at once (grace 0): the node is fenced, its kubelet will never confirm."""
