@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from capacity_api import crdgen
-from capacity_api.models import CapacityClaim, CapacityNode, Resource
+from capacity_api.models import CapacityBallot, CapacityClaim, CapacityNode, Resource
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_DIR = REPO / "crds"
@@ -111,6 +111,27 @@ def test_claim_schema_carries_ranges_enums_and_cel_rules() -> None:
     assert status["conditions"]["x-kubernetes-list-type"] == "map"
     assert "descriptions" not in spec
     assert spec["properties"]["cGeo"]["description"].startswith("Geometric share")
+
+
+def test_single_writer_status_fields_are_atomic_and_shared_ones_are_not() -> None:
+    """Fields one writer replaces whole are tracked as one field in managedFields (cheaper
+    writes); conditions, which the agent and the operator both write, stay keyed by type."""
+
+    def status_of(model: type[Resource]) -> dict[str, Any]:
+        props: dict[str, Any] = crdgen.object_schema(model)["properties"]["status"]["properties"]
+        return props
+
+    claim = status_of(CapacityClaim)
+    for name in ("proposal", "votes", "refusals", "truth"):
+        assert claim[name]["x-kubernetes-map-type"] == "atomic", name
+    for name in ("placements", "recoveries"):
+        assert claim[name]["x-kubernetes-list-type"] == "atomic", name
+    assert status_of(CapacityBallot)["votes"]["x-kubernetes-map-type"] == "atomic"
+    node = status_of(CapacityNode)
+    for name in ("readings", "gates", "allocated"):
+        assert node[name]["x-kubernetes-map-type"] == "atomic", name
+    assert node["conditions"]["x-kubernetes-list-type"] == "map"
+    assert "x-kubernetes-map-type" not in node["witness"]  # the witness's own field manager
 
 
 def test_crd_metadata() -> None:
