@@ -543,9 +543,12 @@ def new_proposal(
     vote_timeout: timedelta,
     *,
     holding: Iterable[str] = (),
+    attestation: timedelta | None = None,
 ) -> Proposal:
     """The next epoch's proposal: epochs only grow, so votes for an older one never count.
-    ``holding``: nodes the claim keeps a share of (a recovery's survivors)."""
+    ``holding``: nodes the claim keeps a share of (a recovery's survivors). ``attestation``:
+    how old a witness's attestation may be and still count as its YES (None: witnesses vote
+    on the proposal itself)."""
     kept = [n for n in dict.fromkeys(holding) if n not in plan.voters]
     return Proposal(
         epoch=(previous.epoch + 1) if previous else 1,
@@ -556,6 +559,7 @@ def new_proposal(
         substrate=substrate,
         committed=plan.committed or None,
         holding=kept or None,
+        attested_since=now - attestation if attestation is not None else None,
     )
 
 
@@ -612,12 +616,15 @@ def ballot_votes(
     entry: Callable[[str, str], Vote | None],
     *,
     other_epochs: bool = False,
+    alive: Callable[[str], Mapping[str, datetime] | None] | None = None,
 ) -> dict[str, Vote]:
     """Node -> its vote on the claim's open proposal, read from each voter's ballot by
     ``entry(node, claim uid)`` (None: no vote there). Only votes for the proposal's epoch are
     taken, as the tally counts them; ``other_epochs`` keeps a voter's entry for another epoch
-    too, for showing it as stale (the tally still never counts it). Empty when the proposal is
-    not open (:func:`proposal_open`)."""
+    too, for showing it as stale (the tally still never counts it). A witness without a vote
+    for the epoch answers YES by its ballot's attestations, ``alive(node)``, when they cover
+    the proposal (:func:`attested_vote`). Empty when the proposal is not open
+    (:func:`proposal_open`)."""
     uid = claim.metadata.uid
     proposal = claim.status.proposal if claim.status else None
     if not uid or proposal is None or not proposal_open(claim):
@@ -625,9 +632,40 @@ def ballot_votes(
     votes: dict[str, Vote] = {}
     for node in dict.fromkeys(proposal.voters):
         vote = entry(node, uid)
-        if vote is not None and (other_epochs or vote.epoch == proposal.epoch):
+        if vote is not None and vote.epoch == proposal.epoch:
+            votes[node] = vote
+            continue
+        attested = attested_vote(proposal, node, alive(node)) if alive is not None else None
+        if attested is not None:
+            votes[node] = attested
+        elif vote is not None and other_epochs:
             votes[node] = vote
     return votes
+
+
+def attested_vote(
+    proposal: Proposal, node: str, alive: Mapping[str, datetime] | None
+) -> Vote | None:
+    """A witness's YES for this epoch by attestation: ``node`` is one of the proposal's
+    witnesses, the proposal takes attestations (``attestedSince``), and ``alive`` (its
+    ballot's) says every placement node was alive at or after that time. Otherwise None:
+    the witness has not answered (a NO is always a vote). The vote carries the proposal's
+    epoch, is timed by the oldest attestation it rests on, and names them (what the commit
+    copies into the claim's status)."""
+    since = proposal.attested_since
+    if since is None or not alive or node not in proposal.voters or node in proposal.placement:
+        return None
+    seen = [alive.get(name) for name in proposal.placement]
+    times = [t for t in seen if t is not None and t >= since]
+    if not proposal.placement or len(times) < len(proposal.placement):
+        return None
+    return Vote(
+        vote=VoteValue.YES,
+        role=VoterRole.WITNESS,
+        epoch=proposal.epoch,
+        reason="placement nodes alive (attested): " + ", ".join(proposal.placement),
+        time=min(times),
+    )
 
 
 def with_ballot_votes(claim: CapacityClaim, votes: Mapping[str, Vote] | None) -> CapacityClaim:

@@ -292,6 +292,12 @@ class Proposal(Model):
     asked: Asked | None = None
     """The voters (then the holding nodes) again, one field each, so that an agent can watch
     only the claims that name its node; always derived from them."""
+    attested_since: datetime | None = None
+    """A witness may answer with its ballot's ``alive`` attestations instead of a vote: one
+    that says every placement node was alive at or after this time counts as its YES for this
+    epoch (docs/admission.md, "Witness attestations"). Set by the operator a few seconds
+    before the proposal was made (its ``witness_attestation_seconds``); None: witnesses vote
+    on the proposal itself, as a placement node does."""
 
     @model_validator(mode="after")
     def _derive_asked(self) -> Proposal:
@@ -680,6 +686,9 @@ class CapacityNode(Resource):
 # ---------------------------------------------------------------------------------------------
 # CapacityBallot
 
+MAX_ATTESTED = 256
+"""Upper bound on the nodes one ballot attests alive (the ones its witness was asked about
+most recently)."""
 MAX_BALLOT_VOTES = 256
 """Upper bound on the votes one ballot holds. A voter keeps only the votes of open epochs
 (the operator admits at most ``max_open_proposals``, 64 by default, at a time) and drops a
@@ -702,6 +711,15 @@ class CapacityBallotSpec(Model):
 
 class CapacityBallotStatus(Model):
     """The votes of one node, written by its agent only (node restriction)."""
+
+    alive: dict[str, datetime] | None = Field(
+        default=None, max_length=MAX_ATTESTED, json_schema_extra=ATOMIC_MAP
+    )
+    """Witness attestations: the nodes this node, as a witness, saw alive (a live Lease and a
+    fresh CapacityNode) and when. For a proposal that names this node as a witness, an
+    attestation of every placement node at or after the proposal's ``attestedSince`` counts as
+    its YES; a NO is always a vote in ``votes``. Atomic for server-side apply: the agent
+    writes the map as a whole."""
 
     votes: dict[str, BallotVote] | None = Field(
         default=None, max_length=MAX_BALLOT_VOTES, json_schema_extra=ATOMIC_MAP

@@ -20,6 +20,7 @@ from capacity_api.admission import (
     PlacementPlan,
     admit_order,
     allocated_share,
+    attested_vote,
     ballot_votes,
     claim_substrate,
     claim_watch_fields,
@@ -635,6 +636,81 @@ def test_an_open_proposals_votes_are_the_voters_ballot_entries_for_its_epoch() -
     assert decided.status is not None
     assert decided.status.votes == {"a": vote("YES")}
     assert with_ballot_votes(c, None) is c  # ballots not read: the claim as it is
+
+
+def attesting_claim(since: datetime | None) -> CapacityClaim:
+    status = voting()
+    if since is not None:
+        status["proposal"]["attestedSince"] = since.isoformat()
+    return claim_with(status)
+
+
+def test_a_witness_attestation_since_the_proposals_bound_counts_as_its_yes_for_the_epoch() -> None:
+    since = NOW - timedelta(seconds=5)
+    c = attesting_claim(since)
+    alive = {
+        "b": {"a": since + timedelta(seconds=1), "z": NOW},  # b saw a alive after the bound
+        "c": {"a": since - timedelta(seconds=1)},  # c saw a alive, but before it: not counted
+        "a": {"a": NOW},  # the placement node attesting itself: not a witness
+        "x": {"a": NOW},  # not a voter of this proposal
+    }
+    votes = ballot_votes(c, lambda node, uid: None, alive=alive.get)
+    assert set(votes) == {"b"}
+    b = votes["b"]
+    assert (b.vote, b.role, b.epoch) == (VoteValue.YES, VoterRole.WITNESS, 2)
+    assert b.time == since + timedelta(seconds=1)
+    assert "attested" in (b.reason or "")
+    # with the placement node's YES that is a quorum (2 of 3): the commit needs no vote of c
+    votes["a"] = vote("YES")
+    decided = with_ballot_votes(c, votes)
+    assert decided.status is not None
+    assert decided.status.proposal is not None
+    assert tally(decided.status.proposal, decided.status.votes, NOW).outcome is Outcome.COMMIT
+
+
+def test_a_witness_vote_for_the_epoch_wins_over_its_attestation_and_old_epochs_never_count() -> (
+    None
+):
+    since = NOW - timedelta(seconds=5)
+    c = attesting_claim(since)
+    alive = {"b": {"a": NOW}, "c": {"a": NOW}}
+    ballots = {
+        "b": vote("NO", role="witness", reason="a: lease expired"),  # this epoch: its answer
+        "c": vote("YES", epoch=1, role="witness"),  # an older epoch: the attestation answers
+    }
+    votes = ballot_votes(c, lambda node, uid: ballots.get(node), alive=alive.get)
+    assert votes["b"].vote is VoteValue.NO
+    assert votes["c"].epoch == 2
+    assert "attested" in (votes["c"].reason or "")
+
+
+def test_attestations_answer_only_proposals_that_take_them_and_cover_every_placement_node() -> None:
+    untaken = attesting_claim(None)  # an operator that does not set attestedSince
+    assert ballot_votes(untaken, lambda node, uid: None, alive={"b": {"a": NOW}}.get) == {}
+    two = claim_with(voting())
+    assert two.status is not None
+    assert two.status.proposal is not None
+    p = two.status.proposal.model_copy(
+        update={"placement": ["a", "d"], "voters": ["a", "d", "b"], "attested_since": NOW}
+    )
+    assert attested_vote(p, "b", {"a": NOW}) is None  # d not attested
+    assert attested_vote(p, "b", {"a": NOW, "d": NOW - timedelta(seconds=1)}) is None  # too old
+    both = attested_vote(p, "b", {"a": NOW, "d": NOW + timedelta(seconds=1)})
+    assert both is not None
+    assert both.time == NOW
+
+
+def test_a_proposal_takes_attestations_made_within_the_window_before_it() -> None:
+    nodes = [view(node("a", p95=0.1)), view(node("b", p95=0.5)), view(node("c", p95=0.5))]
+    plan = plan_placement(spec(cGeo=0.1), Substrate.HOST, nodes)
+    assert isinstance(plan, PlacementPlan)
+    taking = new_proposal(
+        None, plan, Substrate.HOST, NOW, timedelta(seconds=10), attestation=timedelta(seconds=5)
+    )
+    assert taking.attested_since == NOW - timedelta(seconds=5)
+    assert new_proposal(None, plan, Substrate.HOST, NOW, timedelta(seconds=10)).attested_since is (
+        None
+    )
 
 
 def test_a_decided_proposals_votes_are_the_claims_own() -> None:
