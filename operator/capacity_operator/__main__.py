@@ -25,6 +25,13 @@ def parse_args(argv: list[str] | None) -> OperatorSettings:
     )
     parser.add_argument("--namespace", help="platform namespace (leases, calibration)")
     parser.add_argument("--vote-timeout", type=float, dest="vote_timeout_seconds")
+    parser.add_argument(
+        "--witness-attestation",
+        type=float,
+        dest="witness_attestation_seconds",
+        help="seconds a witness's attestation of the placement nodes counts as its YES "
+        "(0: witnesses vote on each proposal)",
+    )
     parser.add_argument("--max-attempts", type=int)
     parser.add_argument(
         "--max-open-proposals",

@@ -62,6 +62,7 @@ from capacity_api.lease import LeaseInfo
 from capacity_api.ledger import Ledger
 from capacity_api.models import (
     Allocation,
+    CapacityBallotStatus,
     CapacityClaim,
     CapacityNode,
     Holder,
@@ -204,8 +205,8 @@ class Engine:
         self._queued_started: set[str] = set()
         """Queued claims whose first step runs (counted as open until it ends)."""
         self._background: set[asyncio.Task[None]] = set()
-        self.ballots: dict[str, dict[str, tuple[JSON, Vote]]] = {}
-        """Per node, its ballot's votes by claim uid (as sent, and parsed): the live votes."""
+        self.ballots: dict[str, SeenBallot] = {}
+        """Per node, its ballot as last seen: the live votes and attestations."""
         self._views: dict[str, tuple[tuple[CapacityNode, int], NodeView]] = {}
         """Per node, its view without open proposals (see :meth:`views`), with the
         CapacityNode and the ledger version it was made of."""
@@ -267,40 +268,69 @@ class Engine:
             self._free_room()
 
     def observe_ballot(self, body: JSON, deleted: bool = False) -> None:
-        """A node's ballot changed: keep its votes, and look again at every claim whose vote
-        from that node is new or changed (only those entries are parsed)."""
+        """A node's ballot changed: keep its votes and attestations, and look again at every
+        claim whose vote from that node is new or changed (only those entries are parsed), or
+        that names the node as a voter when its attestations changed."""
         node = body["metadata"]["name"]
-        known = self.ballots.get(node, {})
+        known = self.ballots.get(node) or SeenBallot()
         if deleted:
             self.ballots.pop(node, None)
             return
-        raw = ((body.get("status") or {}).get("votes")) or {}
-        votes: dict[str, tuple[JSON, Vote]] = {}
-        for uid, entry in raw.items():
-            before = known.get(uid)
+        status = body.get("status") or {}
+        seen = SeenBallot()
+        for uid, entry in (status.get("votes") or {}).items():
+            before = known.votes.get(uid)
             if before is not None and before[0] == entry:
-                votes[uid] = before
+                seen.votes[uid] = before
                 continue
             try:
-                votes[uid] = (entry, Vote.model_validate(entry))  # its claim key dropped
+                seen.votes[uid] = (entry, Vote.model_validate(entry))  # its claim key dropped
             except ValueError as exc:
                 log.warning("ballot %s: vote on claim %s ignored (%s)", node, uid, exc)
                 continue
             if uid in self.claims:
                 self._due.add(uid)
                 self._wake.set()
-        self.ballots[node] = votes
+        seen.alive_sent = status.get("alive")
+        if seen.alive_sent == known.alive_sent:
+            seen.alive = known.alive
+        else:
+            try:
+                alive = CapacityBallotStatus.model_validate({"alive": seen.alive_sent}).alive
+                seen.alive = alive or {}
+            except ValueError as exc:
+                log.warning("ballot %s: attestations ignored (%s)", node, exc)
+            if seen.alive != known.alive:
+                self._attestations_changed(node)
+        self.ballots[node] = seen
+
+    def _attestations_changed(self, node: str) -> None:
+        """Look again at the claims that may wait for this witness: those with a proposal
+        under way that names it (they all have a deadline to be looked at by)."""
+        for uid in self._wake_at:
+            claim = self._parsed.get(uid)
+            proposal = claim.status.proposal if claim and claim.status else None
+            if proposal is not None and node in proposal.voters:
+                self._due.add(uid)
+                self._wake.set()
+
+    def attested_alive(self, node: str) -> dict[str, datetime] | None:
+        """The nodes ``node``'s ballot attests alive, with when (as last seen)."""
+        seen = self.ballots.get(node)
+        return seen.alive if seen is not None else None
 
     def ballot_vote(self, node: str, uid: str) -> Vote | None:
         """The vote on claim ``uid`` in ``node``'s ballot, as last seen."""
-        entry = self.ballots.get(node, {}).get(uid)
+        seen = self.ballots.get(node)
+        entry = seen.votes.get(uid) if seen is not None else None
         return entry[1] if entry is not None else None
 
     def with_votes(self, claim: CapacityClaim) -> CapacityClaim:
         """The claim as the protocol decides on it: while its proposal is open, its
         ``status.votes`` are the ballots' votes on it (``capacity_api.admission``'s one rule,
         which ``capctl explain`` shows as well)."""
-        return with_ballot_votes(claim, ballot_votes(claim, self.ballot_vote))
+        votes = ballot_votes(claim, self.ballot_vote, alive=self.attested_alive)
+        return with_ballot_votes(claim, votes)
 
     def observe_claim(self, body: JSON, deleted: bool = False, *, own: bool = False) -> None:
         """A claim as a watch event (or, with ``own``, our own write) shows it now: cache it and
@@ -948,6 +978,7 @@ class Engine:
         substrate: Substrate,
         holding: Iterable[str] = (),
     ) -> Proposal:
+        window = self.settings.witness_attestation_seconds
         return new_proposal(
             previous,
             plan,
@@ -955,6 +986,7 @@ class Engine:
             self.clock(),
             timedelta(seconds=self.settings.vote_timeout_seconds),
             holding=holding,
+            attestation=timedelta(seconds=window) if window > 0 else None,
         )
 
     async def _write_proposal(
@@ -1533,6 +1565,18 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+
+@dataclass
+class SeenBallot:
+    """A node's ballot as the engine last saw it."""
+
+    votes: dict[str, tuple[JSON, Vote]] = field(default_factory=dict)
+    """Its votes by claim uid, as sent and parsed (an unchanged entry is not parsed again)."""
+    alive_sent: JSON | None = None
+    """Its attestations as sent (parsed again only when they change)."""
+    alive: dict[str, datetime] = field(default_factory=dict)
+    """Its attestations: node -> seen alive at."""
 
 
 @dataclass

@@ -20,6 +20,10 @@ class OperatorSettings(BaseSettings):
     ``~/.kube/config`` (:mod:`capacity_api.cluster_access`)."""
     vote_timeout_seconds: float = Field(default=10.0, gt=0)
     """How long voters have to answer a proposal before the epoch is aborted."""
+    witness_attestation_seconds: float = Field(default=5.0, ge=0, le=60)
+    """A witness's attestation that the placement nodes are alive counts as its YES when it is
+    at most this old at the proposal (its ballot's ``alive``, one write for every proposal
+    within the time instead of one vote each); 0: witnesses vote on each proposal."""
     max_attempts: int = Field(default=5, ge=1, le=50)
     """Proposals tried for one admission before the claim is Rejected."""
     max_open_proposals: int = Field(default=64, ge=1, le=MAX_BALLOT_VOTES // 2)

@@ -626,6 +626,59 @@ def test_a_ballot_answers_every_claim_of_its_node_and_the_commit_keeps_the_count
     run(scenario)
 
 
+def test_a_witness_attestation_answers_every_proposal_on_its_nodes_and_the_commit_shows_it() -> (
+    None
+):
+    h = Harness(nodes=6, witness_attestation_seconds=5.0)
+    for name in ("a", "b", "c"):
+        h.api.add_claim(name, 0.1)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        proposals = {n: h.api.claim(n)["status"]["proposal"] for n in "abc"}
+        since = {p["attestedSince"] for p in proposals.values()}
+        assert since == {(START - timedelta(seconds=5)).isoformat().replace("+00:00", "Z")}
+        placement = {node for p in proposals.values() for node in p["placement"]}
+        witness = proposals["a"]["voters"][-1]
+        assert all(witness in p["voters"] and witness not in p["placement"]
+                   for p in proposals.values())  # fmt: skip
+        h.api.vote_all(only=placement)  # the placement nodes vote; no witness votes
+
+        def attest(at: datetime) -> None:
+            h.api.ballots.setdefault(
+                witness, {"kind": "CapacityBallot", "metadata": {"name": witness},
+                          "spec": {"nodeName": witness}, "status": {"votes": {}}},
+            )["status"]["alive"] = {n: at.isoformat() for n in placement}  # fmt: skip
+
+        # seen alive before the proposals' bound: not an answer
+        attest(START - timedelta(seconds=6))
+        await h.settle(engine)
+        assert set(h.phases().values()) == {"Voting"}
+        # seen alive since: one write of the witness answers all three
+        attest(START - timedelta(seconds=1))
+        await h.settle(engine)
+        assert set(h.phases().values()) == {"Admitted"}
+        votes = h.api.claim("a")["status"]["votes"]
+        assert votes[witness]["vote"] == "YES"
+        assert votes[witness]["epoch"] == proposals["a"]["epoch"]
+        assert "attested" in votes[witness]["reason"]
+
+    run(scenario)
+
+
+def test_without_an_attestation_window_proposals_take_witness_votes_only() -> None:
+    h = Harness(nodes=3, witness_attestation_seconds=0)
+    h.api.add_claim("c", 0.2)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.settle(engine)
+        assert "attestedSince" not in h.api.claim("c")["status"]["proposal"]
+
+    run(scenario)
+
+
 def test_a_ballot_vote_for_an_older_epoch_never_counts() -> None:
     h = Harness(nodes=3)
     h.api.add_claim("c", 0.2)
