@@ -19,6 +19,12 @@ replaces that key only. A vote for an old epoch never counts, because the operat
 the entry whose epoch is the claim's proposal epoch. Votes of claims that left the epoch are
 removed (``null``) with the next write, so the ballot holds the open epochs only.
 
+A witness may answer a proposal by attestation instead (docs/admission.md, "Witness
+attestations"): ``status.alive`` says which nodes it saw alive and when, and the operator counts
+an attestation of every placement node at or after the proposal's ``attestedSince`` as the
+witness's YES. :meth:`BallotWriter.attest` queues attestations; they go out with the next
+write, the map as a whole (only this agent writes it).
+
 A failed write is retried with backoff, carrying everything queued meanwhile; nothing is half
 applied (one patch) and nothing is lost (a vote queued later for the same claim replaces the
 earlier one).
@@ -28,6 +34,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable, Mapping
+from datetime import datetime
 from typing import Any
 
 from lightkube import Client
@@ -37,10 +45,12 @@ from capacity_agent.backoff import Backoff
 from capacity_agent.cluster import CapacityBallots, describe_failure, http_status
 from capacity_agent.settings import BALLOT_INTERVAL, FIELD_MANAGER
 from capacity_api.models import (
+    MAX_ATTESTED,
     MAX_BALLOT_VOTES,
     BallotVote,
     CapacityBallot,
     CapacityBallotSpec,
+    CapacityBallotStatus,
     ObjectMeta,
 )
 
@@ -82,11 +92,40 @@ class BallotWriter:
         self.synced = False
         """Whether the ballot is known to exist and its earlier votes were cleared."""
         self.votes_written = 0
+        self.alive_pending: dict[str, datetime] | None = None
+        """The attestations to write next (the whole map), or None: nothing new to write."""
+        self.alive_held: dict[str, datetime] = {}
+        """The attestations the ballot holds (as last written)."""
+        self._alive_left: set[str] = set()
+        """Nodes an earlier run of the agent attested in the ballot, still to be removed."""
         self._task: asyncio.Task[None] | None = None
 
     def put(self, uid: str, vote: BallotVote) -> None:
         """Queue a vote; it goes out with the next write (at once when none is in flight)."""
         self.pending[uid] = vote.wire()
+        self._kick()
+
+    def attested(self, node: str) -> datetime | None:
+        """When ``node`` was last attested alive here, written or queued (None: not at all)."""
+        alive = self.alive_pending if self.alive_pending is not None else self.alive_held
+        return alive.get(node)
+
+    def attest(self, alive: Mapping[str, datetime], drop: Iterable[str] = ()) -> None:
+        """Queue attestations: ``alive`` (node -> seen alive at) over what is held or queued,
+        where newer; ``drop``: nodes no longer seen alive. The newest MAX_ATTESTED stay. Goes
+        out with the next write (at once when none is in flight)."""
+        merged = dict(self.alive_pending if self.alive_pending is not None else self.alive_held)
+        for node, at in alive.items():
+            if node not in merged or merged[node] < at:
+                merged[node] = at
+        for node in drop:
+            merged.pop(node, None)
+        if len(merged) > MAX_ATTESTED:
+            newest = sorted(merged, key=lambda n: merged[n], reverse=True)[:MAX_ATTESTED]
+            merged = {n: merged[n] for n in newest}
+        if merged == (self.alive_pending or self.alive_held):
+            return
+        self.alive_pending = merged
         self._kick()
 
     def forget(self, uid: str, epoch: int) -> None:
@@ -133,18 +172,21 @@ class BallotWriter:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.pending or not self.synced:
+        while self.pending or self.alive_pending is not None or not self.synced:
             if self._last_write is not None:
                 # within the spacing of the last write: wait for the rest of it, and take every
                 # vote that comes meanwhile along
                 await asyncio.sleep(max(0.0, self._last_write + self.gap - loop.time()))
             batch, self.pending = self.pending, {}
+            alive, self.alive_pending = self.alive_pending, None
             self._last_write = started = loop.time()
             try:
-                await asyncio.to_thread(self._write, batch)
+                await asyncio.to_thread(self._write, batch, alive)
             except Exception as exc:  # any failure: keep the votes, write them again later
                 for uid, vote in batch.items():
                     self.pending.setdefault(uid, vote)  # a newer vote queued meanwhile wins
+                if self.alive_pending is None:
+                    self.alive_pending = alive
                 if http_status(exc) == 404 and self.synced:
                     # the ballot was deleted (the operator does so with its CapacityNode):
                     # create it again, at once
@@ -163,6 +205,9 @@ class BallotWriter:
                 continue
             self.backoff.reset()
             self._last_took = loop.time() - started
+            if alive is not None:
+                self.alive_held = alive
+            self._alive_left.clear()
             for uid, vote in batch.items():
                 if vote is None:
                     self.held.pop(uid, None)
@@ -170,19 +215,33 @@ class BallotWriter:
                     self.held[uid] = int(vote["epoch"])
                     self.votes_written += 1
 
-    def _write(self, batch: dict[str, JSON | None]) -> None:
+    def _write(self, batch: dict[str, JSON | None], alive: dict[str, datetime] | None) -> None:
         if not self.synced:
             self._sync(batch)
-        if not batch:
+        attested = self._attestations(alive)
+        if not batch and attested is None:
             return  # the ballot created, nothing left in it to clear
         self._bound(batch)
+        status: JSON = {"votes": batch} if batch else {}
+        if attested is not None:
+            status["alive"] = attested
         self.api.patch(
             CapacityBallots.Status,
             self.node,
-            {"status": {"votes": batch}},
+            {"status": status},
             patch_type=PatchType.MERGE,
             field_manager=FIELD_MANAGER,
         )
+
+    def _attestations(self, alive: dict[str, datetime] | None) -> JSON | None:
+        """The merge patch of ``status.alive`` that leaves exactly ``alive`` there (None: the
+        held attestations stay, and those an earlier run left go). None: no change."""
+        target = alive if alive is not None else (self.alive_held if self._alive_left else None)
+        if target is None:
+            return None
+        patch: JSON = {n: None for n in [*self._alive_left, *self.alive_held] if n not in target}
+        patch.update(CapacityBallotStatus(alive=target).wire().get("alive") or {})
+        return patch or None
 
     def _bound(self, batch: dict[str, JSON | None]) -> None:
         """Keep the ballot within its schema's bound (MAX_BALLOT_VOTES): should more votes be
@@ -205,7 +264,7 @@ class BallotWriter:
     def _sync(self, batch: dict[str, JSON | None]) -> None:
         """Before the first write: create the ballot (server-side apply of its spec, which
         answers with the object), and clear what an earlier run left in it (votes this process
-        does not hold; it votes again on every open proposal)."""
+        does not hold, for it votes again on every open proposal; and attestations)."""
         ballot = CapacityBallot(
             metadata=ObjectMeta(name=self.node), spec=CapacityBallotSpec(node_name=self.node)
         )
@@ -217,7 +276,8 @@ class BallotWriter:
             field_manager=FIELD_MANAGER,
             force=True,
         )
-        earlier = (dict(body).get("status") or {}).get("votes") or {}
-        for uid in earlier:
+        status = dict(body).get("status") or {}
+        for uid in status.get("votes") or {}:
             batch.setdefault(uid, None)
+        self._alive_left = {n for n in status.get("alive") or {} if n not in self.alive_held}
         self.synced = True

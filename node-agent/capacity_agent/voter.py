@@ -13,7 +13,11 @@ and lacks its vote for the current epoch, the node decides:
   the node has seen itself: the admitted claims placed on it, which it hears because their
   proposal stays in them after the commit;
 - as a **witness**, on whether each placement node looks alive from here: a Lease renewed within
-  its duration and a Ready CapacityNode with fresh readings.
+  its duration and a Ready CapacityNode with fresh readings. When the proposal takes
+  attestations (``attestedSince``), the witness answers with its ballot's ``alive`` map
+  instead: the nodes it saw alive and when. An attestation recent enough answers every
+  proposal on that node without a write; a write refreshes every node it attests whose
+  CapacityNode is cached. A placement node it does not see alive still gets a NO vote.
 
 The vote goes into the node's CapacityBallot (:mod:`capacity_agent.ballot`): one write carries
 every vote the node cast since its last write, keyed by claim uid with the epoch; the operator
@@ -484,6 +488,9 @@ class Voter:
             if decision.reserve is not None:
                 node.reservations[(claim.metadata.uid or "", proposal.epoch)] = decision.reserve
             vote = decision.vote
+        elif proposal.attested_since is not None:
+            await self._attest(claim, node.name, proposal.attested_since)
+            return
         else:
             thresholds = await self._current_thresholds()
             leases = await self._leases()
@@ -500,6 +507,45 @@ class Voter:
                 now=now,
             )
         await self._cast(claim, node.name, vote)
+
+    async def _attest(self, claim: CapacityClaim, node: str, since: datetime) -> None:
+        """Answer as a witness by attestation: nothing to write when the ballot already says
+        (or is about to say) that every placement node was alive at or after ``since``.
+        Otherwise judge the placement nodes, and again every node the ballot attests whose
+        CapacityNode is cached (no read for them), and queue what is alive, timed no earlier
+        than ``since`` (this agent saw the proposal, so it judges after it was made, whatever
+        its clock says). A placement node not alive gets no attestation and the proposal a NO
+        vote, as before."""
+        assert claim.status is not None
+        assert claim.status.proposal is not None
+        proposal = claim.status.proposal
+        writer = self.ballot(node)
+        if all((t := writer.attested(p)) is not None and t >= since for p in proposal.placement):
+            return
+        thresholds = await self._current_thresholds()
+        max_age = thresholds.max_age_seconds
+        leases = await self._leases()
+        now = self.clock()
+        nodes = {n: await self._witnessed_node(n, max_age) for n in proposal.placement}
+        for other in writer.alive_held | (writer.alive_pending or {}):
+            if other not in nodes and (cached := self._fresh_cached(other, max_age, now)):
+                nodes[other] = cached
+        at = max(datetime.fromtimestamp(now, UTC), since)
+        alive: dict[str, datetime] = {}
+        for name, seen in nodes.items():
+            verdict = decide_witness(
+                epoch=proposal.epoch, placement=[name], leases=leases, nodes={name: seen},
+                max_age=max_age, now=now,
+            )  # fmt: skip
+            if verdict.vote is VoteValue.YES:
+                alive[name] = at
+        writer.attest(alive, drop=[n for n in nodes if n not in alive])
+        if any(p not in alive for p in proposal.placement):
+            vote = decide_witness(
+                epoch=proposal.epoch, placement=proposal.placement, leases=leases, nodes=nodes,
+                max_age=max_age, now=now,
+            )  # fmt: skip
+            await self._cast(claim, node, vote)
 
     async def _cast(self, claim: CapacityClaim, node: str, vote: Vote) -> None:
         """Queue the vote in the node's ballot (written with the node's other votes)."""
@@ -535,15 +581,21 @@ class Voter:
         newer meanwhile; the Lease, read every second, is what tells a node died), any other
         is read again at most every CACHE_SECONDS. One read per node per several seconds,
         instead of one per placement node per second of votes."""
+        cached = self._fresh_cached(name, max_age, self.clock())
+        return cached if cached is not None else await self._capacity_node(name)
+
+    def _fresh_cached(self, name: str, max_age: float, now: float) -> CapacityNode | None:
+        """The cached CapacityNode of ``name`` when a witness may still judge by it (as
+        :meth:`_witnessed_node`), without reading it: None otherwise."""
         cached = self._node_cache.get(name)
-        now = self.clock()
         if (
             cached is not None
+            and cached[1] is not None
             and now - cached[0] < WITNESS_CACHE_SECONDS
             and node_staleness(cached[1], datetime.fromtimestamp(now, UTC), max_age) is None
         ):
             return cached[1]
-        return await self._capacity_node(name)
+        return None
 
     async def _read_capacity_node(self, name: str) -> CapacityNode | None:
         now = self.clock()

@@ -24,6 +24,7 @@ from capacity_agent.voter import (
 )
 from capacity_api.gates import Thresholds
 from capacity_api.models import (
+    MAX_ATTESTED,
     MAX_BALLOT_VOTES,
     CapacityClaim,
     CapacityNode,
@@ -666,3 +667,129 @@ def test_a_ballot_opened_at_start_is_created_and_cleared_before_any_vote() -> No
 
     asyncio.run(again())
     assert [r.url.path for r in server.requests] == [BALLOT, BALLOT_STATUS]
+
+
+# ---------------------------------------------------------------------------------------------
+# Witness attestations (docs/admission.md, "Witness attestations")
+
+
+def stamp(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+
+
+def attesting(name: str, placement: str, since: float) -> dict[str, Any]:
+    """A claim whose proposal takes attestations made at or after ``since``."""
+    body = claim_body(name, placement=placement)
+    body["status"]["proposal"]["voters"] = [placement, "n1"]
+    body["status"]["proposal"]["attestedSince"] = stamp(since)
+    return body
+
+
+def run_claims(v: Voter, *claims: dict[str, Any]) -> None:
+    async def run() -> None:
+        for body in claims:
+            await v.handle(body)
+            await asyncio.wait_for(v.ballot("n1").idle(), 5)
+
+    asyncio.run(run())
+
+
+def test_a_witness_answers_by_attestation_and_one_write_answers_the_next_proposals() -> None:
+    server = FakeApiServer(
+        404,  # thresholds: the defaults
+        lease_list("p1", "p2"),
+        capacity_node("p1").wire(),
+        ballot_body(),  # the ballot created
+        ballot_body(),  # the attestation of p1
+        capacity_node("p2").wire(),
+        ballot_body(),  # p2, and p1 again (its copy is cached)
+        ballot_body(),  # a proposal that takes only newer attestations: both again
+    )
+    now = [NOW]
+    v = Voter(server.client(), {"n1": voter_node(Window(0.2))}, "capacity-system", lambda: now[0])
+    run_claims(v, attesting("c1", "p1", NOW - 5))
+    status = server.sent(4)[4]["status"]
+    assert status == {"alive": {"p1": stamp(NOW)}}  # no vote: the attestation answers
+    assert len(server.requests) == 5
+
+    # the next proposals on p1 made within the time take the attestation: no write, no read
+    now[0] += 0.5
+    run_claims(v, attesting("c2", "p1", NOW - 4.5), attesting("c3", "p1", NOW - 4))
+    assert len(server.requests) == 5
+    assert v.votes_cast == 0
+
+    # a proposal on another node: one write attests both, at the same time
+    run_claims(v, attesting("c4", "p2", NOW - 4.5))
+    both = {"p1": stamp(NOW + 0.5), "p2": stamp(NOW + 0.5)}
+    assert server.sent(6)[4]["status"] == {"alive": both}
+
+    # a proposal that counts only attestations newer than this agent's clock says (it runs
+    # behind the operator's): timed at the proposal's bound, not before it, so that it counts
+    run_claims(v, attesting("c5", "p1", NOW + 3))
+    assert server.sent(7)[4]["status"]["alive"] == {"p1": stamp(NOW + 3), "p2": stamp(NOW + 3)}
+    assert v.ballot("n1").attested("p1") == datetime.fromtimestamp(NOW + 3, UTC)
+
+
+def test_a_witness_that_does_not_see_a_placement_node_alive_votes_no_and_stops_attesting_it() -> (
+    None
+):
+    server = FakeApiServer(
+        404,
+        lease_list("p1"),
+        capacity_node("p1").wire(),
+        ballot_body(),
+        ballot_body(),  # p1 attested alive
+        404,  # a while later: the thresholds again,
+        lease_list(),  # and p1's Lease is gone (its CapacityNode is still cached)
+        ballot_body(),  # a NO vote, and p1's attestation removed
+    )
+    now = [NOW]
+    v = Voter(server.client(), {"n1": voter_node(Window(0.2))}, "capacity-system", lambda: now[0])
+    run_claims(v, attesting("c1", "p1", NOW - 5))
+    assert server.sent(4)[4]["status"] == {"alive": {"p1": stamp(NOW)}}
+    now[0] += 6  # past the attestation's time for the next proposal
+    run_claims(v, attesting("c2", "p1", NOW + 1))
+    assert len(server.requests) == 8
+    status = server.sent(7)[4]["status"]
+    assert status["alive"] == {"p1": None}
+    vote = status["votes"]["uid-c2"]
+    assert (vote["vote"], vote["role"], vote["epoch"]) == ("NO", "witness", 4)
+    assert "p1: no lease" in vote["reason"]
+    assert v.ballot("n1").attested("p1") is None
+
+
+def test_a_failed_attestation_write_is_retried_and_an_earlier_runs_attestations_are_cleared() -> (
+    None
+):
+    earlier = ballot_body()
+    earlier["status"]["alive"] = {"gone": stamp(NOW - 600)}
+    server = FakeApiServer(404, lease_list("p1"), capacity_node("p1").wire(), earlier, 500,
+                           ballot_body())  # fmt: skip
+    v = voter(server)
+    v.ballot("n1").backoff = Backoff(initial=0.001, cap=0.001)
+    run_claims(v, attesting("c1", "p1", NOW - 5))
+    assert server.sent(4)[4] == server.sent(5)[4]  # the same patch again, nothing half-written
+    assert server.sent(5)[4]["status"] == {"alive": {"gone": None, "p1": stamp(NOW)}}
+    assert v.ballot("n1").alive_held == {"p1": datetime.fromtimestamp(NOW, UTC)}
+
+
+def test_attestations_keep_the_nodes_attested_most_recently_within_the_bound() -> None:
+    server = FakeApiServer(ballot_body(), ballot_body())
+    v = voter(server)
+    writer = v.ballot("n1")
+    old = {f"old{i}": datetime.fromtimestamp(NOW - 100 + i / 10, UTC) for i in range(MAX_ATTESTED)}
+    writer.alive_held = dict(old)
+
+    async def run() -> None:
+        writer.attest({"new": datetime.fromtimestamp(NOW, UTC)})
+        # an attestation older than the one queued changes nothing
+        writer.attest({"new": datetime.fromtimestamp(NOW - 1, UTC)})
+        await asyncio.wait_for(writer.idle(), 5)
+
+    asyncio.run(run())
+    alive = server.sent(1)[4]["status"]["alive"]
+    assert alive["old0"] is None  # the oldest went...
+    assert alive["new"] == stamp(NOW)
+    assert sum(1 for t in alive.values() if t is not None) == MAX_ATTESTED  # ...and only it
+    assert len(writer.alive_held) == MAX_ATTESTED
+    assert len(server.requests) == 2
