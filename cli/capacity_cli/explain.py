@@ -222,7 +222,9 @@ def votes_in_ballots(
     """Node -> the vote on the claim in that voter's ballot (``ballots`` by ballot name, which is
     the node's; the entry keyed by the claim's uid). A voter without a ballot or without an entry
     has not voted. An entry for another epoch than the proposal's is kept: it is shown as stale
-    and, as by the operator, not counted (``capacity_api.admission.ballot_votes``)."""
+    and, as by the operator, not counted (``capacity_api.admission.ballot_votes``). A witness's
+    attestations in its ballot that cover the proposal are its YES, as the operator counts
+    them."""
 
     def entry(node: str, uid: str) -> Vote | None:
         ballot = ballots.get(node)
@@ -233,7 +235,11 @@ def votes_in_ballots(
             return None
         return Vote.model_validate(found.model_dump(include=set(Vote.model_fields)))
 
-    return ballot_votes(claim, entry, other_epochs=True)
+    def alive(node: str) -> Mapping[str, datetime] | None:
+        ballot = ballots.get(node)
+        return ballot.status.alive if ballot is not None and ballot.status is not None else None
+
+    return ballot_votes(claim, entry, other_epochs=True, alive=alive)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -381,6 +381,27 @@ def test_a_voting_claims_votes_come_from_its_voters_ballots() -> None:
     assert capctl.explain_json(c, now=NOW)["votesFrom"] == "claim"
 
 
+def test_a_witness_attestation_in_its_ballot_is_shown_as_its_counted_yes() -> None:
+    status = epoch_3_open()
+    status["proposal"]["attestedSince"] = "2026-01-01T11:59:50Z"
+    c = claim(status, cGeo=0.25)
+    attesting = CapacityBallot.model_validate(
+        {"metadata": {"name": "node-d"}, "spec": {"nodeName": "node-d"},
+         "status": {"alive": {"node-a": "2026-01-01T11:59:58Z"}}}
+    )  # fmt: skip
+    too_old = CapacityBallot.model_validate(
+        {"metadata": {"name": "node-c"}, "spec": {"nodeName": "node-c"},
+         "status": {"alive": {"node-a": "2026-01-01T11:59:40Z"}}}
+    )  # fmt: skip
+    ballots = {**BALLOTS, "node-c": too_old, "node-d": attesting}
+    e = capctl.explain(c, now=NOW, ballot_votes=capctl.votes_in_ballots(c, ballots))
+    rows = {r.node: r for r in e.rows}
+    assert rows["node-d"].note == "counted"
+    assert rows["node-c"].note == "no vote yet"
+    assert e.result is not None
+    assert (e.result.yes, e.result.needed) == (3, 3)
+
+
 def test_a_placement_nodes_no_in_its_ballot_fails_the_epoch() -> None:
     c = voting_on_ballots()
     no = ballot("node-a", {"uid-1": vote("NO", "placement", 3, "isolation 0.05 < theta_iso 0.15")})
