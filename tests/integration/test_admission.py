@@ -239,8 +239,12 @@ def test_votes_from_old_epochs_and_strangers_are_ignored(
     """A forged vote that is not in a voter's ballot, or is for another epoch, never commits a
     claim."""
     prefix = unique("forge")
-    # voters that never answer: two simulated nodes whose agent is stopped before the claim
-    agents = agents_proc(kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=3)
+    # voters that never answer: simulated nodes whose agent is stopped before the claim. Their
+    # Leases last 30 s, so that they are still live when a loaded operator gets to the claim
+    # (with the usual 6 s it could find them expired and leave the claim waiting for nodes)
+    agents = agents_proc(
+        kubeconfig, platform, tmp_path / "agents.log", prefix=prefix, count=3, lease_duration=30
+    )
     op = operator_proc(
         kubeconfig, platform, tmp_path / "operator.log", claim_namespace=namespace,
         vote_timeout=VOTE_TIMEOUT,
@@ -270,9 +274,20 @@ def test_votes_from_old_epochs_and_strangers_are_ignored(
                 "capacity.platform.dev", "v1alpha1", namespace, "capacityclaims", "forged",
                 {"status": {"votes": {n: vote(n, epoch) for n in proposal["voters"]}}},
             )  # fmt: skip
-            # 2. the voters' ballots, for another epoch; 3. strangers' ballots, for this one
+            # 2. the voters' ballots, for another epoch, with attestations of the placement
+            #    from before the proposal's bound; 3. strangers' ballots, for this one, with
+            #    attestations from now
+            assert proposal["attestedSince"]  # the proposal takes attestations
             ballots = {n: vote(n, epoch + 7) for n in proposal["voters"]}
             ballots |= {f"{prefix}-stranger-{i}": vote("", epoch) for i in range(2)}
+            fresh = datetime.now(UTC).isoformat().replace("+00:00", "Z")
+            attested = {
+                n: dict.fromkeys(
+                    proposal["placement"],
+                    "2026-01-01T00:00:00Z" if n in proposal["voters"] else fresh,
+                )
+                for n in ballots
+            }
             for node, forged in ballots.items():
                 try:  # the voters' agents created theirs at start; the strangers have none
                     cluster.custom.create_cluster_custom_object(
@@ -285,7 +300,8 @@ def test_votes_from_old_epochs_and_strangers_are_ignored(
                         raise
                 cluster.custom.patch_cluster_custom_object_status(
                     "capacity.platform.dev", "v1alpha1", "capacityballots", node,
-                    {"status": {"votes": {uid: {**forged, "claim": f"{namespace}/forged"}}}},
+                    {"status": {"votes": {uid: {**forged, "claim": f"{namespace}/forged"}},
+                                "alive": attested[node]}},
                 )  # fmt: skip
             # the operator sees the forged votes (a watch event) and must count none of them:
             # had it counted them, it would have committed at once; instead the epoch runs to
