@@ -371,7 +371,7 @@ def plan_placement(
     excluded: Iterable[str] = (),
     min_isolation: float = 0.0,
     *,
-    pack: Collection[str] = (),
+    pack: Mapping[str, int] | Collection[str] = (),
 ) -> PlacementPlan | NoPlacement:
     """Rank nodes by headroom and choose placement nodes and witnesses for one epoch.
 
@@ -380,9 +380,11 @@ def plan_placement(
     (1 - a - r, the isolation gate: a function of promises only, so the operator knows it as well
     as the voter does and need not ask a node that must refuse).
 
-    ``pack``: nodes to fill first while they are candidates (by headroom among them), before
-    any other: the operator passes the nodes its other open proposals ask, so that a node
-    answers several proposals in one ballot write (docs/admission.md, "Packing").
+    ``pack``: nodes to fill first while they are candidates, before any other, the node
+    with the most first (then by headroom): the operator passes the placement nodes of its
+    other open proposals with how many ask each, so that one node answers the proposals of a
+    busy moment in one ballot write, rather than several nodes taking turns
+    (docs/admission.md, "Packing").
     """
     excluded_set = set(excluded)
     resources = requested_resources(spec)
@@ -452,8 +454,8 @@ def plan_placement(
             final=len(if_empty) < spec.replicas,
         )
     headroom = {v.name: v.headroom(substrate) for v in candidates}
-    packed = set(pack)
-    candidates.sort(key=lambda v: (v.name not in packed, -headroom[v.name], v.name))
+    packed = pack if isinstance(pack, Mapping) else dict.fromkeys(pack, 1)
+    candidates.sort(key=lambda v: (-packed.get(v.name, 0), -headroom[v.name], v.name))
     placement = [v.name for v in candidates[: spec.replicas]]
     wanted = spec.witnesses if spec.witnesses is not None else default_witnesses(spec.replicas)
     # witnesses judge liveness, not room: the same few live nodes (by name) witness every

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -39,6 +39,7 @@ from capacity_api.admission import (
     Tally,
     admit_order,
     allocation,
+    attested_vote,
     ballot_votes,
     claim_key,
     claim_substrate,
@@ -49,6 +50,7 @@ from capacity_api.admission import (
     node_staleness,
     pending,
     plan_placement,
+    proposal_open,
     quorum,
     room_grew,
     same_wait,
@@ -301,16 +303,19 @@ class Engine:
             except ValueError as exc:
                 log.warning("ballot %s: attestations ignored (%s)", node, exc)
             if seen.alive != known.alive:
-                self._attestations_changed(node)
+                self._attestations_changed(node, seen.alive)
         self.ballots[node] = seen
 
-    def _attestations_changed(self, node: str) -> None:
-        """Look again at the claims that may wait for this witness: those with a proposal
-        under way that names it (they all have a deadline to be looked at by)."""
+    def _attestations_changed(self, node: str, alive: dict[str, datetime]) -> None:
+        """Look again at the claims these attestations answer: an open proposal (they all have
+        a deadline to be looked at by) that names the node as a witness and whose placement
+        nodes they all cover."""
         for uid in self._wake_at:
             claim = self._parsed.get(uid)
-            proposal = claim.status.proposal if claim and claim.status else None
-            if proposal is not None and node in proposal.voters:
+            if claim is None or claim.status is None or not proposal_open(claim):
+                continue
+            proposal = claim.status.proposal
+            if proposal is not None and attested_vote(proposal, node, alive) is not None:
                 self._due.add(uid)
                 self._wake.set()
 
@@ -962,14 +967,19 @@ class Engine:
             },
         )
 
-    def _packing(self, uid: str) -> set[str]:
-        """The nodes the other open proposals ask: a new proposal fills them first while they
-        have room, so that a node answers several proposals in one ballot write instead of one
-        write per claim on as many nodes. Claims far enough apart that their epochs do not
-        overlap are still spread by headroom."""
+    def _packing(self, uid: str) -> Counter[str]:
+        """The placement nodes of the other open proposals, with how many ask each: a new
+        proposal fills the most asked first while it has room, so that one node answers the
+        proposals of a busy moment in one ballot write instead of several nodes taking turns.
+        Claims far enough apart that their epochs do not overlap are still spread by
+        headroom."""
         now = self.clock()
-        return {node for other, flight in self.inflight.items()
-                if other != uid and flight.deadline > now for node in flight.nodes}  # fmt: skip
+        return Counter(
+            node
+            for other, flight in self.inflight.items()
+            if other != uid and flight.deadline > now
+            for node in flight.nodes
+        )
 
     def _next_proposal(
         self,

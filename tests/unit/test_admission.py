@@ -165,6 +165,11 @@ def test_placement_fills_the_nodes_of_open_proposals_first_while_they_have_room(
     plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, nodes, pack={"a", "c"})
     assert isinstance(plan, PlacementPlan)
     assert plan.placement == ["c"]  # asked already, and the more headroom of the two
+    # the node most open proposals ask goes first, even with less headroom: one node, not
+    # several taking turns, answers a busy moment's proposals in one ballot write
+    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, nodes, pack={"a": 2, "c": 1})
+    assert isinstance(plan, PlacementPlan)
+    assert plan.placement == ["a"]
     # a packed node without room for it is passed over: headroom decides among the others
     full = [view(node("a", holders=[holder("x", 0.7)])), view(node("b")), view(node("c"))]
     plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, full, pack={"a"}, min_isolation=0.15)
