@@ -110,16 +110,24 @@ class BallotWriter:
         alive = self.alive_pending if self.alive_pending is not None else self.alive_held
         return alive.get(node)
 
-    def attest(self, alive: Mapping[str, datetime], drop: Iterable[str] = ()) -> None:
+    def attest(
+        self,
+        alive: Mapping[str, datetime],
+        drop: Iterable[str] = (),
+        older_than: datetime | None = None,
+    ) -> None:
         """Queue attestations: ``alive`` (node -> seen alive at) over what is held or queued,
-        where newer; ``drop``: nodes no longer seen alive. The newest MAX_ATTESTED stay. Goes
-        out with the next write (at once when none is in flight)."""
+        where newer; ``drop``: nodes no longer seen alive; ``older_than``: attestations made
+        before it go too. The newest MAX_ATTESTED stay. Goes out with the next write (at once
+        when none is in flight)."""
         merged = dict(self.alive_pending if self.alive_pending is not None else self.alive_held)
         for node, at in alive.items():
             if node not in merged or merged[node] < at:
                 merged[node] = at
         for node in drop:
             merged.pop(node, None)
+        if older_than is not None:
+            merged = {n: at for n, at in merged.items() if at >= older_than}
         if len(merged) > MAX_ATTESTED:
             newest = sorted(merged, key=lambda n: merged[n], reverse=True)[:MAX_ATTESTED]
             merged = {n: merged[n] for n in newest}

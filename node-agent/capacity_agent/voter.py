@@ -16,8 +16,8 @@ and lacks its vote for the current epoch, the node decides:
   its duration and a Ready CapacityNode with fresh readings. When the proposal takes
   attestations (``attestedSince``), the witness answers with its ballot's ``alive`` map
   instead: the nodes it saw alive and when. An attestation recent enough answers every
-  proposal on that node without a write; a write refreshes every node it attests whose
-  CapacityNode is cached. A placement node it does not see alive still gets a NO vote.
+  proposal on that node without a write. A placement node it does not see alive still gets a
+  NO vote.
 
 The vote goes into the node's CapacityBallot (:mod:`capacity_agent.ballot`): one write carries
 every vote the node cast since its last write, keyed by claim uid with the epoch; the operator
@@ -511,11 +511,11 @@ class Voter:
     async def _attest(self, claim: CapacityClaim, node: str, since: datetime) -> None:
         """Answer as a witness by attestation: nothing to write when the ballot already says
         (or is about to say) that every placement node was alive at or after ``since``.
-        Otherwise judge the placement nodes, and again every node the ballot attests whose
-        CapacityNode is cached (no read for them), and queue what is alive, timed no earlier
-        than ``since`` (this agent saw the proposal, so it judges after it was made, whatever
-        its clock says). A placement node not alive gets no attestation and the proposal a NO
-        vote, as before."""
+        Otherwise judge the placement nodes and queue those alive, timed no earlier than
+        ``since`` (this agent saw the proposal, so it judges after it was made, whatever its
+        clock says); attestations older than ``since`` go with the same write (no proposal
+        made from now on can count them). A placement node not alive gets no attestation and
+        the proposal a NO vote, as before."""
         assert claim.status is not None
         assert claim.status.proposal is not None
         proposal = claim.status.proposal
@@ -527,9 +527,6 @@ class Voter:
         leases = await self._leases()
         now = self.clock()
         nodes = {n: await self._witnessed_node(n, max_age) for n in proposal.placement}
-        for other in writer.alive_held | (writer.alive_pending or {}):
-            if other not in nodes and (cached := self._fresh_cached(other, max_age, now)):
-                nodes[other] = cached
         at = max(datetime.fromtimestamp(now, UTC), since)
         alive: dict[str, datetime] = {}
         for name, seen in nodes.items():
@@ -539,8 +536,8 @@ class Voter:
             )  # fmt: skip
             if verdict.vote is VoteValue.YES:
                 alive[name] = at
-        writer.attest(alive, drop=[n for n in nodes if n not in alive])
-        if any(p not in alive for p in proposal.placement):
+        writer.attest(alive, drop=[n for n in nodes if n not in alive], older_than=since)
+        if len(alive) < len(nodes):
             vote = decide_witness(
                 epoch=proposal.epoch, placement=proposal.placement, leases=leases, nodes=nodes,
                 max_age=max_age, now=now,
