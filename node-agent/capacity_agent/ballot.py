@@ -96,6 +96,9 @@ class BallotWriter:
         """The attestations to write next (the whole map), or None: nothing new to write."""
         self.alive_held: dict[str, datetime] = {}
         """The attestations the ballot holds (as last written)."""
+        self.relied: dict[str, tuple[int, tuple[str, ...]]] = {}
+        """Claim uid -> (epoch, placement nodes) of the open proposals answered by attestation:
+        their nodes' attestations stay while the proposal is open, however old."""
         self._alive_left: set[str] = set()
         """Nodes an earlier run of the agent attested in the ballot, still to be removed."""
         self._task: asyncio.Task[None] | None = None
@@ -110,6 +113,11 @@ class BallotWriter:
         alive = self.alive_pending if self.alive_pending is not None else self.alive_held
         return alive.get(node)
 
+    def rely(self, uid: str, epoch: int, nodes: Iterable[str]) -> None:
+        """The claim's open epoch is answered by the attestations of ``nodes``: they stay until
+        the claim leaves the epoch (:meth:`forget`)."""
+        self.relied[uid] = (epoch, tuple(nodes))
+
     def attest(
         self,
         alive: Mapping[str, datetime],
@@ -118,8 +126,8 @@ class BallotWriter:
     ) -> None:
         """Queue attestations: ``alive`` (node -> seen alive at) over what is held or queued,
         where newer; ``drop``: nodes no longer seen alive; ``older_than``: attestations made
-        before it go too. The newest MAX_ATTESTED stay. Goes out with the next write (at once
-        when none is in flight)."""
+        before it go too, unless an open proposal relies on them (:meth:`rely`). The newest
+        MAX_ATTESTED stay. Goes out with the next write (at once when none is in flight)."""
         merged = dict(self.alive_pending if self.alive_pending is not None else self.alive_held)
         for node, at in alive.items():
             if node not in merged or merged[node] < at:
@@ -127,7 +135,8 @@ class BallotWriter:
         for node in drop:
             merged.pop(node, None)
         if older_than is not None:
-            merged = {n: at for n, at in merged.items() if at >= older_than}
+            kept = {n for _, nodes in self.relied.values() for n in nodes}
+            merged = {n: at for n, at in merged.items() if at >= older_than or n in kept}
         if len(merged) > MAX_ATTESTED:
             newest = sorted(merged, key=lambda n: merged[n], reverse=True)[:MAX_ATTESTED]
             merged = {n: merged[n] for n in newest}
@@ -137,7 +146,11 @@ class BallotWriter:
         self._kick()
 
     def forget(self, uid: str, epoch: int) -> None:
-        """The claim's open epoch is now ``epoch`` (-1: none): remove its vote for any other."""
+        """The claim's open epoch is now ``epoch`` (-1: none): remove its vote for any other,
+        and let go of the attestations its other epochs relied on."""
+        relied = self.relied.get(uid)
+        if relied is not None and relied[0] != epoch:
+            del self.relied[uid]
         queued = self.pending.get(uid)
         if queued is not None and queued.get("epoch") != epoch:
             del self.pending[uid]

@@ -371,6 +371,8 @@ class Voter:
             del self.sources[uid]
             for hosted in self.nodes.values():
                 hosted.forget(uid)
+            for writer in self.ballots.values():
+                writer.relied.pop(uid, None)
 
     def _watch(
         self,
@@ -513,14 +515,17 @@ class Voter:
         (or is about to say) that every placement node was alive at or after ``since``.
         Otherwise judge the placement nodes and queue those alive, timed no earlier than
         ``since`` (this agent saw the proposal, so it judges after it was made, whatever its
-        clock says); attestations older than ``since`` go with the same write (no proposal
-        made from now on can count them). A placement node not alive gets no attestation and
-        the proposal a NO vote, as before."""
+        clock says). Attestations older than ``since`` go with the same write (no proposal
+        made from now on can count them), but not those an open proposal relies on (until its
+        claim leaves the epoch). A placement node not alive gets no attestation and the
+        proposal a NO vote, as before."""
         assert claim.status is not None
         assert claim.status.proposal is not None
         proposal = claim.status.proposal
         writer = self.ballot(node)
+        uid = claim.metadata.uid or ""
         if all((t := writer.attested(p)) is not None and t >= since for p in proposal.placement):
+            writer.rely(uid, proposal.epoch, proposal.placement)
             return
         thresholds = await self._current_thresholds()
         max_age = thresholds.max_age_seconds
@@ -536,6 +541,8 @@ class Voter:
             )  # fmt: skip
             if verdict.vote is VoteValue.YES:
                 alive[name] = at
+        if len(alive) == len(nodes):
+            writer.rely(uid, proposal.epoch, proposal.placement)
         writer.attest(alive, drop=[n for n in nodes if n not in alive], older_than=since)
         if len(alive) < len(nodes):
             vote = decide_witness(

@@ -145,7 +145,11 @@ def test_claims_a_watch_no_longer_lists_when_it_lists_again_are_forgotten() -> N
     node.admitted.update(left=Reservation("host", 0.2), kept=Reservation("host", 0.1))
     v.sources.update(gone=0, left=0, kept=0, other=1)
     node.admitted["other"] = Reservation("host", 0.1)
+    writer = v.ballot("n1")
+    writer.rely("gone", 2, ["p1"])  # answered by attestation
+    writer.rely("kept", 2, ["p1"])
     v.relisted(0, ["kept"])  # "gone" and "left" were deleted while watch 0 was down
+    assert set(writer.relied) == {"kept"}
     assert node.reservations == {}
     assert set(node.admitted) == {"kept", "other"}  # watch 1's claim is not watch 0's to judge
     assert v.sources == {"kept": 0, "other": 1}
@@ -704,6 +708,7 @@ def test_a_witness_answers_by_attestation_and_one_write_answers_the_next_proposa
         capacity_node("p2").wire(),
         ballot_body(),  # p2
         ballot_body(),  # a proposal that takes only newer attestations: p1 again
+        ballot_body(),  # and again, p2's dropped
     )
     now = [NOW]
     v = Voter(server.client(), {"n1": voter_node(Window(0.2))}, "capacity-system", lambda: now[0])
@@ -724,12 +729,20 @@ def test_a_witness_answers_by_attestation_and_one_write_answers_the_next_proposa
     assert server.sent(6)[4]["status"] == {"alive": both}
 
     # a proposal that counts only attestations newer than this agent's clock says (it runs
-    # behind the operator's): timed at the proposal's bound, not before it, so that it counts;
-    # and the attestations older than that bound go, since no newer proposal can count them
+    # behind the operator's): timed at the proposal's bound, not before it, so that it counts.
+    # p2's attestation is older than that bound, but c4's open proposal relies on it: it stays
     run_claims(v, attesting("c5", "p1", NOW + 3))
-    assert server.sent(7)[4]["status"]["alive"] == {"p1": stamp(NOW + 3), "p2": None}
+    assert server.sent(7)[4]["status"]["alive"] == {"p1": stamp(NOW + 3), "p2": stamp(NOW + 0.5)}
     assert v.ballot("n1").attested("p1") == datetime.fromtimestamp(NOW + 3, UTC)
+
+    # c4 is admitted: nothing relies on p2's attestation any more, and the next write drops it
+    # (no proposal made from then on can count it)
+    admitted = attesting("c4", "p2", NOW - 4.5)
+    admitted["status"]["phase"] = "Admitted"
+    run_claims(v, admitted, attesting("c6", "p1", NOW + 4))
+    assert server.sent(8)[4]["status"]["alive"] == {"p1": stamp(NOW + 4), "p2": None}
     assert v.ballot("n1").attested("p2") is None
+    assert set(v.ballot("n1").relied) == {"uid-c1", "uid-c2", "uid-c3", "uid-c5", "uid-c6"}
 
 
 def test_a_witness_that_does_not_see_a_placement_node_alive_votes_no_and_stops_attesting_it() -> (
