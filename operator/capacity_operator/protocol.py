@@ -309,7 +309,8 @@ class Engine:
     def _attestations_changed(self, node: str, alive: dict[str, datetime]) -> None:
         """Look again at the claims these attestations answer: an open proposal (they all have
         a deadline to be looked at by) that names the node as a witness and whose placement
-        nodes they all cover."""
+        nodes they all cover. (A proposal answered before its write returned is looked at
+        when its placement vote comes, which every commit needs.)"""
         for uid in self._wake_at:
             claim = self._parsed.get(uid)
             if claim is None or claim.status is None or not proposal_open(claim):

@@ -667,6 +667,42 @@ def test_a_witness_attestation_answers_every_proposal_on_its_nodes_and_the_commi
     run(scenario)
 
 
+def test_votes_and_attestations_that_answer_a_proposal_before_its_write_returns_are_counted() -> (
+    None
+):
+    # the agents may see a proposal, and answer it, before the operator's write of it has
+    # returned: those answers must not wait for the deadline
+    h = Harness(nodes=4, witness_attestation_seconds=5.0)
+    h.api.add_claim("c", 0.1)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        write = h.api.patch_claim_status_cas
+
+        async def answered_early(namespace: str, name: str, version: str, status: JSON) -> JSON:
+            body = await write(namespace, name, version, status)
+            proposal = body["status"].get("proposal")
+            if proposal and not h.api.ballots:
+                (placement,) = proposal["placement"]
+                h.api.vote_all(only={placement})
+                witness = next(n for n in proposal["voters"] if n != placement)
+                h.api.ballots[witness] = {
+                    "kind": "CapacityBallot", "metadata": {"name": witness},
+                    "spec": {"nodeName": witness},
+                    "status": {"votes": {}, "alive": {placement: h.now.isoformat()}},
+                }  # fmt: skip
+                for ballot in h.api.ballots.values():
+                    engine.observe_ballot(copy.deepcopy(ballot))
+            return body
+
+        h.api.patch_claim_status_cas = answered_early  # type: ignore[method-assign]
+        await h.settle(engine)
+        await h.settle(engine)
+        assert h.phases() == {"c": "Admitted"}  # no time passed: not at the deadline
+
+    run(scenario)
+
+
 def test_without_an_attestation_window_proposals_take_witness_votes_only() -> None:
     h = Harness(nodes=3, witness_attestation_seconds=0)
     h.api.add_claim("c", 0.2)
