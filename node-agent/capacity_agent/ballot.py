@@ -92,8 +92,10 @@ class BallotWriter:
         self.synced = False
         """Whether the ballot is known to exist and its earlier votes were cleared."""
         self.votes_written = 0
-        self.alive_pending: dict[str, datetime] | None = None
-        """The attestations to write next (the whole map), or None: nothing new to write."""
+        self.alive: dict[str, datetime] = {}
+        """The attestations the ballot is to hold: written, or going out with the next write."""
+        self._alive_dirty = False
+        """Whether ``alive`` changed since the last write that carried it began."""
         self.alive_held: dict[str, datetime] = {}
         """The attestations the ballot holds (as last written)."""
         self.relied: dict[str, tuple[int, tuple[str, ...]]] = {}
@@ -110,8 +112,7 @@ class BallotWriter:
 
     def attested(self, node: str) -> datetime | None:
         """When ``node`` was last attested alive here, written or queued (None: not at all)."""
-        alive = self.alive_pending if self.alive_pending is not None else self.alive_held
-        return alive.get(node)
+        return self.alive.get(node)
 
     def rely(self, uid: str, epoch: int, nodes: Iterable[str]) -> None:
         """The claim's open epoch is answered by the attestations of ``nodes``: they stay until
@@ -128,7 +129,7 @@ class BallotWriter:
         where newer; ``drop``: nodes no longer seen alive; ``older_than``: attestations made
         before it go too, unless an open proposal relies on them (:meth:`rely`). The newest
         MAX_ATTESTED stay. Goes out with the next write (at once when none is in flight)."""
-        merged = dict(self.alive_pending if self.alive_pending is not None else self.alive_held)
+        merged = dict(self.alive)
         for node, at in alive.items():
             if node not in merged or merged[node] < at:
                 merged[node] = at
@@ -140,9 +141,10 @@ class BallotWriter:
         if len(merged) > MAX_ATTESTED:
             newest = sorted(merged, key=lambda n: merged[n], reverse=True)[:MAX_ATTESTED]
             merged = {n: merged[n] for n in newest}
-        if merged == (self.alive_pending or self.alive_held):
+        if merged == self.alive:
             return
-        self.alive_pending = merged
+        self.alive = merged
+        self._alive_dirty = True
         self._kick()
 
     def forget(self, uid: str, epoch: int) -> None:
@@ -193,21 +195,23 @@ class BallotWriter:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.pending or self.alive_pending is not None or not self.synced:
+        while self.pending or self._alive_dirty or not self.synced:
             if self._last_write is not None:
                 # within the spacing of the last write: wait for the rest of it, and take every
                 # vote that comes meanwhile along
                 await asyncio.sleep(max(0.0, self._last_write + self.gap - loop.time()))
             batch, self.pending = self.pending, {}
-            alive, self.alive_pending = self.alive_pending, None
+            # the whole map as it is now: what is attested meanwhile goes with the next write
+            alive = dict(self.alive) if self._alive_dirty else None
+            self._alive_dirty = False
             self._last_write = started = loop.time()
             try:
                 await asyncio.to_thread(self._write, batch, alive)
             except Exception as exc:  # any failure: keep the votes, write them again later
                 for uid, vote in batch.items():
                     self.pending.setdefault(uid, vote)  # a newer vote queued meanwhile wins
-                if self.alive_pending is None:
-                    self.alive_pending = alive
+                if alive is not None:
+                    self._alive_dirty = True
                 if http_status(exc) == 404 and self.synced:
                     # the ballot was deleted (the operator does so with its CapacityNode):
                     # create it again, at once

@@ -794,6 +794,7 @@ def test_attestations_keep_the_nodes_attested_most_recently_within_the_bound() -
     writer = v.ballot("n1")
     old = {f"old{i}": datetime.fromtimestamp(NOW - 100 + i / 10, UTC) for i in range(MAX_ATTESTED)}
     writer.alive_held = dict(old)
+    writer.alive = dict(old)
 
     async def run() -> None:
         writer.attest({"new": datetime.fromtimestamp(NOW, UTC)})
@@ -808,3 +809,27 @@ def test_attestations_keep_the_nodes_attested_most_recently_within_the_bound() -
     assert sum(1 for t in alive.values() if t is not None) == MAX_ATTESTED  # ...and only it
     assert len(writer.alive_held) == MAX_ATTESTED
     assert len(server.requests) == 2
+
+
+def test_a_node_attested_while_a_write_is_in_flight_keeps_the_nodes_that_write_carries() -> None:
+    # p1's attestation is being written when p2's is queued: the next write adds p2 and keeps
+    # p1 (building it from what was written before would remove p1, and with it the answer to
+    # every proposal on p1 that the first write gave)
+    def slow(request: httpx2.Request) -> httpx2.Response:
+        time.sleep(0.15)
+        return httpx2.Response(200, json=ballot_body())
+
+    server = FakeApiServer(ballot_body(), slow, ballot_body())
+    writer = voter(server).ballot("n1")
+
+    async def run() -> None:
+        writer.attest({"p1": datetime.fromtimestamp(NOW, UTC)})
+        await asyncio.sleep(0.05)  # p1's write is in flight
+        writer.attest({"p2": datetime.fromtimestamp(NOW + 1, UTC)})
+        assert writer.attested("p1") is not None
+        await asyncio.wait_for(writer.idle(), 5)
+
+    asyncio.run(run())
+    assert server.sent(1)[4]["status"]["alive"] == {"p1": stamp(NOW)}
+    assert server.sent(2)[4]["status"]["alive"] == {"p1": stamp(NOW), "p2": stamp(NOW + 1)}
+    assert set(writer.alive_held) == {"p1", "p2"}
