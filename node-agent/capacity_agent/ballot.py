@@ -3,7 +3,7 @@
 The voter decides claim by claim, but a node's votes reach the API server together: a vote is
 queued in the node's :class:`BallotWriter`, and one status write of the node's CapacityBallot
 carries every vote queued since the last write (a group commit). Two writes of one ballot start
-at least ``spacing`` apart (the agent's ``ballot_interval``, 0.1 s by default): a vote that
+at least ``spacing`` apart (the agent's ``ballot_interval``, 0.15 s by default): a vote that
 comes after a quiet spell goes out at once, and the votes that come within the spacing of the
 last write wait for the rest of it and go out together. A witness votes on every proposal of
 the cluster, so under load it answers several per write instead of one each (at 30 claims a
@@ -63,7 +63,7 @@ SPACING_PER_WRITE_TIME = 4.0
 """The spacing follows the API server: at least this many times the last write's duration, so
 that a ballot has a write in flight at most a quarter of the time."""
 MAX_SPACING_FACTOR = 5.0
-"""... but never more than this many times the configured spacing (0.5 s at 0.1 s)."""
+"""... but never more than this many times the configured spacing (0.75 s at 0.15 s)."""
 
 
 class BallotWriter:

@@ -20,8 +20,10 @@ from capacity_api.models import NodeName, Substrate
 ENV_PREFIX = "CAPACITY_AGENT_"
 FIELD_MANAGER = "capacity-agent"
 """The server-side apply field manager of everything the agent writes."""
-BALLOT_INTERVAL = 0.1
-"""Default seconds at least between two writes of a node's ballot (``ballot_interval``)."""
+BALLOT_INTERVAL = 0.15
+"""Default seconds at least between two writes of a node's ballot (``ballot_interval``): at
+30 claims/s, 0.1 s had about 0.2 more requests per claim for about 0.02 s less p50
+(docs/admission.md, "Choosing ``ballot_interval``")."""
 
 
 class AgentSettings(BaseSettings):
