@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from lightkube import Client
@@ -64,6 +64,8 @@ SPACING_PER_WRITE_TIME = 4.0
 that a ballot has a write in flight at most a quarter of the time."""
 MAX_SPACING_FACTOR = 5.0
 """... but never more than this many times the configured spacing (0.75 s at 0.15 s)."""
+LEFT_BEFORE = datetime.min.replace(tzinfo=UTC)
+"""The time given to attestations found in the ballot at start, whatever they say."""
 
 
 class BallotWriter:
@@ -94,15 +96,13 @@ class BallotWriter:
         self.votes_written = 0
         self.alive: dict[str, datetime] = {}
         """The attestations the ballot is to hold: written, or going out with the next write."""
-        self._alive_dirty = False
-        """Whether ``alive`` changed since the last write that carried it began."""
         self.alive_held: dict[str, datetime] = {}
-        """The attestations the ballot holds (as last written)."""
+        """The attestations the ballot holds: as last written, or as found when the ballot was
+        created or found at start (what an earlier run left); a write is due while they differ
+        from ``alive``."""
         self.relied: dict[str, tuple[int, tuple[str, ...]]] = {}
         """Claim uid -> (epoch, placement nodes) of the open proposals answered by attestation:
         their nodes' attestations stay while the proposal is open, however old."""
-        self._alive_left: set[str] = set()
-        """Nodes an earlier run of the agent attested in the ballot, still to be removed."""
         self._task: asyncio.Task[None] | None = None
 
     def put(self, uid: str, vote: BallotVote) -> None:
@@ -144,7 +144,6 @@ class BallotWriter:
         if merged == self.alive:
             return
         self.alive = merged
-        self._alive_dirty = True
         self._kick()
 
     def forget(self, uid: str, epoch: int) -> None:
@@ -195,23 +194,20 @@ class BallotWriter:
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
-        while self.pending or self._alive_dirty or not self.synced:
+        while self.pending or self.alive != self.alive_held or not self.synced:
             if self._last_write is not None:
                 # within the spacing of the last write: wait for the rest of it, and take every
                 # vote that comes meanwhile along
                 await asyncio.sleep(max(0.0, self._last_write + self.gap - loop.time()))
             batch, self.pending = self.pending, {}
             # the whole map as it is now: what is attested meanwhile goes with the next write
-            alive = dict(self.alive) if self._alive_dirty else None
-            self._alive_dirty = False
+            alive = dict(self.alive)
             self._last_write = started = loop.time()
             try:
                 await asyncio.to_thread(self._write, batch, alive)
             except Exception as exc:  # any failure: keep the votes, write them again later
                 for uid, vote in batch.items():
                     self.pending.setdefault(uid, vote)  # a newer vote queued meanwhile wins
-                if alive is not None:
-                    self._alive_dirty = True
                 if http_status(exc) == 404 and self.synced:
                     # the ballot was deleted (the operator does so with its CapacityNode):
                     # create it again, at once
@@ -230,9 +226,7 @@ class BallotWriter:
                 continue
             self.backoff.reset()
             self._last_took = loop.time() - started
-            if alive is not None:
-                self.alive_held = alive
-            self._alive_left.clear()
+            self.alive_held = alive
             for uid, vote in batch.items():
                 if vote is None:
                     self.held.pop(uid, None)
@@ -240,7 +234,7 @@ class BallotWriter:
                     self.held[uid] = int(vote["epoch"])
                     self.votes_written += 1
 
-    def _write(self, batch: dict[str, JSON | None], alive: dict[str, datetime] | None) -> None:
+    def _write(self, batch: dict[str, JSON | None], alive: dict[str, datetime]) -> None:
         if not self.synced:
             self._sync(batch)
         attested = self._attestations(alive)
@@ -258,15 +252,14 @@ class BallotWriter:
             field_manager=FIELD_MANAGER,
         )
 
-    def _attestations(self, alive: dict[str, datetime] | None) -> JSON | None:
-        """The merge patch of ``status.alive`` that leaves exactly ``alive`` there (None: the
-        held attestations stay, and those an earlier run left go). None: no change."""
-        target = alive if alive is not None else (self.alive_held if self._alive_left else None)
-        if target is None:
+    def _attestations(self, alive: dict[str, datetime]) -> JSON | None:
+        """The merge patch of ``status.alive`` that leaves exactly ``alive`` where the ballot
+        holds ``alive_held``; None: they are the same."""
+        if alive == self.alive_held:
             return None
-        patch: JSON = {n: None for n in [*self._alive_left, *self.alive_held] if n not in target}
-        patch.update(CapacityBallotStatus(alive=target).wire().get("alive") or {})
-        return patch or None
+        patch: JSON = {n: None for n in self.alive_held if n not in alive}
+        patch.update(CapacityBallotStatus(alive=alive).wire().get("alive") or {})
+        return patch
 
     def _bound(self, batch: dict[str, JSON | None]) -> None:
         """Keep the ballot within its schema's bound (MAX_BALLOT_VOTES): should more votes be
@@ -304,5 +297,7 @@ class BallotWriter:
         status = dict(body).get("status") or {}
         for uid in status.get("votes") or {}:
             batch.setdefault(uid, None)
-        self._alive_left = {n for n in status.get("alive") or {} if n not in self.alive_held}
+        # what the ballot holds now (an earlier run's, or nothing in one created again): its
+        # times do not matter, it is replaced by this run's
+        self.alive_held = dict.fromkeys(status.get("alive") or {}, LEFT_BEFORE)
         self.synced = True

@@ -26,6 +26,7 @@ from capacity_api.gates import Thresholds
 from capacity_api.models import (
     MAX_ATTESTED,
     MAX_BALLOT_VOTES,
+    BallotVote,
     CapacityClaim,
     CapacityNode,
     Substrate,
@@ -789,11 +790,12 @@ def test_a_failed_attestation_write_is_retried_and_an_earlier_runs_attestations_
 
 
 def test_attestations_keep_the_nodes_attested_most_recently_within_the_bound() -> None:
-    server = FakeApiServer(ballot_body(), ballot_body())
+    old = {f"old{i}": datetime.fromtimestamp(NOW - 100 + i / 10, UTC) for i in range(MAX_ATTESTED)}
+    full = ballot_body()  # the ballot as found: full of this process's attestations
+    full["status"]["alive"] = {n: t.isoformat() for n, t in old.items()}
+    server = FakeApiServer(full, ballot_body())
     v = voter(server)
     writer = v.ballot("n1")
-    old = {f"old{i}": datetime.fromtimestamp(NOW - 100 + i / 10, UTC) for i in range(MAX_ATTESTED)}
-    writer.alive_held = dict(old)
     writer.alive = dict(old)
 
     async def run() -> None:
@@ -833,3 +835,26 @@ def test_a_node_attested_while_a_write_is_in_flight_keeps_the_nodes_that_write_c
     assert server.sent(1)[4]["status"]["alive"] == {"p1": stamp(NOW)}
     assert server.sent(2)[4]["status"]["alive"] == {"p1": stamp(NOW), "p2": stamp(NOW + 1)}
     assert set(writer.alive_held) == {"p1", "p2"}
+
+
+def test_attestations_are_written_again_into_a_ballot_created_again() -> None:
+    # the operator deleted the ballot (with its CapacityNode) and the agent creates it again:
+    # what it attests must be in the new ballot, not only in its memory
+    server = FakeApiServer(ballot_body(), ballot_body(), 404, ballot_body(), ballot_body())
+    writer = voter(server).ballot("n1")
+    writer.backoff = Backoff(initial=60, cap=60)  # a backoff would outlast the test
+
+    async def run() -> None:
+        writer.attest({"p1": datetime.fromtimestamp(NOW, UTC)})
+        await asyncio.wait_for(writer.idle(), 5)
+        # the ballot is gone when the next write, a vote, goes out
+        writer.put("uid-c1", BallotVote(**a_vote().model_dump(), claim="team/c1"))
+        await asyncio.wait_for(writer.idle(), 5)
+
+    asyncio.run(run())
+    paths = [r.url.path for r in server.requests]
+    assert paths == [BALLOT, BALLOT_STATUS, BALLOT_STATUS, BALLOT, BALLOT_STATUS]
+    status = server.sent(4)[4]["status"]
+    assert set(status["votes"]) == {"uid-c1"}
+    assert status["alive"] == {"p1": stamp(NOW)}
+    assert writer.alive_held == writer.alive
