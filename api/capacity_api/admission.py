@@ -371,7 +371,7 @@ def plan_placement(
     excluded: Iterable[str] = (),
     min_isolation: float = 0.0,
     *,
-    pack: Mapping[str, int] | Collection[str] = (),
+    pack: Mapping[str, int] | None = None,
 ) -> PlacementPlan | NoPlacement:
     """Rank nodes by headroom and choose placement nodes and witnesses for one epoch.
 
@@ -454,7 +454,7 @@ def plan_placement(
             final=len(if_empty) < spec.replicas,
         )
     headroom = {v.name: v.headroom(substrate) for v in candidates}
-    packed = pack if isinstance(pack, Mapping) else dict.fromkeys(pack, 1)
+    packed = pack or {}
     candidates.sort(key=lambda v: (-packed.get(v.name, 0), -headroom[v.name], v.name))
     placement = [v.name for v in candidates[: spec.replicas]]
     wanted = spec.witnesses if spec.witnesses is not None else default_witnesses(spec.replicas)

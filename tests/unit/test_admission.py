@@ -162,7 +162,7 @@ def test_placement_ranks_by_headroom_and_adds_witnesses() -> None:
 
 def test_placement_fills_the_nodes_of_open_proposals_first_while_they_have_room() -> None:
     nodes = [view(node("a", p95=0.5)), view(node("b", p95=0.1)), view(node("c", p95=0.3))]
-    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, nodes, pack={"a", "c"})
+    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, nodes, pack={"a": 1, "c": 1})
     assert isinstance(plan, PlacementPlan)
     assert plan.placement == ["c"]  # asked already, and the more headroom of the two
     # the node most open proposals ask goes first, even with less headroom: one node, not
@@ -172,7 +172,7 @@ def test_placement_fills_the_nodes_of_open_proposals_first_while_they_have_room(
     assert plan.placement == ["a"]
     # a packed node without room for it is passed over: headroom decides among the others
     full = [view(node("a", holders=[holder("x", 0.7)])), view(node("b")), view(node("c"))]
-    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, full, pack={"a"}, min_isolation=0.15)
+    plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, full, pack={"a": 1}, min_isolation=0.15)
     assert isinstance(plan, PlacementPlan)
     assert plan.placement == ["b"]
 
