@@ -342,6 +342,9 @@ class PlacementPlan:
     share: float
     committed: dict[str, float] = field(default_factory=dict)
     """Per placement node, its committed share (holders only, not open proposals)."""
+    ahead: list[str] = field(default_factory=list)
+    """The candidates that follow the placement nodes in the same order (at most
+    :data:`ATTEST_AHEAD`): where the next claims go once the placement nodes are full."""
 
     @property
     def voters(self) -> list[str]:
@@ -357,6 +360,11 @@ class NoPlacement:
     final: bool
     wait: bool = False
     """True when the cluster has no usable node at all yet: keep the claim Pending."""
+
+
+ATTEST_AHEAD = 3
+"""How many of the next candidates a proposal names for its witnesses to attest ahead
+(docs/admission.md, "Attesting ahead")."""
 
 
 def default_witnesses(replicas: int) -> int:
@@ -384,7 +392,9 @@ def plan_placement(
     with the most first (then by headroom): the operator passes the placement nodes of its
     other open proposals with how many ask each, so that one node answers the proposals of a
     busy moment in one ballot write, rather than several nodes taking turns
-    (docs/admission.md, "Packing").
+    (docs/admission.md, "Packing"). The plan's ``ahead`` names the candidates that follow
+    the placement nodes in that order, where the next claims would go once these are full
+    (docs/admission.md, "Attesting ahead").
     """
     excluded_set = set(excluded)
     resources = requested_resources(spec)
@@ -468,7 +478,10 @@ def plan_placement(
     share = max(offering[name] for name in placement)
     views = {v.name: v for v in candidates}
     committed = {n: min(1.0, round(views[n].committed(substrate), 6)) for n in placement}
-    return PlacementPlan(placement=placement, witnesses=witnesses, share=share, committed=committed)
+    ahead = [v.name for v in candidates[spec.replicas : spec.replicas + ATTEST_AHEAD]]
+    return PlacementPlan(
+        placement=placement, witnesses=witnesses, share=share, committed=committed, ahead=ahead
+    )
 
 
 def claim_watch_fields(hosted: Collection[str]) -> list[dict[str, str] | None]:
@@ -562,6 +575,7 @@ def new_proposal(
         committed=plan.committed or None,
         holding=kept or None,
         attested_since=now - attestation if attestation is not None else None,
+        ahead=(plan.ahead or None) if attestation is not None else None,
     )
 
 

@@ -23,6 +23,8 @@ NodeName = Annotated[str, Field(min_length=1, max_length=253, pattern=NAME_PATTE
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 MAX_VOTERS = 32
 """Upper bound on replicas + witnesses of one claim (voters of one proposal)."""
+MAX_AHEAD = 8
+"""Upper bound on the nodes a proposal names for attesting ahead (``Proposal.ahead``)."""
 ATOMIC_MAP: dict[str, Any] = {"x-kubernetes-map-type": "atomic"}
 ATOMIC_LIST: dict[str, Any] = {"x-kubernetes-list-type": "atomic"}
 """Schema markers of a field one writer replaces as a whole (see :class:`CapacityClaimStatus`):
@@ -298,6 +300,12 @@ class Proposal(Model):
     epoch (docs/admission.md, "Witness attestations"). Set by the operator a few seconds
     before the proposal was made (its ``witness_attestation_seconds``); None: witnesses vote
     on the proposal itself, as a placement node does."""
+    ahead: list[NodeName] | None = Field(default=None, max_length=MAX_AHEAD)
+    """The nodes the operator would place its next claims on once the placement nodes are
+    full, in that order: a witness that writes attestations for this proposal attests those
+    it sees alive among them too, so that the next proposals find them attested and cost it
+    no write (docs/admission.md, "Attesting ahead"). Nobody votes on them; set only with
+    ``attestedSince``."""
 
     @model_validator(mode="after")
     def _derive_asked(self) -> Proposal:

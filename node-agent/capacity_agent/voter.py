@@ -518,7 +518,9 @@ class Voter:
         clock says). Attestations older than ``since`` go with the same write (no proposal
         made from now on can count them), but not those an open proposal relies on (until its
         claim leaves the epoch). A placement node not alive gets no attestation and the
-        proposal a NO vote, as before."""
+        proposal a NO vote, as before. The write also attests the nodes the proposal names
+        ``ahead`` that are alive and not attested since ``since``: the next proposals, placed
+        there, then cost it no write (docs/admission.md, "Attesting ahead")."""
         assert claim.status is not None
         assert claim.status.proposal is not None
         proposal = claim.status.proposal
@@ -532,19 +534,28 @@ class Voter:
         leases = await self._leases()
         now = self.clock()
         nodes = {n: await self._witnessed_node(n, max_age) for n in proposal.placement}
+        ahead = {
+            n: await self._witnessed_node(n, max_age)
+            for n in proposal.ahead or []
+            if n not in nodes
+            and n != node
+            and not ((t := writer.attested(n)) is not None and t >= since)
+        }
         at = max(datetime.fromtimestamp(now, UTC), since)
         alive: dict[str, datetime] = {}
-        for name, seen in nodes.items():
+        for name, seen in {**nodes, **ahead}.items():
             verdict = decide_witness(
                 epoch=proposal.epoch, placement=[name], leases=leases, nodes={name: seen},
                 max_age=max_age, now=now,
             )  # fmt: skip
             if verdict.vote is VoteValue.YES:
                 alive[name] = at
-        if len(alive) == len(nodes):
+        placed = [n for n in nodes if n in alive]
+        if len(placed) == len(nodes):
             writer.rely(uid, proposal.epoch, proposal.placement)
-        writer.attest(alive, drop=[n for n in nodes if n not in alive], older_than=since)
-        if len(alive) < len(nodes):
+        judged = [*nodes, *ahead]
+        writer.attest(alive, drop=[n for n in judged if n not in alive], older_than=since)
+        if len(placed) < len(nodes):
             vote = decide_witness(
                 epoch=proposal.epoch, placement=proposal.placement, leases=leases, nodes=nodes,
                 max_age=max_age, now=now,

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from capacity_api.admission import (
+    ATTEST_AHEAD,
     LEDGER_BYTES,
     NODE_BYTES,
     Action,
@@ -170,6 +171,9 @@ def test_placement_fills_the_nodes_of_open_proposals_first_while_they_have_room(
     plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, nodes, pack={"a": 2, "c": 1})
     assert isinstance(plan, PlacementPlan)
     assert plan.placement == ["a"]
+    # where the next claims go once "a" is full, in the same order: named for the witnesses
+    # to attest ahead
+    assert plan.ahead == ["c", "b"]
     # a packed node without room for it is passed over: headroom decides among the others
     full = [view(node("a", holders=[holder("x", 0.7)])), view(node("b")), view(node("c"))]
     plan = plan_placement(spec(cGeo=0.2), Substrate.HOST, full, pack={"a": 1}, min_isolation=0.15)
@@ -713,9 +717,17 @@ def test_a_proposal_takes_attestations_made_within_the_window_before_it() -> Non
         None, plan, Substrate.HOST, NOW, timedelta(seconds=10), attestation=timedelta(seconds=5)
     )
     assert taking.attested_since == NOW - timedelta(seconds=5)
-    assert new_proposal(None, plan, Substrate.HOST, NOW, timedelta(seconds=10)).attested_since is (
-        None
-    )
+    assert taking.ahead == ["b", "c"]  # the next candidates, for the witnesses to attest
+    voting_only = new_proposal(None, plan, Substrate.HOST, NOW, timedelta(seconds=10))
+    assert voting_only.attested_since is None
+    assert voting_only.ahead is None  # witnesses that vote have nothing to attest
+    # at most ATTEST_AHEAD, and never a node without room
+    many = [view(node(f"n{i}", p95=0.1 * i)) for i in range(8)]
+    many.append(view(node("full", p95=0.0, holders=[holder("x", 0.95)])))
+    wide = plan_placement(spec(cGeo=0.1), Substrate.HOST, many)
+    assert isinstance(wide, PlacementPlan)
+    assert (wide.placement, wide.ahead) == (["n0"], ["n1", "n2", "n3"])
+    assert len(wide.ahead) == ATTEST_AHEAD
 
 
 def test_a_decided_proposals_votes_are_the_claims_own() -> None:

@@ -643,6 +643,11 @@ def test_a_witness_attestation_answers_every_proposal_on_its_nodes_and_the_commi
         witness = proposals["a"]["voters"][-1]
         assert all(witness in p["voters"] and witness not in p["placement"]
                    for p in proposals.values())  # fmt: skip
+        # each names where the next claims go, for the witnesses to attest ahead: candidates
+        # that are not its placement nodes
+        for p in proposals.values():
+            assert p["ahead"]
+            assert not set(p["ahead"]) & set(p["placement"])
         h.api.vote_all(only=placement)  # the placement nodes vote; no witness votes
 
         def attest(at: datetime) -> None:

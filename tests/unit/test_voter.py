@@ -746,6 +746,39 @@ def test_a_witness_answers_by_attestation_and_one_write_answers_the_next_proposa
     assert set(v.ballot("n1").relied) == {"uid-c1", "uid-c2", "uid-c3", "uid-c5", "uid-c6"}
 
 
+def test_a_witness_attests_the_nodes_named_ahead_so_that_proposals_placed_there_cost_no_write() -> (
+    None
+):
+    server = FakeApiServer(
+        404,  # thresholds: the defaults
+        lease_list("p1", "p2", "p3", "n1"),
+        capacity_node("p1").wire(),
+        capacity_node("p2").wire(),
+        404,  # "gone": no CapacityNode (and no Lease)
+        capacity_node("p3").wire(),
+        ballot_body(),  # the ballot created
+        ballot_body(),  # one write: p1, and p2 and p3 ahead
+    )
+    now = [NOW]
+    v = Voter(server.client(), {"n1": voter_node(Window(0.2))}, "capacity-system", lambda: now[0])
+    first = attesting("c1", "p1", NOW - 5)
+    first["status"]["proposal"]["ahead"] = ["p2", "gone", "n1", "p3"]
+    run_claims(v, first)
+    # the witness does not attest itself, nor a node it does not see alive; a node ahead that
+    # is not alive is no reason for a NO: nobody votes on it
+    assert server.sent(7)[4]["status"] == {"alive": {n: stamp(NOW) for n in ("p1", "p2", "p3")}}
+    assert len(server.requests) == 8
+    assert v.votes_cast == 0
+
+    # placement moves on to p2, then p3: both already attested, no write and no read
+    now[0] += 1
+    moved = attesting("c2", "p2", NOW - 4)
+    moved["status"]["proposal"]["ahead"] = ["p3", "p4"]
+    run_claims(v, moved, attesting("c3", "p3", NOW - 4))
+    assert len(server.requests) == 8
+    assert v.votes_cast == 0
+
+
 def test_a_witness_that_does_not_see_a_placement_node_alive_votes_no_and_stops_attesting_it() -> (
     None
 ):
