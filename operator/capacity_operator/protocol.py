@@ -240,7 +240,7 @@ class Engine:
         self.nodes[name] = node = parse_node(body)
         self.node_versions[name] = version
         if before is None or _allocated(before) != _allocated(node):
-            self._upkeep.unreported.add(name)  # a new node, or its report moved: compare again
+            self._upkeep.changed(name, self.clock())  # a new node, or its report moved
         if self._room.claims and room_grew(before, node):
             self._free_room()
 
@@ -376,7 +376,9 @@ class Engine:
 
     def _ledger_changed(self, freed: bool) -> None:
         """The ledger changed: report it, and look at the waiting claims when room was freed."""
-        self._upkeep.unreported.update(self.ledger.dirty)
+        now = self.clock()
+        for name in self.ledger.dirty:
+            self._upkeep.changed(name, now)
         self.ledger.dirty.clear()
         if freed and self._room.claims:
             self._free_room()
@@ -532,7 +534,8 @@ class Engine:
         for body in await self._served_claims():
             self.ledger.observe(parse_claim(body))
         self._ledger_changed(False)
-        self._upkeep.unreported.update(self.nodes)  # reported once (where the report differs)
+        for name in self.nodes:  # reported once (where the report differs)
+            self._upkeep.changed(name, self.clock())
         self.ready.set()
 
     async def _served_claims(self) -> list[JSON]:
@@ -647,32 +650,38 @@ class Engine:
             started += self._start("ledger-report", self.report_ledger())
         return started
 
+    def _report_at(self, name: str, since: datetime) -> datetime:
+        """When the report of ``name``, changed since ``since``, is due: once the commits of
+        the moment have gathered (``ledger_report_gather_seconds`` after the first change),
+        and no sooner than ``ledger_report_seconds`` after its last report."""
+        due = since + timedelta(seconds=self.settings.ledger_report_gather_seconds)
+        last = self._upkeep.at.get(name)
+        if last is not None:
+            due = max(due, last + timedelta(seconds=self.settings.ledger_report_seconds))
+        return due
+
     def _reports_due(self, now: datetime) -> list[str]:
-        spacing = timedelta(seconds=self.settings.ledger_report_seconds)
         return sorted(
             name
-            for name in self._upkeep.unreported
-            if (last := self._upkeep.at.get(name)) is None or now - last >= spacing
+            for name, since in self._upkeep.unreported.items()
+            if self._report_at(name, since) <= now
         )
 
     def _next_report(self, now: datetime) -> datetime | None:
         if not self._upkeep.unreported or "ledger-report" in self._running:
             return None  # a report under way wakes the loop when it ends
-        spacing = timedelta(seconds=self.settings.ledger_report_seconds)
-        return min(
-            (last + spacing if (last := self._upkeep.at.get(name)) else now)
-            for name in self._upkeep.unreported
-        )
+        return min(self._report_at(name, since) for name, since in self._upkeep.unreported.items())
 
     async def report_ledger(self) -> int:
         """Write the ledger into ``status.allocated`` of the nodes whose report differs from
-        it: at once after a quiet spell, then at most once per ``ledger_report_seconds`` per
-        node, however many commits land there meanwhile (a report, for users, ``capctl`` and
+        it: ``ledger_report_gather_seconds`` after the first change since a quiet spell, then
+        at most once per ``ledger_report_seconds`` per node, however many commits land there
+        meanwhile (a report, for users, ``capctl`` and
         the agent's headroom reading; no decision reads it). Returns the nodes written."""
         now = self.clock()
         written = 0
         for name in self._reports_due(now):
-            self._upkeep.unreported.discard(name)
+            self._upkeep.unreported.pop(name, None)
             node = self.nodes.get(name)
             if node is None:
                 continue
@@ -689,7 +698,7 @@ class Engine:
                 continue
             except Exception as exc:  # said, and tried again after the spacing
                 log.warning("ledger of %s not reported: %s", name, exc)
-                self._upkeep.unreported.add(name)
+                self._upkeep.changed(name, now)
                 continue
             self.observe_node(body)
             written += 1
@@ -1595,12 +1604,18 @@ class _LedgerUpkeep:
     """What the ledger's report (:meth:`Engine.report_ledger`) still has to write, and when
     its garbage collection (:meth:`Engine.collect_garbage`) runs next."""
 
-    unreported: set[str] = field(default_factory=set)
-    """Nodes whose ``status.allocated`` may differ from the ledger."""
+    unreported: dict[str, datetime] = field(default_factory=dict)
+    """Nodes whose ``status.allocated`` may differ from the ledger, with when it first may
+    have (since their last report)."""
     at: dict[str, datetime] = field(default_factory=dict)
     """Per node, when its ledger was last written."""
     next_gc: datetime | None = None
     """When the ledger's garbage collection runs next."""
+
+    def changed(self, name: str, now: datetime) -> None:
+        """The node's report may differ from the ledger from ``now`` on (unless it already
+        did: the report's time counts from the first change)."""
+        self.unreported.setdefault(name, now)
 
 
 def _admit_holder(

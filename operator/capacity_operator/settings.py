@@ -35,8 +35,12 @@ class OperatorSettings(BaseSettings):
     """How often the ledger looks for claims deleted without an event reaching the operator
     (one list of the claims)."""
     ledger_report_seconds: float = Field(default=10.0, gt=0)
-    """The ledger's report in a node's ``status.allocated`` is written at once after a quiet
-    spell, then at most this often per node however many commits land there."""
+    """The ledger's report in a node's ``status.allocated`` is written soon after a quiet
+    spell (``ledger_report_gather_seconds``), then at most this often per node however many
+    commits land there."""
+    ledger_report_gather_seconds: float = Field(default=1.0, ge=0)
+    """A node's report waits this long after the first change it carries, so that the
+    commits of a busy moment on the node go in one write (0: at once)."""
     peering: str = "capacity-platform"
     """kopf peering name; a second operator copy with the same name stays idle."""
     standalone: bool = False

@@ -244,7 +244,10 @@ class Harness:
         for i in range(nodes):
             self.api.add_node(f"n{i}")
         self.events: list[tuple[str, str, str]] = []
-        self.settings = OperatorSettings(**{"vote_timeout_seconds": 10.0, **settings})
+        # reports at once unless a test says otherwise: most look at what a report says, not
+        # at when it goes (test_a_nodes_report_gathers_the_commits_of_a_busy_moment does)
+        defaults = {"vote_timeout_seconds": 10.0, "ledger_report_gather_seconds": 0.0}
+        self.settings = OperatorSettings(**{**defaults, **settings})
 
     def emit(self, body: JSON, type_: str, reason: str, message: str) -> None:
         self.events.append((body["metadata"]["name"], reason, message))
@@ -907,6 +910,38 @@ def test_the_ledger_report_of_a_busy_node_is_written_at_most_once_per_spacing() 
         assert reports() == 2
         held = h.api.nodes["n0"]["status"]["allocated"]["host"]
         assert sorted(x["claim"] for x in held["holders"]) == ["ns/b", "ns/c"]
+
+    run(scenario)
+
+
+def test_a_nodes_report_gathers_the_commits_of_a_busy_moment_into_one_write() -> None:
+    h = Harness(nodes=1, ledger_report_seconds=10, ledger_report_gather_seconds=1)
+    h.api.add_claim("a", 0.2)
+
+    def reports() -> int:
+        return sum(1 for kind, _ in h.api.writes if kind == "CapacityNode")
+
+    def holders() -> list[str]:
+        held = h.api.nodes["n0"]["status"]["allocated"]["host"]["holders"]
+        return sorted(x["claim"] for x in held)
+
+    async def scenario() -> None:
+        engine = await h.engine()
+        await h.admit(engine)
+        await h.settle(engine)
+        assert h.phases() == {"a": "Admitted"}
+        assert reports() == 0  # the first commit waits for the others of its moment
+        h.now += timedelta(seconds=0.5)
+        for name in ("b", "c"):
+            h.api.add_claim(name, 0.2)
+        await h.admit(engine)
+        await h.settle(engine)
+        assert set(h.phases().values()) == {"Admitted"}
+        assert reports() == 0
+        h.now += timedelta(seconds=0.5)  # a second after the first commit: all three at once
+        await h.settle(engine)
+        assert reports() == 1
+        assert holders() == ["ns/a", "ns/b", "ns/c"]
 
     run(scenario)
 
