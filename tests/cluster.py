@@ -340,7 +340,7 @@ def node_holders(node: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
 
 REPORT_SECONDS = 30.0
 """How long a test waits for the nodes' ``status.allocated`` to report the operator's ledger (it
-is written at most every 10 s per node, at once after a quiet spell)."""
+is written at most every 10 s per node, a second after the first change after a quiet spell)."""
 
 
 def reported(

@@ -676,8 +676,8 @@ class Engine:
         """Write the ledger into ``status.allocated`` of the nodes whose report differs from
         it: ``ledger_report_gather_seconds`` after the first change since a quiet spell, then
         at most once per ``ledger_report_seconds`` per node, however many commits land there
-        meanwhile (a report, for users, ``capctl`` and
-        the agent's headroom reading; no decision reads it). Returns the nodes written."""
+        meanwhile (a report, for users, ``capctl`` and the agent's headroom reading; no
+        decision reads it). Returns the nodes written."""
         now = self.clock()
         written = 0
         for name in self._reports_due(now):
