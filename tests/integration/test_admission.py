@@ -57,8 +57,8 @@ def test_fit_admitted_misfit_rejected_with_gate_and_node(
             cluster.create_claim(namespace, "misfit", cGeo=0.5)
             fits = cluster.wait_phase(namespace, "fits", ["Admitted", "Rejected"])
             misfit = cluster.wait_phase(namespace, "misfit", ["Admitted", "Rejected"], timeout=90)
-            assert fits["status"]["phase"] == "Admitted", show(agents, op)
             status = fits["status"]
+            assert status["phase"] == "Admitted", f"{status}\n{show(agents, op)}"
             epoch = status["proposal"]["epoch"]
             voters = status["proposal"]["voters"]
             assert len(voters) == 3
