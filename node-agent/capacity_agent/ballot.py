@@ -114,6 +114,11 @@ class BallotWriter:
         """When ``node`` was last attested alive here, written or queued (None: not at all)."""
         return self.alive.get(node)
 
+    def attested_since(self, node: str, since: datetime) -> bool:
+        """Whether ``node`` is attested alive here (written or queued) at or after ``since``."""
+        at = self.alive.get(node)
+        return at is not None and at >= since
+
     def rely(self, uid: str, epoch: int, nodes: Iterable[str]) -> None:
         """The claim's open epoch is answered by the attestations of ``nodes``: they stay until
         the claim leaves the epoch (:meth:`forget`)."""

@@ -526,7 +526,7 @@ class Voter:
         proposal = claim.status.proposal
         writer = self.ballot(node)
         uid = claim.metadata.uid or ""
-        if all((t := writer.attested(p)) is not None and t >= since for p in proposal.placement):
+        if all(writer.attested_since(p, since) for p in proposal.placement):
             writer.rely(uid, proposal.epoch, proposal.placement)
             return
         thresholds = await self._current_thresholds()
@@ -537,9 +537,7 @@ class Voter:
         ahead = {
             n: await self._witnessed_node(n, max_age)
             for n in proposal.ahead or []
-            if n not in nodes
-            and n != node
-            and not ((t := writer.attested(n)) is not None and t >= since)
+            if n not in nodes and n != node and not writer.attested_since(n, since)
         }
         at = max(datetime.fromtimestamp(now, UTC), since)
         alive: dict[str, datetime] = {}
