@@ -534,8 +534,9 @@ class Engine:
         for body in await self._served_claims():
             self.ledger.observe(parse_claim(body))
         self._ledger_changed(False)
+        now = self.clock()
         for name in self.nodes:  # reported once (where the report differs)
-            self._upkeep.changed(name, self.clock())
+            self._upkeep.changed(name, now)
         self.ready.set()
 
     async def _served_claims(self) -> list[JSON]:
